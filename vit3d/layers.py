@@ -1,0 +1,245 @@
+"""Building blocks of the 3-D ViT.
+
+Every layer creates its own weights and builds every child in ``build()`` from
+shapes derived from its config. Keras can then restore all variables on load
+without tracing ``call`` — the property whose absence makes ``load_model``
+succeed silently with random weights (see the project README).
+"""
+
+import keras
+from keras import ops
+
+PACKAGE = "vit3d"
+
+
+def as_triple(value, name):
+    """An int or a length-3 sequence of positive ints, as a tuple of 3 ints."""
+    triple = (value, value, value) if isinstance(value, int) else tuple(int(v) for v in value)
+    if len(triple) != 3 or any(v < 1 for v in triple):
+        raise ValueError(f"{name} must be a positive int or 3 positive ints, got {value!r}")
+    return triple
+
+
+def grid_shape(img_size, patch_size):
+    """Number of patches along (D, H, W); img_size must tile exactly."""
+    img, patch = as_triple(img_size, "img_size"), as_triple(patch_size, "patch_size")
+    if any(i % p for i, p in zip(img, patch, strict=True)):
+        raise ValueError(f"img_size {img} is not divisible by patch_size {patch}")
+    return tuple(i // p for i, p in zip(img, patch, strict=True))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PatchEmbedding3D(keras.layers.Layer):
+    """Conv3D patchify (kernel = stride = patch) + learnable position embeddings.
+
+    Tokens come out in row-major (D', H', W') order, as MONAI's ViT lays them out.
+    """
+
+    def __init__(self, img_size, patch_size, in_channels, hidden_size, dropout_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.img_size = as_triple(img_size, "img_size")
+        self.patch_size = as_triple(patch_size, "patch_size")
+        self.in_channels = int(in_channels)
+        self.hidden_size = int(hidden_size)
+        self.dropout_rate = float(dropout_rate)
+        self.grid = grid_shape(self.img_size, self.patch_size)
+        self.num_patches = self.grid[0] * self.grid[1] * self.grid[2]
+        self.projection = keras.layers.Conv3D(
+            self.hidden_size,
+            kernel_size=self.patch_size,
+            strides=self.patch_size,
+            padding="valid",
+            data_format="channels_last",
+            dtype=self.dtype_policy,
+            name="projection",
+        )
+        self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy, name="dropout")
+
+    def build(self, input_shape=None):
+        self.projection.build((None, *self.img_size, self.in_channels))
+        self.position_embeddings = self.add_weight(
+            name="position_embeddings",
+            shape=(1, self.num_patches, self.hidden_size),
+            initializer=keras.initializers.TruncatedNormal(stddev=0.02),
+        )
+        self.dropout.build((None, self.num_patches, self.hidden_size))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = self.projection(inputs)
+        x = ops.reshape(x, (-1, self.num_patches, self.hidden_size))
+        x = x + ops.cast(self.position_embeddings, x.dtype)
+        return self.dropout(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_patches, self.hidden_size)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            in_channels=self.in_channels,
+            hidden_size=self.hidden_size,
+            dropout_rate=self.dropout_rate,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MultiHeadSelfAttention(keras.layers.Layer):
+    """Self-attention with one fused qkv projection laid out [q | k | v], head-major.
+
+    The fused layout is MONAI's, so its weights map onto this layer by a transpose.
+    """
+
+    def __init__(self, hidden_size, num_heads, qkv_bias=False, dropout_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.hidden_size = int(hidden_size)
+        self.num_heads = int(num_heads)
+        self.qkv_bias = bool(qkv_bias)
+        self.dropout_rate = float(dropout_rate)
+        self.head_dim = self.hidden_size // self.num_heads
+        self.qkv = keras.layers.Dense(3 * self.hidden_size, use_bias=self.qkv_bias, dtype=self.dtype_policy, name="qkv")
+        self.out_proj = keras.layers.Dense(self.hidden_size, dtype=self.dtype_policy, name="out_proj")
+        self.attention_dropout = keras.layers.Dropout(
+            self.dropout_rate, dtype=self.dtype_policy, name="attention_dropout"
+        )
+        self.output_dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy, name="output_dropout")
+
+    def build(self, input_shape):
+        batch, tokens = input_shape[0], input_shape[1]
+        self.qkv.build((batch, tokens, self.hidden_size))
+        self.out_proj.build((batch, tokens, self.hidden_size))
+        self.attention_dropout.build((batch, self.num_heads, tokens, tokens))
+        self.output_dropout.build((batch, tokens, self.hidden_size))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        tokens = ops.shape(inputs)[1]
+        qkv = ops.reshape(self.qkv(inputs), (-1, tokens, 3, self.num_heads, self.head_dim))
+        qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, heads, N, head_dim)
+        query, key, value = qkv[0], qkv[1], qkv[2]
+        scores = ops.matmul(query, ops.transpose(key, (0, 1, 3, 2)))
+        scores = scores * ops.cast(self.head_dim**-0.5, scores.dtype)
+        weights = ops.cast(ops.softmax(ops.cast(scores, "float32"), axis=-1), scores.dtype)
+        weights = self.attention_dropout(weights, training=training)
+        out = ops.transpose(ops.matmul(weights, value), (0, 2, 1, 3))
+        out = ops.reshape(out, (-1, tokens, self.hidden_size))
+        return self.output_dropout(self.out_proj(out), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_size=self.hidden_size,
+            num_heads=self.num_heads,
+            qkv_bias=self.qkv_bias,
+            dropout_rate=self.dropout_rate,
+        )
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class MLPBlock(keras.layers.Layer):
+    """Dense → exact (erf) GELU → dropout → Dense → dropout."""
+
+    def __init__(self, hidden_size, mlp_dim, dropout_rate=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.hidden_size = int(hidden_size)
+        self.mlp_dim = int(mlp_dim)
+        self.dropout_rate = float(dropout_rate)
+        self.linear1 = keras.layers.Dense(self.mlp_dim, dtype=self.dtype_policy, name="linear1")
+        self.linear2 = keras.layers.Dense(self.hidden_size, dtype=self.dtype_policy, name="linear2")
+        self.hidden_dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy, name="hidden_dropout")
+        self.output_dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy, name="output_dropout")
+
+    def build(self, input_shape):
+        batch, tokens = input_shape[0], input_shape[1]
+        self.linear1.build((batch, tokens, self.hidden_size))
+        self.hidden_dropout.build((batch, tokens, self.mlp_dim))
+        self.linear2.build((batch, tokens, self.mlp_dim))
+        self.output_dropout.build((batch, tokens, self.hidden_size))
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = ops.gelu(self.linear1(inputs), approximate=False)
+        x = self.linear2(self.hidden_dropout(x, training=training))
+        return self.output_dropout(x, training=training)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(hidden_size=self.hidden_size, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate)
+        return config
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class TransformerBlock(keras.layers.Layer):
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(
+        self,
+        hidden_size,
+        mlp_dim,
+        num_heads,
+        dropout_rate=0.0,
+        qkv_bias=False,
+        layer_norm_epsilon=1e-5,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.hidden_size = int(hidden_size)
+        self.mlp_dim = int(mlp_dim)
+        self.num_heads = int(num_heads)
+        self.dropout_rate = float(dropout_rate)
+        self.qkv_bias = bool(qkv_bias)
+        self.layer_norm_epsilon = float(layer_norm_epsilon)
+        self.norm1 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="norm1"
+        )
+        self.attn = MultiHeadSelfAttention(
+            self.hidden_size,
+            self.num_heads,
+            qkv_bias=self.qkv_bias,
+            dropout_rate=self.dropout_rate,
+            dtype=self.dtype_policy,
+            name="attn",
+        )
+        self.norm2 = keras.layers.LayerNormalization(
+            epsilon=self.layer_norm_epsilon, dtype=self.dtype_policy, name="norm2"
+        )
+        self.mlp = MLPBlock(self.hidden_size, self.mlp_dim, self.dropout_rate, dtype=self.dtype_policy, name="mlp")
+
+    def build(self, input_shape):
+        shape = (input_shape[0], input_shape[1], self.hidden_size)
+        self.norm1.build(shape)
+        self.attn.build(shape)
+        self.norm2.build(shape)
+        self.mlp.build(shape)
+        self.built = True
+
+    def call(self, inputs, training=None):
+        x = inputs + self.attn(self.norm1(inputs), training=training)
+        return x + self.mlp(self.norm2(x), training=training)
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            hidden_size=self.hidden_size,
+            mlp_dim=self.mlp_dim,
+            num_heads=self.num_heads,
+            dropout_rate=self.dropout_rate,
+            qkv_bias=self.qkv_bias,
+            layer_norm_epsilon=self.layer_norm_epsilon,
+        )
+        return config

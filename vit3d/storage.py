@@ -1,0 +1,52 @@
+"""Whole-object reads and all-or-nothing writes through pyarrow.fs.
+
+Local paths and any URI pyarrow understands (s3://, gs://, file://) are
+accepted. A reader never sees a partly written object: local files are written
+under a temporary name and renamed; object stores publish an object only when
+its upload completes.
+"""
+
+import os
+import uuid
+
+from pyarrow import fs as pafs
+
+
+def resolve(uri):
+    """(filesystem, path) for a local path or a URI."""
+    uri = os.fspath(uri)
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri))
+    return pafs.FileSystem.from_uri(uri)
+
+
+def is_local(filesystem):
+    return isinstance(filesystem, pafs.LocalFileSystem)
+
+
+def read_bytes(uri):
+    """The whole object in one read (one GET on object storage)."""
+    filesystem, path = resolve(uri)
+    with filesystem.open_input_file(path) as f:
+        return f.read()
+
+
+def write_bytes(uri, data):
+    """Write ``data`` so that ``uri`` is either absent, the old object, or all of ``data``."""
+    filesystem, path = resolve(uri)
+    parent = path.rsplit("/", 1)[0] if "/" in path else ""
+    if parent:
+        filesystem.create_dir(parent, recursive=True)
+    if not is_local(filesystem):
+        with filesystem.open_output_stream(path, compression=None) as f:
+            f.write(data)
+        return
+    staging = f"{path}.tmp-{uuid.uuid4().hex}"
+    try:
+        with filesystem.open_output_stream(staging, compression=None) as f:
+            f.write(data)
+        filesystem.move(staging, path)
+    except BaseException:
+        if filesystem.get_file_info(staging).type != pafs.FileType.NotFound:
+            filesystem.delete_file(staging)
+        raise
