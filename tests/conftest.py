@@ -1,6 +1,8 @@
 import os
 import subprocess
 import sys
+import tempfile
+import uuid
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -18,8 +20,144 @@ def fresh_python(args, timeout=600, **kwargs):
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+# --- S3 server on 127.0.0.1 --------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on 127.0.0.1 (free port) for the whole session.
+
+    Yields {"endpoint": "http://127.0.0.1:PORT", "host", "port", "region", "access_key", "secret_key"}.
+    Point pyarrow at it with the env vars AWS_ENDPOINT_URL/AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (see s3_env),
+    boto3 with endpoint_url=... and the same credentials.
+    """
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        yield {
+            "endpoint": f"http://{host}:{port}",
+            "host": host,
+            "port": port,
+            "region": "us-east-1",
+            "access_key": "testing",
+            "secret_key": "testing",
+        }
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    """Environment under which pyarrow's S3FileSystem.from_uri talks to the moto server (and nothing else)."""
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", s3_server["access_key"])
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", s3_server["secret_key"])
+    monkeypatch.setenv("AWS_DEFAULT_REGION", s3_server["region"])
+    monkeypatch.setenv("AWS_REGION", s3_server["region"])
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server["endpoint"])
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server
+
+
+@pytest.fixture
+def s3_bucket(s3_server):
+    import boto3
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3_server["endpoint"],
+        region_name=s3_server["region"],
+        aws_access_key_id=s3_server["access_key"],
+        aws_secret_access_key=s3_server["secret_key"],
+    )
+    name = f"scans-{uuid.uuid4().hex[:12]}"
+    client.create_bucket(Bucket=name)
+    return client, name
+
+
 @pytest.fixture
 def rng():
     import numpy as np
 
     return np.random.default_rng(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A small perturbed classifier saved as a verified artifact: (path, ArtifactInfo)."""
+    import numpy as np
+
+    import vit3d
+
+    model = vit3d.ViT3D(16, 8, hidden_size=16, mlp_dim=16, num_layers=1, num_heads=2, classification=True)
+    model.build(model.volume_shape)
+    rng = np.random.default_rng(3)
+    for v in model.weights:
+        v.assign(np.asarray(v) + rng.normal(0, 0.3, v.shape).astype("float32"))
+    path = str(tmp_path_factory.mktemp("model") / "tiny.keras")
+    return path, vit3d.save(model, path)
+
+
+def write_archive(folder, count, seed=0, start=0, prefix=""):
+    """``count`` small real NIfTI scans (varied shape/orientation/dtype) under ``folder``; manifest rows
+    whose paths are ``prefix`` + file name."""
+    import numpy as np
+
+    from jobs.demo import DTYPES, ORIENTATIONS, synthetic_volume, write_scan
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(start, start + count):
+        shape = tuple(int(n) for n in rng.integers(12, 24, 3))
+        name = f"s{i:03d}.nii" + ("" if i % 4 == 3 else ".gz")
+        write_scan(
+            os.path.join(folder, name),
+            synthetic_volume(rng, shape, bool(i % 2)),
+            rng,
+            ORIENTATIONS[i % len(ORIENTATIONS)],
+            DTYPES[i % len(DTYPES)],
+        )
+        rows.append({"scan_id": f"s{i:03d}", "path": prefix + name, "site": f"site-{i % 3}", "age": 40 + i})
+    return rows
+
+
+def write_csv(path, rows):
+    import csv
+
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory, s3_server):
+    """One local Ray instance for the session: 4 logical CPUs and 2 logical GPUs (CPU machine).
+
+    The S3 credentials and endpoint are in the environment before Ray starts, so its
+    workers inherit them. Ended with ray.shutdown(): only the processes it started.
+    """
+    import ray
+
+    os.environ.update(
+        AWS_ACCESS_KEY_ID=s3_server["access_key"],
+        AWS_SECRET_ACCESS_KEY=s3_server["secret_key"],
+        AWS_DEFAULT_REGION=s3_server["region"],
+        AWS_REGION=s3_server["region"],
+        AWS_ENDPOINT_URL=s3_server["endpoint"],
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    ray.init(
+        num_cpus=4,
+        num_gpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}},
+        _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),  # short: socket paths
+    )
+    yield ray
+    ray.shutdown()

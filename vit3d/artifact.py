@@ -23,6 +23,7 @@ import h5py
 import keras
 import numpy as np
 
+import vit3d.model  # noqa: F401  (registers ViT3D's classes, so load() knows them in any process)
 from vit3d import storage
 from vit3d.preprocessing import normalize_spec
 

@@ -34,14 +34,14 @@ def read_bytes(uri):
 def write_bytes(uri, data):
     """Write ``data`` so that ``uri`` is either absent, the old object, or all of ``data``."""
     filesystem, path = resolve(uri)
-    parent = path.rsplit("/", 1)[0] if "/" in path else ""
-    if parent:
-        filesystem.create_dir(parent, recursive=True)
-    if not is_local(filesystem):
+    if not is_local(filesystem):  # object stores have no folders to create
         with filesystem.open_output_stream(path, compression=None) as f:
             f.write(data)
         return
-    staging = f"{path}.tmp-{uuid.uuid4().hex}"
+    parent = path.rsplit("/", 1)[0]
+    filesystem.create_dir(parent, recursive=True)
+    # Hidden name: dataset readers (pyarrow, DuckDB globs on *.parquet) skip it.
+    staging = f"{parent}/.{path.rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex}"
     try:
         with filesystem.open_output_stream(staging, compression=None) as f:
             f.write(data)

@@ -1,0 +1,329 @@
+"""Read a scan manifest, or list an archive of scans into one.
+
+A manifest is a table with at least ``scan_id`` and ``path`` columns, stored as CSV (``.csv``), Parquet
+(``.parquet``/``.pq``) or JSON Lines (``.jsonl``/``.ndjson``) on a local disk or any filesystem pyarrow.fs
+understands (``s3://``, ``gs://``, ``file://``...). :func:`read_manifest` validates it up front, so a bad manifest
+fails before any cluster work starts, with a message that names the file and the rows at fault.
+
+Column types: ``scan_id`` and ``path`` are always strings (a CSV ``scan_id`` such as ``007`` keeps its zeros; an
+integer id in Parquet/JSON becomes ``"7"``). Every other column passes through with the type its reader inferred
+(CSV/JSON inference, or the Parquet schema), in its original order.
+
+Paths: absolute local paths and URIs (``scheme://...``) are kept as written; a relative path is taken relative to
+the manifest's folder: ``/data/m.csv`` + ``a/x.nii.gz`` -> ``/data/a/x.nii.gz``; ``s3://bkt/dir/m.csv`` +
+``a/x.nii.gz`` -> ``s3://bkt/dir/a/x.nii.gz`` (a query string on the manifest URI is not carried over).
+
+CLI: ``python -m jobs.manifest --root DIR_OR_URI --out manifest.parquet`` lists ``**/*.nii.gz`` under the root.
+
+This module imports neither TensorFlow, Keras nor Ray: it runs on the driver and in small tools.
+"""
+
+import argparse
+import datetime as dt
+import fnmatch
+import io
+import json
+import os
+import posixpath
+import sys
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from vit3d import storage
+
+REQUIRED = ("scan_id", "path")
+DEFAULT_GLOB = "**/*.nii.gz"
+LISTING_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),
+        ("path", pa.string()),
+        ("size_bytes", pa.int64()),
+        ("modified_at", pa.timestamp("us", tz="UTC")),
+    ]
+)
+_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+_SHOW = 10  # offending ids/rows named in a message before "... (N in all)"
+
+
+class ManifestError(Exception):
+    """A manifest or archive that cannot be used; the message names the file and the problem."""
+
+
+def _is_uri(path):
+    return "://" in path
+
+
+def _some(items):
+    """'a, b, c' for the first few items, with the total when there are more."""
+    items = list(items)
+    shown = ", ".join(str(i) for i in items[:_SHOW])
+    return shown if len(items) <= _SHOW else f"{shown}, ... ({len(items)} in all)"
+
+
+def _format_of(uri):
+    path = urlsplit(uri).path if _is_uri(uri) else uri
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _FORMATS:
+        raise ManifestError(
+            f"manifest {uri}: unsupported extension {ext or '(none)'!r}; "
+            f"use one of {', '.join(sorted(_FORMATS))} (CSV, Parquet or JSON Lines)"
+        )
+    return _FORMATS[ext]
+
+
+def _parse(uri, fmt, data):
+    source = pa.BufferReader(data)
+    if fmt == "csv":
+        # Ids and paths as text (no "007" -> 7); other columns inferred. column_types may name absent columns.
+        convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in REQUIRED})
+        return pacsv.read_csv(source, convert_options=convert)
+    if fmt == "parquet":
+        return pq.read_table(source)
+    return pajson.read_json(source)
+
+
+def _blank(column):
+    """Boolean mask: null, empty or whitespace-only."""
+    values = column.to_pylist()
+    return [v is None or not v.strip() for v in values]
+
+
+def _resolve_paths(uri, paths):
+    """Relative paths against the manifest's folder; absolute local paths and URIs unchanged."""
+    if _is_uri(uri):
+        parts = urlsplit(uri)
+        folder = posixpath.dirname(parts.path)
+
+        def join(rel):
+            return f"{parts.scheme}://{parts.netloc}{posixpath.normpath(posixpath.join(folder, rel))}"
+
+    else:
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(uri)))
+
+        def join(rel):
+            return os.path.normpath(os.path.join(folder, rel))
+
+    return [p if _is_uri(p) or os.path.isabs(p) else join(p) for p in paths]
+
+
+def read_manifest(uri) -> pa.Table:
+    """The validated manifest at ``uri``: scan_id, path (resolved), then the other columns as they were.
+
+    Raises ManifestError for an unsupported extension, an unreadable or unparsable file, no rows, missing
+    ``scan_id``/``path`` columns, empty or duplicate scan_ids, or empty paths.
+    """
+    uri = os.fspath(uri)
+    fmt = _format_of(uri)
+    try:
+        data = storage.read_bytes(uri)
+    except (OSError, ValueError) as e:  # missing, permission, bad URI, network
+        raise ManifestError(f"manifest {uri}: cannot read: {e}") from e
+    if not data.strip():
+        raise ManifestError(f"manifest {uri}: empty manifest (the file is empty)")
+    try:
+        table = _parse(uri, fmt, data)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ManifestError(f"manifest {uri}: cannot parse as {fmt}: {e}") from e
+
+    if table.num_rows == 0:
+        raise ManifestError(f"manifest {uri}: empty manifest (no rows; columns: {_some(table.column_names)})")
+    missing = [name for name in REQUIRED if name not in table.column_names]
+    if missing:
+        raise ManifestError(
+            f"manifest {uri}: missing required column(s) {', '.join(missing)}; "
+            f"found columns: {_some(table.column_names) or '(none)'}"
+        )
+    duplicated_names = sorted({n for n in table.column_names if table.column_names.count(n) > 1})
+    if duplicated_names:
+        raise ManifestError(f"manifest {uri}: duplicate column name(s) {', '.join(duplicated_names)}")
+
+    columns = {}
+    for name in REQUIRED:
+        column = table.column(name)
+        try:
+            columns[name] = column.cast(pa.string())
+        except (pa.ArrowException, ValueError) as e:
+            raise ManifestError(f"manifest {uri}: column {name} has type {column.type}, not text: {e}") from e
+    ids = columns["scan_id"].to_pylist()
+
+    blank_rows = [i + 1 for i, blank in enumerate(_blank(columns["scan_id"])) if blank]
+    if blank_rows:
+        raise ManifestError(
+            f"manifest {uri}: {len(blank_rows)} row(s) with an empty scan_id, "
+            f"at data row(s) {_some(blank_rows)} (1-based, header not counted)"
+        )
+    seen, duplicates = set(), {}
+    for scan_id in ids:
+        if scan_id in seen:
+            duplicates[scan_id] = duplicates.get(scan_id, 1) + 1
+        seen.add(scan_id)
+    if duplicates:
+        listed = [f"{scan_id!r} (x{count})" for scan_id, count in duplicates.items()]
+        raise ManifestError(f"manifest {uri}: {len(duplicates)} duplicate scan_id(s): {_some(listed)}")
+    no_path = [scan_id for scan_id, blank in zip(ids, _blank(columns["path"]), strict=True) if blank]
+    if no_path:
+        raise ManifestError(f"manifest {uri}: {len(no_path)} scan(s) with an empty path: {_some(map(repr, no_path))}")
+
+    resolved = pa.array(_resolve_paths(uri, columns["path"].to_pylist()), pa.string())
+    others = [name for name in table.column_names if name not in REQUIRED]
+    return pa.table(
+        [columns["scan_id"], resolved, *(table.column(name) for name in others)],
+        names=[*REQUIRED, *others],
+    )
+
+
+def _match_parts(pattern, parts):
+    """fnmatch on '/'-separated segments; a '**' segment matches any number (zero included) of segments."""
+    memo = {}
+
+    def match(i, j):
+        if (i, j) not in memo:
+            if i == len(pattern):
+                result = j == len(parts)
+            elif pattern[i] == "**" and i == len(pattern) - 1:  # trailing '**': anything below, not the folder
+                result = j < len(parts)
+            elif pattern[i] == "**":
+                result = match(i + 1, j) or (j < len(parts) and match(i, j + 1))
+            else:
+                result = j < len(parts) and fnmatch.fnmatchcase(parts[j], pattern[i]) and match(i + 1, j + 1)
+            memo[i, j] = result
+        return memo[i, j]
+
+    return match(0, 0)
+
+
+def glob_match(relpath, glob):
+    """Whether a '/'-separated relative path matches ``glob``.
+
+    ``*``, ``?`` and ``[...]`` never cross a '/'; a ``**`` path segment matches zero or more folders, so
+    ``**/*.nii.gz`` matches ``a.nii.gz`` and ``x/y/a.nii.gz`` while ``sub/*.nii.gz`` matches only files in ``sub``;
+    a trailing ``**`` matches everything below (``sub/**``). Case-sensitive.
+    """
+    pattern = [p for p in glob.strip("/").split("/") if p not in ("", ".")]
+    return _match_parts(pattern, relpath.split("/"))
+
+
+def list_archive(root, glob=DEFAULT_GLOB) -> pa.Table:
+    """Every file under ``root`` whose path relative to it matches ``glob``, sorted by scan_id.
+
+    Columns: scan_id (path relative to root, '/'-separated), path (full local path or URI), size_bytes,
+    modified_at (UTC). Raises ManifestError when root is missing or is not a folder.
+    """
+    root = os.fspath(root)
+    try:
+        filesystem, base = storage.resolve(root)
+        base = base.rstrip("/") or "/"
+        kind = filesystem.get_file_info(base).type
+        if kind == pafs.FileType.NotFound:
+            raise ManifestError(f"archive root {root}: does not exist")
+        if kind != pafs.FileType.Directory:
+            raise ManifestError(f"archive root {root}: is not a folder")
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"archive root {root}: cannot list: {e}") from e
+
+    if _is_uri(root):
+        parts = urlsplit(root)
+        prefix = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
+    else:
+        prefix = base.rstrip("/") + "/"
+    strip = len(base.rstrip("/")) + 1
+    rows = []
+    for info in infos:
+        if info.type != pafs.FileType.File:
+            continue
+        rel = info.path[strip:]
+        if glob_match(rel, glob):
+            micros = None if info.mtime_ns is None else info.mtime_ns // 1000
+            rows.append((rel, prefix + rel, info.size, micros))
+    rows.sort()
+    return pa.table(
+        [
+            pa.array([r[0] for r in rows], pa.string()),
+            pa.array([r[1] for r in rows], pa.string()),
+            pa.array([r[2] for r in rows], pa.int64()),
+            pa.array([r[3] for r in rows], pa.int64()).cast(pa.timestamp("us", tz="UTC")),
+        ],
+        schema=LISTING_SCHEMA,
+    )
+
+
+def _jsonable(value):
+    return value.isoformat() if isinstance(value, dt.datetime | dt.date) else value
+
+
+def encode_table(table, out):
+    """``table`` serialized in the format named by ``out``'s extension (see read_manifest)."""
+    fmt = _format_of(out)
+    if fmt == "parquet":
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return sink.getvalue().to_pybytes()
+    if fmt == "csv":
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(table, sink)
+        return sink.getvalue().to_pybytes()
+    buffer = io.StringIO()
+    for row in table.to_pylist():
+        buffer.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+    return buffer.getvalue().encode()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise ManifestError(f"usage: {message} (see --help)")
+
+
+def _parser():
+    parser = _Parser(
+        prog="python -m jobs.manifest",
+        description="List the scans under an archive root into a manifest (scan_id, path, size_bytes, "
+        "modified_at) that the scoring job reads.",
+    )
+    parser.add_argument(
+        "--root",
+        required=True,
+        help="folder or URI to list recursively (local path, file://, s3://bucket/prefix, ...); must exist",
+    )
+    parser.add_argument(
+        "--glob",
+        default=DEFAULT_GLOB,
+        help="pattern for paths relative to --root; '*' stays within a folder, a '**' segment spans any number "
+        "of folders, including none (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="manifest to write, local path or URI; the format follows the extension: .parquet/.pq, .csv, "
+        ".jsonl/.ndjson. Written whole or not at all",
+    )
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = _parser().parse_args(argv)
+        _format_of(args.out)  # fail on a bad --out before listing a large archive
+        table = list_archive(args.root, args.glob)
+        data = encode_table(table, args.out)
+    except SystemExit as e:  # --help
+        return e.code if isinstance(e.code, int) else 0
+    except ManifestError as e:
+        print(f"jobs.manifest: error: {e}", file=sys.stderr)
+        return 2
+    try:
+        storage.write_bytes(args.out, data)
+    except (OSError, ValueError) as e:
+        print(f"jobs.manifest: error: cannot write {args.out}: {e}", file=sys.stderr)
+        return 1
+    print(f"{table.num_rows} scans listed from {args.root} into {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,388 @@
+"""``python -m jobs.score``: score every scan of a manifest with a verified model, Parquet out.
+
+Exit codes: 0 finished within the error budget; 3 finished over it; 2 nothing
+scored because of a usage, manifest, model or output problem (the message says which).
+"""
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import sys
+import time
+import uuid
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.manifest import ManifestError, read_manifest
+from jobs.pipeline import build_dataset
+from jobs.sink import OutputError, OutputStore, fixed_list, schema_metadata, with_metadata
+
+EXIT_OK, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 2, 3
+PROVENANCE = ("orientation", "source_dtype", "read_s", "decode_s", "preprocess_s", "infer_s", "device", "worker_pid")
+
+
+class JobError(Exception):
+    """Nothing was scored: a usage, manifest, model or output problem."""
+
+
+def new_run_id():
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
+
+
+def check_model(model_uri, model_sha256, mode):
+    """Load and verify the model once in the driver (GPUs hidden) so a bad model stops the run before it starts."""
+    import tensorflow as tf
+
+    with contextlib.suppress(RuntimeError):  # TensorFlow already initialised here (a notebook): fine
+        tf.config.set_visible_devices([], "GPU")
+    import vit3d
+    from vit3d.preprocessing import normalize_spec
+
+    try:
+        model, info = vit3d.load_with_info(model_uri, expected_sha256=model_sha256)
+    except vit3d.ArtifactError as e:
+        raise JobError(f"model problem: {e}") from e
+    shape = info.input_shape
+    if len(shape) != 5 or shape[-1] != 1:
+        raise JobError(f"model problem: {model_uri} takes inputs {shape}; jobs.score feeds (B, D, H, W, 1) volumes")
+    if mode == "embed" and not callable(getattr(model, "embed", None)):
+        raise JobError(f"model problem: {model_uri} ({info.class_name}) has no embed(); use --mode score")
+    if mode == "score":
+        out = model(np.zeros((1, *shape[1:]), np.float32), training=False)
+        if len(out.shape) != 2:
+            raise JobError(
+                f"model problem: {model_uri} outputs shape {tuple(out.shape)}, not class logits (B, K): "
+                "it has no classification head; use --mode embed"
+            )
+    try:
+        spec = normalize_spec(info.preprocessing)
+    except ValueError as e:
+        raise JobError(f"model problem: {model_uri} carries an invalid preprocessing spec: {e}") from e
+    if spec["size"] != list(shape[1:4]):
+        raise JobError(f"model problem: preprocessing size {spec['size']} does not match the model input {shape}")
+    return info, spec
+
+
+def _connect_ray(ray_address):
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    kwargs = {"runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}} if address == "local" else {}
+    ray.init(address=address, include_dashboard=False if address == "local" else None, **kwargs)
+    return True
+
+
+def _plan_workers(device, workers):
+    """(device, workers, cpus per CPU worker); never asks for GPUs the cluster does not have."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if device == "auto":
+        device = "gpu" if gpus else "cpu"
+    if device == "gpu":
+        if gpus == 0:
+            raise JobError("--device gpu, but the Ray cluster has no GPUs (use --device cpu or auto)")
+        workers = workers or gpus
+        if workers > gpus:
+            raise JobError(f"--workers {workers} GPU actors, but the cluster has only {gpus} GPUs")
+        return device, workers, 1
+    # CPU: scoring gets about half the cores, decoding the rest.
+    workers = workers or max(1, cpus // 4)
+    return device, workers, max(1, (cpus // 2) // workers)
+
+
+class _Progress:
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.started, self.last = total, enabled, time.monotonic(), 0.0
+
+    def update(self, ok, errors, final=False):
+        now = time.monotonic()
+        if not self.enabled or (not final and now - self.last < 2.0):
+            return
+        self.last = now
+        done = ok + errors
+        rate = done / max(now - self.started, 1e-9)
+        print(f"[jobs.score] {done}/{self.total} scans ({errors} errors), {rate:.1f} scans/s", file=sys.stderr)
+
+
+def _result_table(batch, rows, mode, manifest_extra, manifest_index, meta):
+    take = pa.array([manifest_index[s] for s in batch["scan_id"][rows]], pa.int64())
+    now = dt.datetime.now(dt.timezone.utc)
+    count = len(rows)
+    columns = {
+        "scan_id": pa.array(batch["scan_id"][rows].astype(str), pa.string()),
+        "path": pa.array(batch["path"][rows].astype(str), pa.string()),
+        "model_sha256": pa.array([meta["sha256"]] * count, pa.string()),
+        "run_id": pa.array([meta["run_id"]] * count, pa.string()),
+        "scored_at": pa.array([now] * count, pa.timestamp("us", tz="UTC")),
+    }
+    extra = manifest_extra.take(take)
+    for name in extra.column_names:
+        columns[name] = extra.column(name)
+    if mode == "score":
+        columns["score"] = pa.array(batch["score"][rows].astype(np.float32), pa.float32())
+        probabilities = batch["probabilities"][rows].astype(np.float32)
+        columns["probabilities"] = pa.array(list(probabilities), pa.list_(pa.float32()))
+    else:
+        embedding = batch["embedding"][rows]
+        columns["embedding"] = fixed_list(embedding, embedding.shape[1])
+    columns["original_shape"] = pa.array(list(batch["original_shape"][rows].astype(np.int32)), pa.list_(pa.int32()))
+    columns["voxel_spacing"] = pa.array(list(batch["voxel_spacing"][rows].astype(np.float32)), pa.list_(pa.float32()))
+    for name in PROVENANCE:
+        values = batch[name][rows]
+        columns[name] = pa.array(values.astype(str) if values.dtype == object else values)
+    return pa.table(columns)
+
+
+def _error_table(batch, rows, meta):
+    count = len(rows)
+    return pa.table(
+        {
+            "scan_id": pa.array(batch["scan_id"][rows].astype(str), pa.string()),
+            "path": pa.array(batch["path"][rows].astype(str), pa.string()),
+            "run_id": pa.array([meta["run_id"]] * count, pa.string()),
+            "model_sha256": pa.array([meta["sha256"]] * count, pa.string()),
+            "stage": pa.array(batch["stage"][rows].astype(str), pa.string()),
+            "error": pa.array(batch["error"][rows].astype(str), pa.string()),
+            "failed_at": pa.array([dt.datetime.now(dt.timezone.utc)] * count, pa.timestamp("us", tz="UTC")),
+        }
+    )
+
+
+class _Buffer:
+    """Rows waiting to become one Parquet file of a sensible size."""
+
+    def __init__(self, store, kind, run_id, metadata, rows_per_file, flush_seconds):
+        self.store, self.kind, self.run_id, self.metadata = store, kind, run_id, metadata
+        self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
+        self.tables, self.rows, self.since, self.files = [], 0, time.monotonic(), []
+
+    def add(self, table):
+        if table.num_rows:
+            self.tables.append(table)
+            self.rows += table.num_rows
+        if self.rows >= self.rows_per_file or (self.rows and time.monotonic() - self.since >= self.flush_seconds):
+            self.flush()
+
+    def flush(self):
+        if self.rows:
+            table = with_metadata(pa.concat_tables(self.tables), self.metadata)
+            self.files.append(self.store.commit(self.kind, table, self.run_id))
+        self.tables, self.rows, self.since = [], 0, time.monotonic()
+
+
+def run(
+    manifest,
+    model,
+    output,
+    *,
+    mode="score",
+    batch_size=8,
+    device="auto",
+    workers=None,
+    max_error_rate=0.01,
+    run_id=None,
+    model_sha256=None,
+    ray_address=None,
+    progress=True,
+    rows_per_file=50_000,
+    flush_seconds=300.0,
+):
+    """Score ``manifest`` with ``model`` into ``output``; returns the run report (a dict).
+
+    Raises :class:`JobError` when nothing could be scored (bad usage, manifest, model or output).
+    """
+    started_at = dt.datetime.now(dt.timezone.utc)
+    started = time.monotonic()
+    if mode not in ("score", "embed"):
+        raise JobError(f"--mode must be score or embed, got {mode!r}")
+    if device not in ("auto", "gpu", "cpu"):
+        raise JobError(f"--device must be auto, gpu or cpu, got {device!r}")
+    if batch_size < 1 or (workers is not None and workers < 1):
+        raise JobError("--batch-size and --workers must be at least 1")
+    if not 0.0 <= max_error_rate <= 1.0:
+        raise JobError(f"--max-error-rate must be between 0 and 1, got {max_error_rate}")
+    run_id = run_id or new_run_id()
+    try:
+        table = read_manifest(manifest)
+    except ManifestError as e:
+        raise JobError(f"manifest problem: {e}") from e
+    info, spec = check_model(model, model_sha256, mode)
+    store = OutputStore(output)
+    try:
+        store.prepare(mode, run_id)
+        done = store.done_scan_ids(info.sha256)
+    except (OutputError, OSError) as e:
+        raise JobError(f"output problem: {e}") from e
+
+    scan_ids = table.column("scan_id").to_pylist()
+    paths = table.column("path").to_pylist()
+    items = [{"scan_id": s, "path": p} for s, p in zip(scan_ids, paths, strict=True) if s not in done]
+    manifest_index = {s: i for i, s in enumerate(scan_ids)}
+    manifest_extra = table.drop_columns(["scan_id", "path"])
+    meta = {"sha256": info.sha256, "run_id": run_id}
+    metadata = {**schema_metadata(info, mode), b"vit3d.run_id": run_id.encode()}
+    results = _Buffer(store, "results", run_id, metadata, rows_per_file, flush_seconds)
+    errors = _Buffer(store, "errors", run_id, metadata, rows_per_file, flush_seconds)
+    counts = {"manifest": len(scan_ids), "skipped_done": len(scan_ids) - len(items), "ok": 0, "error": 0}
+    loads, plan = {}, {"device": device, "workers": workers, "cpus_per_worker": None}
+
+    if items:
+        import ray
+
+        owns_ray = _connect_ray(ray_address)
+        try:
+            chosen, n_workers, cpus_per_worker = _plan_workers(device, workers)
+            plan = {"device": chosen, "workers": n_workers, "cpus_per_worker": cpus_per_worker}
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            dataset = build_dataset(
+                items,
+                spec=spec,
+                model_uri=model,
+                model_sha256=info.sha256,
+                mode=mode,
+                batch_size=batch_size,
+                device=chosen,
+                workers=n_workers,
+                cpus_per_worker=cpus_per_worker,
+            )
+            bar = _Progress(len(items), progress)
+            seen = set()
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                fresh = np.array([s not in seen for s in batch["scan_id"]], dtype=bool)
+                seen.update(batch["scan_id"].tolist())
+                failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
+                ok_rows, err_rows = np.flatnonzero(fresh & ~failed), np.flatnonzero(fresh & failed)
+                results.add(_result_table(batch, ok_rows, mode, manifest_extra, manifest_index, meta))
+                errors.add(_error_table(batch, err_rows, meta))
+                counts["ok"] += len(ok_rows)
+                counts["error"] += len(err_rows)
+                for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
+                    loads[str(pid)] = max(loads.get(str(pid), 0), n)
+                bar.update(counts["ok"], counts["error"])
+            results.flush()
+            errors.flush()
+            bar.update(counts["ok"], counts["error"], final=True)
+        finally:
+            if owns_ray:
+                ray.shutdown()
+
+    wall_s = time.monotonic() - started
+    attempted = counts["ok"] + counts["error"]
+    error_rate = counts["error"] / attempted if attempted else 0.0
+    exit_code = EXIT_OK if error_rate <= max_error_rate else EXIT_OVER_BUDGET
+    report = {
+        "run_id": run_id,
+        "exit_code": exit_code,
+        "status": "ok" if exit_code == EXIT_OK else "over_error_budget",
+        "counts": counts,
+        "error_rate": error_rate,
+        "started_at": started_at.isoformat(),
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
+        "wall_s": round(wall_s, 3),
+        "throughput_scans_per_s": round(attempted / wall_s, 3) if wall_s > 0 else None,
+        "model": {"uri": str(model), "sha256": info.sha256, "class": info.class_name, "loads_per_worker": loads},
+        "output": {"uri": store.uri, "results_files": results.files, "errors_files": errors.files},
+        "config": {
+            "manifest": str(manifest),
+            "mode": mode,
+            "batch_size": batch_size,
+            "max_error_rate": max_error_rate,
+            "preprocessing": spec,
+            **plan,
+        },
+    }
+    report["report_path"] = store.write_report(run_id, report)
+    return report
+
+
+def summary(report):
+    c = report["counts"]
+    out = report["output"]["uri"]
+    return "\n".join(
+        [
+            f"run {report['run_id']}: {report['status']}",
+            f"  manifest {c['manifest']} scans: {c['skipped_done']} already done (skipped), "
+            f"{c['ok']} scored, {c['error']} failed (error rate {report['error_rate']:.2%})",
+            f"  {report['wall_s']:.1f} s, {report['throughput_scans_per_s'] or 0:.2f} scans/s, "
+            f"model {report['model']['sha256'][:12]}, loads per worker {report['model']['loads_per_worker']}",
+            f"  results: {out}/results/   errors: {out}/errors/   report: {report['report_path']}",
+        ]
+    )
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        prog="python -m jobs.score",
+        description="Score every scan of a manifest with a verified vit3d model; results land in Parquet.",
+        epilog="Exit codes: 0 done within the error budget; 3 done but over it; 2 nothing scored (usage, "
+        "manifest, model or output problem).",
+    )
+    p.add_argument(
+        "--manifest",
+        required=True,
+        help="CSV, Parquet or JSON Lines with scan_id and path columns "
+        "(local path or URI: s3://, gs://, file://); other columns are carried into the results",
+    )
+    p.add_argument("--model", required=True, help="the .keras artifact written by vit3d.save (local path or URI)")
+    p.add_argument("--output", required=True, help="output folder or prefix: results/, errors/, runs/ go under it")
+    p.add_argument(
+        "--mode",
+        choices=("score", "embed"),
+        default="score",
+        help="score: anomaly score in [0, 1] and class probabilities; embed: one vector per scan",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="scans per inference call (fixed; last batch padded)")
+    p.add_argument(
+        "--device",
+        choices=("auto", "gpu", "cpu"),
+        default="auto",
+        help="gpu: one scoring actor per GPU; cpu: CPU scoring actors; auto: gpu if the cluster has GPUs",
+    )
+    p.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, or CPUs/4 on CPU)")
+    p.add_argument(
+        "--max-error-rate",
+        type=float,
+        default=0.01,
+        help="largest fraction of failed scans that still exits 0 (default 0.01); above it, exit 3",
+    )
+    p.add_argument("--run-id", default=None, help="name of this run in the results and runs/ (default: time + random)")
+    p.add_argument("--model-sha256", default=None, help="refuse the model unless its sha256 is this")
+    p.add_argument(
+        "--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray instance)"
+    )
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        report = run(
+            args.manifest,
+            args.model,
+            args.output,
+            mode=args.mode,
+            batch_size=args.batch_size,
+            device=args.device,
+            workers=args.workers,
+            max_error_rate=args.max_error_rate,
+            run_id=args.run_id,
+            model_sha256=args.model_sha256,
+            ray_address=args.ray_address,
+            progress=not args.quiet,
+        )
+    except JobError as e:
+        print(f"jobs.score: nothing scored: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    print(summary(report))
+    return report["exit_code"]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,131 @@
+"""The scoring stage: one callable class per GPU (or CPU worker).
+
+Each instance loads the model once with ``vit3d.load`` — verification included,
+pinned to the sha256 the driver checked — and compiles one inference function
+for a fixed batch size (the last batch is padded, so it never retraces). A bad
+scan never raises: it becomes an error row.
+"""
+
+import os
+import time
+
+import numpy as np
+
+MODES = ("score", "embed")
+LOADS_PER_PROCESS = {"count": 0}  # model deserializations in this worker process
+
+
+def scores_from_logits(logits):
+    """(score, probabilities): sigmoid for one class; else 1 - softmax p(class 0, "normal")."""
+    logits = np.asarray(logits, dtype=np.float64)
+    if logits.shape[1] == 1:
+        probabilities = 1.0 / (1.0 + np.exp(-logits))
+        score = probabilities[:, 0]
+    else:
+        shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+        score = 1.0 - probabilities[:, 0]
+    return score.astype(np.float32), probabilities.astype(np.float32)
+
+
+def configure_tensorflow(threads=None):
+    """Memory growth on every visible GPU and a thread budget, before TF builds anything."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):
+        tf.config.experimental.set_memory_growth(gpu, True)
+    if threads:
+        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+        tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
+    return tf
+
+
+class Scorer:
+    """Ray Data callable class: ``batch`` of preprocessed scans in, result/error rows out."""
+
+    def __init__(self, model_uri, model_sha256, mode, batch_size, threads=None):
+        tf = configure_tensorflow(threads)
+        import vit3d
+
+        started = time.perf_counter()
+        self.model, self.info = vit3d.load_with_info(model_uri, expected_sha256=model_sha256)
+        LOADS_PER_PROCESS["count"] += 1
+        self.load_s = time.perf_counter() - started
+        self.mode = mode
+        self.batch_size = int(batch_size)
+        self.input_shape = tuple(self.info.input_shape[1:])
+        self.device = "gpu:" + os.environ["CUDA_VISIBLE_DEVICES"] if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
+        forward = self.model.embed if mode == "embed" else (lambda x: self.model(x, training=False))
+        spec = tf.TensorSpec((self.batch_size, *self.input_shape), tf.float32)
+        self._infer = tf.function(forward, input_signature=[spec], reduce_retracing=True)
+        warmup = self._infer(np.zeros((self.batch_size, *self.input_shape), np.float32))  # compile once, up front
+        self.width = int(warmup.shape[-1])  # classes (score) or hidden size (embed)
+
+    def _run(self, volumes):
+        """Model outputs for up to batch_size volumes, padding to the compiled batch size."""
+        count = len(volumes)
+        padded = np.zeros((self.batch_size, *self.input_shape), np.float32)
+        padded[:count] = volumes
+        return np.asarray(self._infer(padded))[:count]
+
+    def _outputs(self, volumes):
+        """Mode-specific output columns for a stack of volumes; raises on non-finite output."""
+        raw = np.concatenate(
+            [self._run(volumes[i : i + self.batch_size]) for i in range(0, len(volumes), self.batch_size)]
+        )
+        if not np.all(np.isfinite(raw)):
+            raise FloatingPointError("the model produced NaN or Inf")
+        if self.mode == "embed":
+            return {"embedding": raw.astype(np.float32)}
+        score, probabilities = scores_from_logits(raw)
+        return {"score": score, "probabilities": probabilities}
+
+    def _empty_outputs(self, count):
+        width = self.info.config.get("hidden_size") if self.mode == "embed" else self.info.config.get("num_classes", 1)
+        if self.mode == "embed":
+            return {"embedding": np.full((count, width), np.nan, np.float32)}
+        return {
+            "score": np.full(count, np.nan, np.float32),
+            "probabilities": np.full((count, width), np.nan, np.float32),
+        }
+
+    def __call__(self, batch):
+        count = len(batch["scan_id"])
+        errors = np.asarray(batch["error"], dtype=object).copy()
+        stages = np.asarray(batch["stage"], dtype=object).copy()
+        outputs = self._empty_outputs(count)
+        ok = [i for i in range(count) if not errors[i]]
+        started = time.perf_counter()
+        if ok:
+            volumes = np.stack([np.frombuffer(batch["volume"][i], np.float32).reshape(self.input_shape) for i in ok])
+            try:
+                results = {ok_idx: row for ok_idx, row in zip(ok, _rows(self._outputs(volumes)), strict=True)}
+            except Exception:
+                # Find the scan that fails, score the others: one at a time.
+                results = {}
+                for i, volume in zip(ok, volumes, strict=True):
+                    try:
+                        results[i] = next(_rows(self._outputs(volume[None])))
+                    except Exception as e:
+                        errors[i] = f"{batch['path'][i]}: inference failed: {type(e).__name__}: {e}"
+                        stages[i] = "infer"
+            for i, row in results.items():
+                for key, value in row.items():
+                    outputs[key][i] = value
+        infer_s = (time.perf_counter() - started) / max(1, len(ok))
+        out = {k: v for k, v in batch.items() if k != "volume"}  # volumes are dropped here
+        out.update(outputs)
+        out["error"], out["stage"] = errors, stages
+        out["infer_s"] = np.full(count, infer_s, np.float32)
+        out["worker_pid"] = np.full(count, os.getpid(), np.int64)
+        out["device"] = np.full(count, self.device, dtype=object)
+        out["model_loads"] = np.full(count, LOADS_PER_PROCESS["count"], np.int64)
+        return out
+
+
+def _rows(outputs):
+    """Iterate over a dict of column arrays as dicts of row values."""
+    keys = list(outputs)
+    for values in zip(*(outputs[k] for k in keys), strict=True):
+        yield dict(zip(keys, values, strict=True))

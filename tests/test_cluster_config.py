@@ -1,0 +1,118 @@
+"""cluster.yaml passes Ray's own launcher checks (offline) and says what the batch job relies on."""
+
+import copy
+import os
+import re
+import socket
+
+import pytest
+import yaml
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CLUSTER_YAML = os.path.join(REPO_ROOT, "cluster.yaml")
+
+# vCPUs and GPUs of the instance types used (AWS specs): advertised resources must not exceed them.
+INSTANCE_SPECS = {
+    "m6i.2xlarge": {"CPU": 8, "GPU": 0},
+    "g5.xlarge": {"CPU": 4, "GPU": 1},
+    "g5.12xlarge": {"CPU": 48, "GPU": 4},
+    "c6i.8xlarge": {"CPU": 32, "GPU": 0},
+}
+
+
+@pytest.fixture(scope="module")
+def raw():
+    with open(CLUSTER_YAML) as f:
+        return yaml.safe_load(f)
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to open a network connection fails the test (prepare/validate must stay offline)."""
+
+    def refuse(self, address, *args, **kwargs):
+        raise AssertionError(f"network access attempted: {address!r}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    monkeypatch.setattr(socket, "getaddrinfo", refuse)
+
+
+def prepared(config):
+    # prepare_config for provider "aws" only merges ray/autoscaler/aws/defaults.yaml, the setup commands, the
+    # docker section and per-type worker bounds; bootstrapping (IAM, VPC, AMI lookups) is a later, separate step.
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(copy.deepcopy(config))
+    validate_config(config)
+    return config
+
+
+def test_cluster_yaml_passes_ray_validation(raw, no_network):
+    config = prepared(raw)
+    assert config["cluster_name"] == "vit3d-batch"
+    assert config["provider"]["type"] == "aws" and config["provider"]["region"] == "us-east-1"
+    assert config["provider"]["cache_stopped_nodes"] is False
+    assert config["idle_timeout_minutes"] > 0
+
+
+def test_head_takes_no_work_and_workers_have_gpus(raw, no_network):
+    config = prepared(raw)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    assert head["max_workers"] == 0 and head["min_workers"] == 0
+
+    workers = {name: t for name, t in types.items() if name != config["head_node_type"]}
+    assert any(t["resources"].get("GPU", 0) >= 1 for t in workers.values())
+    assert any(t["resources"].get("GPU", 0) == 0 and t["resources"].get("CPU", 0) >= 8 for t in workers.values())
+    for name, node_type in types.items():
+        assert node_type["min_workers"] == 0, name  # nothing runs (or bills) while idle
+        assert 0 <= node_type["max_workers"] <= config["max_workers"], name
+        spec = INSTANCE_SPECS[node_type["node_config"]["InstanceType"]]
+        for resource, amount in node_type["resources"].items():
+            assert amount <= spec[resource], (name, resource)
+
+
+def test_docker_image_and_setup_install_the_gpu_extra(raw, no_network):
+    config = prepared(raw)
+    docker = config["docker"]
+    assert docker["image"] == "rayproject/ray:2.60.0-py311-gpu"
+    assert docker["image"].rsplit(":", 1)[1] == "2.60.0-py311-gpu"
+    assert docker["container_name"]
+    assert "--ulimit nofile=65536:65536" in docker["run_options"]
+
+    import ray
+
+    assert docker["image"].split(":")[1].startswith(ray.__version__ + "-")  # image Ray == the pinned Ray
+
+    install = re.compile(r"pip install .*/home/ray/vit3d-batch\[gpu\]")
+    assert any(install.search(c) for c in raw["setup_commands"])
+    # prepare_config prepends setup_commands to the head's and workers' lists: both install the extra.
+    assert any(install.search(c) for c in config["head_setup_commands"])
+    assert any(install.search(c) for c in config["worker_setup_commands"])
+    assert config["file_mounts"]["/home/ray/vit3d-batch"] == "."
+
+
+def test_validation_is_real_unknown_keys_and_bad_resources_are_rejected(raw, no_network):
+    import jsonschema
+    from ray.autoscaler._private.util import validate_config
+
+    config = prepared(raw)
+    validate_config(copy.deepcopy(config))
+
+    unknown_top = copy.deepcopy(config)
+    unknown_top["idle_timeout_minute"] = 5  # typo of idle_timeout_minutes
+    with pytest.raises(jsonschema.ValidationError, match="idle_timeout_minute"):
+        validate_config(unknown_top)
+
+    unknown_docker = copy.deepcopy(config)
+    unknown_docker["docker"]["imagee"] = "x"
+    with pytest.raises(jsonschema.ValidationError, match="imagee"):
+        validate_config(unknown_docker)
+
+    fractional = copy.deepcopy(config)
+    fractional["available_node_types"][config["head_node_type"]]["resources"] = {"CPU": 0.5}
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(fractional)

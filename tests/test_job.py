@@ -1,0 +1,288 @@
+"""jobs.score end to end on a real local Ray instance, with real NIfTI files."""
+
+import json
+import os
+import shutil
+
+import duckdb
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from conftest import fresh_python, write_archive, write_csv
+
+import vit3d
+from jobs.score import JobError, main, run
+from jobs.scorer import scores_from_logits
+from jobs.volumes import load_volume
+from vit3d import storage
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """8 good scans + 1 truncated one, manifest with pass-through columns."""
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    rows = write_archive(str(folder), 8, prefix="archive/")
+    good = (tmp_path / rows[0]["path"]).read_bytes()
+    (folder / "broken.nii.gz").write_bytes(good[: len(good) // 2])
+    rows.append({"scan_id": "broken", "path": "archive/broken.nii.gz", "site": "site-x", "age": 99})
+    return tmp_path, rows, write_csv(tmp_path / "manifest.csv", rows)
+
+
+def expected_outputs(model_path, folder, rows, mode):
+    """What the model gives on each scan when run directly, scan by scan, outside the job."""
+    model, info = vit3d.load_with_info(model_path)
+    out = {}
+    for row in rows:
+        x = load_volume(str(folder / row["path"]), info.preprocessing)[0][None]
+        if mode == "embed":
+            out[row["scan_id"]] = np.asarray(model.embed(x))[0]
+        else:
+            score, probabilities = scores_from_logits(np.asarray(model(x)))
+            out[row["scan_id"]] = (score[0], probabilities[0])
+    return out
+
+
+def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
+    model_path, info = tiny_model
+    folder, rows, manifest = archive
+    output = tmp_path / "out"
+    report = run(manifest, model_path, str(output), device="cpu", batch_size=3, max_error_rate=0.2, progress=False)
+
+    assert report["counts"] == {"manifest": 9, "skipped_done": 0, "ok": 8, "error": 1}
+    assert report["exit_code"] == 0
+    assert set(report["model"]["loads_per_worker"].values()) == {1}
+    assert json.loads((output / "runs" / f"{report['run_id']}.json").read_text())["counts"]["ok"] == 8
+
+    results = pads.dataset(str(output / "results"), format="parquet").to_table().to_pandas()
+    assert sorted(results.scan_id) == sorted(r["scan_id"] for r in rows[:8])
+    expected = expected_outputs(model_path, folder, rows[:8], "score")
+    for row in results.itertuples():
+        score, probabilities = expected[row.scan_id]
+        assert 0.0 <= row.score <= 1.0
+        assert row.score == pytest.approx(score, abs=1e-5)
+        np.testing.assert_allclose(row.probabilities, probabilities, atol=1e-5)
+        assert row.model_sha256 == info.sha256 and row.run_id == report["run_id"]
+        source = next(r for r in rows if r["scan_id"] == row.scan_id)
+        assert (row.site, row.age) == (source["site"], source["age"])  # pass-through columns
+        assert row.path == str(folder / source["path"])
+        assert len(row.original_shape) == 3 and all(s > 0 for s in row.voxel_spacing)
+        assert len(row.orientation) == 3 and row.decode_s >= 0 and row.infer_s >= 0
+    assert str(results.scored_at.dt.tz) == "UTC"
+
+    errors = pads.dataset(str(output / "errors"), format="parquet").to_table().to_pylist()
+    assert len(errors) == 1 and errors[0]["scan_id"] == "broken"
+    assert errors[0]["stage"] in ("validate", "decode") and "broken.nii.gz" in errors[0]["error"]
+
+    # Readable as is by DuckDB and Polars; Parquet metadata says what produced it.
+    top = duckdb.sql(
+        f"SELECT scan_id, score FROM read_parquet('{output}/results/**/*.parquet') ORDER BY score DESC LIMIT 3"
+    ).fetchall()
+    assert [s for _, s in top] == sorted(results.score, reverse=True)[:3]
+    assert pl.scan_parquet(f"{output}/results/*.parquet").select(pl.len()).collect().item() == 8
+    files = list((output / "results").glob("*.parquet"))
+    assert len(files) == 1, "rows should be gathered into files of a sensible size, not one per batch"
+    meta = pq.read_schema(files[0]).metadata
+    assert json.loads(meta[b"vit3d.preprocessing"]) == info.preprocessing
+    assert json.loads(meta[b"vit3d.model_config"])["hidden_size"] == 16
+    assert not [p for p in output.rglob("*") if p.name.startswith(".")], "staging files left behind"
+
+
+def test_embed_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
+    model_path, _ = tiny_model
+    folder, rows, manifest = archive
+    report = run(
+        manifest, model_path, str(tmp_path / "emb"), mode="embed", device="cpu", max_error_rate=0.2, progress=False
+    )
+    assert report["counts"]["ok"] == 8
+    table = pads.dataset(str(tmp_path / "emb" / "results"), format="parquet").to_table()
+    kind = table.schema.field("embedding").type
+    assert pa.types.is_fixed_size_list(kind) and kind.list_size == 16 and kind.value_type == pa.float32()
+    expected = expected_outputs(model_path, folder, rows[:8], "embed")
+    for scan_id, vector in zip(table["scan_id"].to_pylist(), table["embedding"].to_pylist(), strict=True):
+        np.testing.assert_allclose(vector, expected[scan_id], atol=1e-5)
+
+
+def test_rerun_is_incremental_and_retries_failures(ray_cluster, tiny_model, archive, tmp_path):
+    model_path, _ = tiny_model
+    folder, rows, manifest = archive
+    output = str(tmp_path / "out")
+    first = run(manifest, model_path, output, device="cpu", max_error_rate=0.2, progress=False)
+    assert first["counts"]["ok"] == 8
+
+    again = run(manifest, model_path, output, device="cpu", max_error_rate=0.2, progress=False)
+    assert again["counts"] == {"manifest": 9, "skipped_done": 8, "ok": 0, "error": 1}  # the failure is retried
+
+    # The night after: the archive grew by 3 scans and the broken one was re-sent intact.
+    rows += write_archive(str(folder / "archive"), 3, seed=5, start=8, prefix="archive/")
+    shutil.copy(folder / rows[0]["path"], folder / "archive" / "broken.nii.gz")
+    write_csv(manifest, rows)
+    grown = run(manifest, model_path, output, device="cpu", progress=False)
+    assert grown["counts"] == {"manifest": 12, "skipped_done": 8, "ok": 4, "error": 0}
+
+    results = pads.dataset(output + "/results", format="parquet").to_table(columns=["scan_id"])
+    ids = results["scan_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == 12, "each scan exactly once"
+    errors = pads.dataset(output + "/errors", format="parquet").to_table(columns=["scan_id", "run_id"])
+    assert errors.num_rows == 2  # one row per failed attempt
+
+
+def test_gpu_actors_are_pinned_one_per_gpu(ray_cluster, tiny_model, archive, tmp_path):
+    """ray.init(num_gpus=2) on a CPU machine: two actors see CUDA_VISIBLE_DEVICES 0 and 1, both score."""
+    model_path, _ = tiny_model
+    _, _, manifest = archive
+    report = run(
+        manifest, model_path, str(tmp_path / "gpu"), device="gpu", batch_size=1, max_error_rate=0.2, progress=False
+    )
+    assert report["config"]["device"] == "gpu" and report["config"]["workers"] == 2
+    table = pads.dataset(str(tmp_path / "gpu" / "results"), format="parquet").to_table(columns=["device"])
+    devices = table["device"].to_pylist()
+    assert set(devices) == {"gpu:0", "gpu:1"}, devices
+    assert len(report["model"]["loads_per_worker"]) == 2
+    assert set(report["model"]["loads_per_worker"].values()) == {1}
+
+
+def test_auto_device_and_impossible_gpu_requests(ray_cluster, tiny_model, archive, tmp_path):
+    model_path, _ = tiny_model
+    _, _, manifest = archive
+    with pytest.raises(JobError, match="only 2 GPUs"):
+        run(manifest, model_path, str(tmp_path / "o"), device="gpu", workers=3, progress=False)
+    assert not (tmp_path / "o" / "results").exists()
+
+
+def test_over_error_budget_exits_3(ray_cluster, tiny_model, archive, tmp_path, capsys):
+    model_path, _ = tiny_model
+    _, _, manifest = archive
+    code = main(
+        [
+            "--manifest",
+            manifest,
+            "--model",
+            model_path,
+            "--output",
+            str(tmp_path / "o"),
+            "--device",
+            "cpu",
+            "--max-error-rate",
+            "0.1",
+            "--quiet",
+        ]
+    )
+    assert code == 3
+    out = capsys.readouterr().out
+    assert "over_error_budget" in out and "1 failed" in out and str(tmp_path / "o") in out
+
+
+def test_model_problems_stop_before_anything_is_written(ray_cluster, tiny_model, archive, tmp_path):
+    model_path, info = tiny_model
+    _, _, manifest = archive
+    with pytest.raises(JobError, match="model problem: .*tiny.keras: sha256 is"):
+        run(manifest, model_path, str(tmp_path / "o"), model_sha256="f" * 64, progress=False)
+    with pytest.raises(JobError, match="model problem: .*no such file"):
+        run(manifest, str(tmp_path / "missing.keras"), str(tmp_path / "o"), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_foreign_or_mismatched_output_is_refused(ray_cluster, tiny_model, archive, tmp_path):
+    model_path, _ = tiny_model
+    _, _, manifest = archive
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("someone else's folder")
+    with pytest.raises(JobError, match="not empty and is not a vit3d-batch output"):
+        run(manifest, model_path, str(foreign), progress=False)
+    assert sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+CLI_FLAGS = [
+    "--manifest",
+    "--model",
+    "--output",
+    "--mode",
+    "--batch-size",
+    "--device",
+    "--workers",
+    "--max-error-rate",
+    "--run-id",
+    "--model-sha256",
+]
+
+
+def test_cli_help_and_manifest_errors_exit_2(tmp_path, tiny_model):
+    """One fresh process runs every CLI check (help, then manifest problems) to pay one start-up."""
+    model_path, _ = tiny_model
+    cases = {
+        "missing_column.csv": ("scan_id,where\na,/x.nii.gz\n", "path"),
+        "duplicates.csv": ("scan_id,path\na,/x.nii.gz\nb,/y.nii.gz\na,/z.nii.gz\n", "duplicate"),
+        "empty_id.csv": ("scan_id,path\n,/x.nii.gz\nb,/y.nii.gz\n", "empty"),
+        "empty.csv": ("scan_id,path\n", "empty"),
+        "absent.csv": (None, "absent.csv"),
+    }
+    for name, (text, _) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+    script = (
+        "import sys, contextlib, io\n"
+        "from jobs.score import main\n"
+        "buf = io.StringIO()\n"
+        "with contextlib.redirect_stdout(buf):\n"
+        "    try: main(['--help'])\n"
+        "    except SystemExit: pass\n"
+        "print(repr(buf.getvalue()))\n"
+        f"for name in {list(cases)!r}:\n"
+        "    err = io.StringIO()\n"
+        "    with contextlib.redirect_stderr(err):\n"
+        f"        code = main(['--manifest', {str(tmp_path)!r} + '/' + name, '--model', {model_path!r},"
+        f" '--output', {str(tmp_path / 'out')!r}])\n"
+        "    print(name, code, repr(err.getvalue()))\n"
+    )
+    proc = fresh_python(["-c", script])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    help_text = eval(lines[0])  # noqa: S307 - our own repr
+    for flag in CLI_FLAGS:
+        assert flag in help_text
+    for line, (name, (_, needle)) in zip(lines[1:], cases.items(), strict=True):
+        got_name, code, message = line.split(" ", 2)
+        assert got_name == name and code == "2", line
+        assert name in message and needle in message.lower(), line
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model, archive):
+    """Manifest, scans, model and output all on s3:// (moto's server on 127.0.0.1)."""
+    client, bucket = s3_bucket
+    folder, rows, manifest = archive
+    for row in rows:
+        client.upload_file(str(folder / row["path"]), bucket, f"nightly/{row['path']}")
+    client.upload_file(manifest, bucket, "nightly/manifest.csv")
+    model = vit3d.load(tiny_model[0])
+    info = vit3d.save(model, f"s3://{bucket}/models/tiny.keras")
+    assert vit3d.inspect(f"s3://{bucket}/models/tiny.keras").sha256 == info.sha256
+
+    output = f"s3://{bucket}/scores"
+    report = run(
+        f"s3://{bucket}/nightly/manifest.csv",
+        info.path,
+        output,
+        device="cpu",
+        max_error_rate=0.2,
+        model_sha256=info.sha256,
+        progress=False,
+    )
+    assert report["counts"] == {"manifest": 9, "skipped_done": 0, "ok": 8, "error": 1}
+    rerun = run(
+        f"s3://{bucket}/nightly/manifest.csv", info.path, output, device="cpu", max_error_rate=0.2, progress=False
+    )
+    assert rerun["counts"]["skipped_done"] == 8 and rerun["counts"]["ok"] == 0
+
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="scores/")["Contents"]]
+    assert sum(k.startswith("scores/results/") for k in keys) == 1
+    assert f"scores/runs/{report['run_id']}.json" in keys
+    fs, path = storage.resolve(output + "/results")
+    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    assert sorted(table["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in rows[:8])
+    assert all(p.startswith(f"s3://{bucket}/nightly/archive/") for p in table["path"].to_pylist())
