@@ -1,7 +1,8 @@
 """``python -m jobs.score``: score every scan of a manifest with a verified model, Parquet out.
 
 Exit codes: 0 finished within the error budget; 3 finished over it; 2 nothing
-scored because of a usage, manifest, model or output problem (the message says which).
+scored because of a usage, manifest, model or output problem (the message says which);
+1 the pipeline broke mid-run (what was scored is committed; rerun the same command).
 """
 
 import argparse
@@ -19,7 +20,7 @@ from jobs.manifest import ManifestError, read_manifest
 from jobs.pipeline import build_dataset
 from jobs.sink import OutputError, OutputStore, fixed_list, schema_metadata, with_metadata
 
-EXIT_OK, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 2, 3
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 1, 2, 3
 PROVENANCE = ("orientation", "source_dtype", "read_s", "decode_s", "preprocess_s", "infer_s", "device", "worker_pid")
 
 
@@ -76,17 +77,37 @@ def _connect_ray(ray_address):
     return True
 
 
-def _plan_workers(device, workers):
+def _wait_for_gpus(wanted, seconds):
+    """Ask the autoscaler (if any) for ``wanted`` GPUs; wait up to ``seconds`` for them. Returns GPUs present."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    deadline = time.monotonic() + seconds
+    request_resources(bundles=[{"GPU": 1}] * wanted)
+    while True:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus >= wanted or time.monotonic() >= deadline:
+            return gpus
+        print(f"[jobs.score] waiting for GPUs: {gpus}/{wanted}", file=sys.stderr)
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+
+
+def _plan_workers(device, workers, wait_for_gpus=0.0):
     """(device, workers, cpus per CPU worker); never asks for GPUs the cluster does not have."""
     import ray
 
     resources = ray.cluster_resources()
     gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if device == "gpu" and wait_for_gpus > 0 and gpus < (workers or 1):
+        gpus = _wait_for_gpus(workers or 1, wait_for_gpus)
     if device == "auto":
         device = "gpu" if gpus else "cpu"
     if device == "gpu":
         if gpus == 0:
-            raise JobError("--device gpu, but the Ray cluster has no GPUs (use --device cpu or auto)")
+            raise JobError(
+                "--device gpu, but the Ray cluster has no GPUs (use --device cpu or auto, or --wait-for-gpus "
+                "SECONDS on an autoscaling cluster)"
+            )
         workers = workers or gpus
         if workers > gpus:
             raise JobError(f"--workers {workers} GPU actors, but the cluster has only {gpus} GPUs")
@@ -154,6 +175,23 @@ def _error_table(batch, rows, meta):
     )
 
 
+class JobFailed(Exception):
+    """The pipeline broke mid-run; what was scored is committed and a rerun resumes."""
+
+
+def _guarded(batches, buffers, counts):
+    """Yield ``batches``; if the pipeline fails, commit what is buffered, then raise JobFailed."""
+    try:
+        yield from batches
+    except Exception as e:
+        for buffer in buffers:
+            buffer.flush()
+        raise JobFailed(
+            f"the pipeline failed after {counts['ok']} scans were scored and {counts['error']} failed "
+            f"(all committed; rerunning the same command resumes): {type(e).__name__}: {e}"
+        ) from e
+
+
 class _Buffer:
     """Rows waiting to become one Parquet file of a sensible size."""
 
@@ -190,6 +228,7 @@ def run(
     model_sha256=None,
     ray_address=None,
     progress=True,
+    wait_for_gpus=0.0,
     rows_per_file=50_000,
     flush_seconds=300.0,
 ):
@@ -237,7 +276,7 @@ def run(
 
         owns_ray = _connect_ray(ray_address)
         try:
-            chosen, n_workers, cpus_per_worker = _plan_workers(device, workers)
+            chosen, n_workers, cpus_per_worker = _plan_workers(device, workers, wait_for_gpus)
             plan = {"device": chosen, "workers": n_workers, "cpus_per_worker": cpus_per_worker}
             ray.data.DataContext.get_current().enable_progress_bars = False
             dataset = build_dataset(
@@ -253,7 +292,8 @@ def run(
             )
             bar = _Progress(len(items), progress)
             seen = set()
-            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+            batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
+            for batch in _guarded(batches, (results, errors), counts):
                 fresh = np.array([s not in seen for s in batch["scan_id"]], dtype=bool)
                 seen.update(batch["scan_id"].tolist())
                 failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
@@ -321,7 +361,7 @@ def parse_args(argv=None):
         prog="python -m jobs.score",
         description="Score every scan of a manifest with a verified vit3d model; results land in Parquet.",
         epilog="Exit codes: 0 done within the error budget; 3 done but over it; 2 nothing scored (usage, "
-        "manifest, model or output problem).",
+        "manifest, model or output problem); 1 the run broke mid-way (scored scans are kept: rerun to resume).",
     )
     p.add_argument(
         "--manifest",
@@ -356,6 +396,14 @@ def parse_args(argv=None):
     p.add_argument(
         "--ray-address", default=None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray instance)"
     )
+    p.add_argument(
+        "--wait-for-gpus",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="with --device gpu: ask the autoscaler for the GPUs and wait up to SECONDS for them "
+        "(default 0: use the GPUs present now)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
 
@@ -376,10 +424,14 @@ def main(argv=None):
             model_sha256=args.model_sha256,
             ray_address=args.ray_address,
             progress=not args.quiet,
+            wait_for_gpus=args.wait_for_gpus,
         )
     except JobError as e:
         print(f"jobs.score: nothing scored: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except JobFailed as e:
+        print(f"jobs.score: run failed: {e}", file=sys.stderr)
+        return EXIT_FAILED
     print(summary(report))
     return report["exit_code"]
 

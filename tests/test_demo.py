@@ -1,0 +1,19 @@
+"""The README's first command, as a new user runs it: `python -m jobs.demo`, in a fresh process."""
+
+import re
+
+import pyarrow.dataset as pads
+from conftest import fresh_python
+
+
+def test_demo_trains_scores_and_separates_planted_anomalies(tmp_path):
+    proc = fresh_python(["-m", "jobs.demo", "--out", str(tmp_path)], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    auc = float(re.search(r"^ROC AUC: ([0-9.]+)$", proc.stdout, re.M).group(1))
+    assert auc >= 0.9, proc.stdout
+    assert re.search(r"40 scored, 1 failed", proc.stdout), proc.stdout
+    (run_dir,) = tmp_path.iterdir()
+    errors = pads.dataset(str(run_dir / "output" / "errors"), format="parquet").to_table().to_pylist()
+    assert [e["scan_id"] for e in errors] == ["scan_broken"] and "scan_broken.nii.gz" in errors[0]["error"]
+    results = pads.dataset(str(run_dir / "output" / "results"), format="parquet").to_table()
+    assert set(results["stored_orientation"].to_pylist()) == {"RAS", "LPS", "LAS", "RPI", "ASR", "SLP"}
