@@ -4,9 +4,11 @@ Configuration travels as plain values (paths, dicts): workers load what they nee
 """
 
 import math
+import os
 
 import numpy as np
 
+from jobs.ledger import TEST_HOOKS_ENV, process_guarded, retry_budget
 from jobs.scorer import Scorer
 
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
@@ -14,7 +16,7 @@ QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 CPU_STAGE_ENV = {"env_vars": {"CUDA_VISIBLE_DEVICES": "", **QUIET_TF}}
 
 
-def decode_batch(batch, spec):
+def decode_batch(batch, spec, ledger_name=None):
     """CPU stage: read, validate, decode and preprocess each scan; failures become error rows."""
     from jobs.volumes import ScanError, load_volume
 
@@ -22,7 +24,7 @@ def decode_batch(batch, spec):
     out = {
         "scan_id": batch["scan_id"],
         "path": batch["path"],
-        "volume": np.empty(count, dtype=object),
+        "volume": np.full(count, b"", dtype=object),
         "error": np.full(count, "", dtype=object),
         "stage": np.full(count, "", dtype=object),
         "original_shape": np.zeros((count, 3), np.int32),
@@ -33,27 +35,36 @@ def decode_batch(batch, spec):
         "decode_s": np.zeros(count, np.float32),
         "preprocess_s": np.zeros(count, np.float32),
     }
-    for i, path in enumerate(batch["path"]):
-        try:
-            tensor, provenance = load_volume(str(path), spec)
-        except ScanError as e:
-            out["volume"][i], out["error"][i], out["stage"][i] = b"", str(e), e.stage
-            continue
-        except Exception as e:  # a bug or an unforeseen file: still one error row, never a failed job
-            out["volume"][i], out["error"][i] = b"", f"{path}: {type(e).__name__}: {e}"
-            out["stage"][i] = "decode"
-            continue
-        out["volume"][i] = tensor.tobytes()
-        out["original_shape"][i] = provenance["original_shape"]
-        out["voxel_spacing"][i] = provenance["voxel_spacing"]
-        out["orientation"][i] = provenance["orientation"]
-        out["source_dtype"][i] = provenance["dtype"]
-        for key in ("read_s", "decode_s", "preprocess_s"):
-            out[key][i] = provenance[key]
+
+    def fail(i, reason, stage="decode"):
+        out["error"][i], out["stage"][i] = f"{batch['path'][i]}: {reason}", stage
+
+    def process(rows):
+        for i in rows:
+            path = str(batch["path"][i])
+            try:
+                tensor, provenance = load_volume(path, spec)
+            except ScanError as e:
+                out["error"][i], out["stage"][i] = str(e), e.stage
+                continue
+            except Exception as e:  # a bug or an unforeseen file: still one error row, never a failed job
+                fail(i, f"{type(e).__name__}: {e}")
+                continue
+            out["volume"][i] = tensor.tobytes()
+            out["original_shape"][i] = provenance["original_shape"]
+            out["voxel_spacing"][i] = provenance["voxel_spacing"]
+            out["orientation"][i] = provenance["orientation"]
+            out["source_dtype"][i] = provenance["dtype"]
+            for key in ("read_s", "decode_s", "preprocess_s"):
+                out[key][i] = provenance[key]
+
+    process_guarded(ledger_name, batch["scan_id"], list(range(count)), process, fail, "decode")
     return out
 
 
-def build_dataset(items, *, spec, model_uri, model_sha256, mode, batch_size, device, workers, cpus_per_worker):
+def build_dataset(
+    items, *, spec, model_uri, model_sha256, mode, batch_size, device, workers, cpus_per_worker, ledger_name=None
+):
     """A lazy Ray Dataset of scored rows for ``items`` (dicts with scan_id and path)."""
     import ray
 
@@ -63,11 +74,12 @@ def build_dataset(items, *, spec, model_uri, model_sha256, mode, batch_size, dev
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"spec": spec},
+        fn_kwargs={"spec": spec, "ledger_name": ledger_name},
         batch_size=rows_per_block,
         batch_format="numpy",
         num_cpus=1,
-        runtime_env=CPU_STAGE_ENV,
+        runtime_env=_with_test_hooks(CPU_STAGE_ENV),
+        max_retries=retry_budget(rows_per_block),
     )
     resources = {"num_gpus": 1, "num_cpus": 1} if device == "gpu" else {"num_cpus": cpus_per_worker}
     return ds.map_batches(
@@ -78,10 +90,21 @@ def build_dataset(items, *, spec, model_uri, model_sha256, mode, batch_size, dev
             "mode": mode,
             "batch_size": batch_size,
             "threads": None if device == "gpu" else cpus_per_worker,
+            "ledger_name": ledger_name,
         },
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
-        runtime_env={"env_vars": QUIET_TF},
+        runtime_env=_with_test_hooks({"env_vars": QUIET_TF}),
+        max_restarts=-1,  # a dead scoring actor comes back (and reloads the model)...
+        max_task_retries=retry_budget(batch_size),  # ...but a batch is not retried forever
         **resources,
     )
+
+
+def _with_test_hooks(runtime_env):
+    """Forward the tests' fault hooks (an environment variable of the driver) to the workers."""
+    hooks = os.environ.get(TEST_HOOKS_ENV)
+    if not hooks:
+        return runtime_env
+    return {**runtime_env, "env_vars": {**runtime_env["env_vars"], TEST_HOOKS_ENV: hooks}}

@@ -16,9 +16,10 @@ import uuid
 import numpy as np
 import pyarrow as pa
 
+from jobs.ledger import CrashLedger
 from jobs.manifest import ManifestError, read_manifest
 from jobs.pipeline import build_dataset
-from jobs.sink import OutputError, OutputStore, fixed_list, schema_metadata, with_metadata
+from jobs.sink import OutputError, OutputLock, OutputStore, fixed_list, schema_metadata, with_metadata
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 1, 2, 3
 PROVENANCE = ("orientation", "source_dtype", "read_s", "decode_s", "preprocess_s", "infer_s", "device", "worker_pid")
@@ -242,8 +243,8 @@ def run(
         raise JobError(f"--mode must be score or embed, got {mode!r}")
     if device not in ("auto", "gpu", "cpu"):
         raise JobError(f"--device must be auto, gpu or cpu, got {device!r}")
-    if batch_size < 1 or (workers is not None and workers < 1):
-        raise JobError("--batch-size and --workers must be at least 1")
+    if batch_size < 1 or rows_per_file < 1 or (workers is not None and workers < 1):
+        raise JobError("--batch-size, --workers and --rows-per-file must be at least 1")
     if not 0.0 <= max_error_rate <= 1.0:
         raise JobError(f"--max-error-rate must be between 0 and 1, got {max_error_rate}")
     run_id = run_id or new_run_id()
@@ -255,9 +256,59 @@ def run(
     store = OutputStore(output)
     try:
         store.prepare(mode, run_id)
-        done = store.done_scan_ids(info.sha256)
+        lock = OutputLock(store, run_id).acquire()
+        store.remove_staging_leftovers()
     except (OutputError, OSError) as e:
         raise JobError(f"output problem: {e}") from e
+    config = {
+        "manifest": str(manifest),
+        "model": str(model),
+        "mode": mode,
+        "batch_size": batch_size,
+        "max_error_rate": max_error_rate,
+        "preprocessing": spec,
+    }
+    try:
+        return _run_locked(
+            table,
+            info,
+            store,
+            run_id,
+            config,
+            started,
+            started_at,
+            device=device,
+            workers=workers,
+            ray_address=ray_address,
+            progress=progress,
+            wait_for_gpus=wait_for_gpus,
+            rows_per_file=rows_per_file,
+            flush_seconds=flush_seconds,
+        )
+    finally:
+        lock.release()
+
+
+def _run_locked(
+    table,
+    info,
+    store,
+    run_id,
+    config,
+    started,
+    started_at,
+    *,
+    device,
+    workers,
+    ray_address,
+    progress,
+    wait_for_gpus,
+    rows_per_file,
+    flush_seconds,
+):
+    """Everything that writes to the output; runs while this run holds the output's lock."""
+    mode, model, batch_size, spec = config["mode"], config["model"], config["batch_size"], config["preprocessing"]
+    done = store.done_scan_ids(info.sha256)
 
     scan_ids = table.column("scan_id").to_pylist()
     paths = table.column("path").to_pylist()
@@ -279,6 +330,8 @@ def run(
             chosen, n_workers, cpus_per_worker = _plan_workers(device, workers, wait_for_gpus)
             plan = {"device": chosen, "workers": n_workers, "cpus_per_worker": cpus_per_worker}
             ray.data.DataContext.get_current().enable_progress_bars = False
+            ledger_name = f"vit3d-crash-ledger-{run_id}-{uuid.uuid4().hex[:8]}"
+            ledger = CrashLedger.options(name=ledger_name).remote()
             dataset = build_dataset(
                 items,
                 spec=spec,
@@ -289,6 +342,7 @@ def run(
                 device=chosen,
                 workers=n_workers,
                 cpus_per_worker=cpus_per_worker,
+                ledger_name=ledger_name,
             )
             bar = _Progress(len(items), progress)
             seen = set()
@@ -308,6 +362,7 @@ def run(
             results.flush()
             errors.flush()
             bar.update(counts["ok"], counts["error"], final=True)
+            ray.kill(ledger)
         finally:
             if owns_ray:
                 ray.shutdown()
@@ -315,7 +370,7 @@ def run(
     wall_s = time.monotonic() - started
     attempted = counts["ok"] + counts["error"]
     error_rate = counts["error"] / attempted if attempted else 0.0
-    exit_code = EXIT_OK if error_rate <= max_error_rate else EXIT_OVER_BUDGET
+    exit_code = EXIT_OK if error_rate <= config["max_error_rate"] else EXIT_OVER_BUDGET
     report = {
         "run_id": run_id,
         "exit_code": exit_code,
@@ -328,14 +383,7 @@ def run(
         "throughput_scans_per_s": round(attempted / wall_s, 3) if wall_s > 0 else None,
         "model": {"uri": str(model), "sha256": info.sha256, "class": info.class_name, "loads_per_worker": loads},
         "output": {"uri": store.uri, "results_files": results.files, "errors_files": errors.files},
-        "config": {
-            "manifest": str(manifest),
-            "mode": mode,
-            "batch_size": batch_size,
-            "max_error_rate": max_error_rate,
-            "preprocessing": spec,
-            **plan,
-        },
+        "config": {**config, **plan},
     }
     report["report_path"] = store.write_report(run_id, report)
     return report
@@ -404,6 +452,13 @@ def parse_args(argv=None):
         help="with --device gpu: ask the autoscaler for the GPUs and wait up to SECONDS for them "
         "(default 0: use the GPUs present now)",
     )
+    p.add_argument(
+        "--rows-per-file",
+        type=int,
+        default=50_000,
+        help="rows gathered into one Parquet file before it is committed (default 50000; a file is "
+        "also committed every 5 minutes, so a killed run loses little)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
 
@@ -425,6 +480,7 @@ def main(argv=None):
             ray_address=args.ray_address,
             progress=not args.quiet,
             wait_for_gpus=args.wait_for_gpus,
+            rows_per_file=args.rows_per_file,
         )
     except JobError as e:
         print(f"jobs.score: nothing scored: {e}", file=sys.stderr)

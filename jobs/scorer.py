@@ -11,6 +11,8 @@ import time
 
 import numpy as np
 
+from jobs.ledger import process_guarded
+
 MODES = ("score", "embed")
 LOADS_PER_PROCESS = {"count": 0}  # model deserializations in this worker process
 
@@ -44,7 +46,7 @@ def configure_tensorflow(threads=None):
 class Scorer:
     """Ray Data callable class: ``batch`` of preprocessed scans in, result/error rows out."""
 
-    def __init__(self, model_uri, model_sha256, mode, batch_size, threads=None):
+    def __init__(self, model_uri, model_sha256, mode, batch_size, threads=None, ledger_name=None):
         tf = configure_tensorflow(threads)
         import vit3d
 
@@ -53,6 +55,7 @@ class Scorer:
         LOADS_PER_PROCESS["count"] += 1
         self.load_s = time.perf_counter() - started
         self.mode = mode
+        self.ledger_name = ledger_name
         self.batch_size = int(batch_size)
         self.input_shape = tuple(self.info.input_shape[1:])
         self.device = "gpu:" + os.environ["CUDA_VISIBLE_DEVICES"] if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
@@ -90,29 +93,42 @@ class Scorer:
             "probabilities": np.full((count, width), np.nan, np.float32),
         }
 
+    def _score_rows(self, batch, rows, outputs, errors, stages):
+        """Score ``rows`` together; if that fails, one at a time so only the bad scan fails."""
+        volumes = np.stack([np.frombuffer(batch["volume"][i], np.float32).reshape(self.input_shape) for i in rows])
+        try:
+            results = dict(zip(rows, _rows(self._outputs(volumes)), strict=True))
+        except Exception:
+            results = {}
+            for i, volume in zip(rows, volumes, strict=True):
+                try:
+                    results[i] = next(_rows(self._outputs(volume[None])))
+                except Exception as e:
+                    errors[i] = f"{batch['path'][i]}: inference failed: {type(e).__name__}: {e}"
+                    stages[i] = "infer"
+        for i, row in results.items():
+            for key, value in row.items():
+                outputs[key][i] = value
+
     def __call__(self, batch):
         count = len(batch["scan_id"])
         errors = np.asarray(batch["error"], dtype=object).copy()
         stages = np.asarray(batch["stage"], dtype=object).copy()
         outputs = self._empty_outputs(count)
         ok = [i for i in range(count) if not errors[i]]
+
+        def fail(i, reason):
+            errors[i], stages[i] = f"{batch['path'][i]}: {reason}", "infer"
+
         started = time.perf_counter()
-        if ok:
-            volumes = np.stack([np.frombuffer(batch["volume"][i], np.float32).reshape(self.input_shape) for i in ok])
-            try:
-                results = {ok_idx: row for ok_idx, row in zip(ok, _rows(self._outputs(volumes)), strict=True)}
-            except Exception:
-                # Find the scan that fails, score the others: one at a time.
-                results = {}
-                for i, volume in zip(ok, volumes, strict=True):
-                    try:
-                        results[i] = next(_rows(self._outputs(volume[None])))
-                    except Exception as e:
-                        errors[i] = f"{batch['path'][i]}: inference failed: {type(e).__name__}: {e}"
-                        stages[i] = "infer"
-            for i, row in results.items():
-                for key, value in row.items():
-                    outputs[key][i] = value
+        process_guarded(
+            self.ledger_name,
+            batch["scan_id"],
+            ok,
+            lambda rows: self._score_rows(batch, rows, outputs, errors, stages),
+            fail,
+            "scoring",
+        )
         infer_s = (time.perf_counter() - started) / max(1, len(ok))
         out = {k: v for k, v in batch.items() if k != "volume"}  # volumes are dropped here
         out.update(outputs)

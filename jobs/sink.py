@@ -7,8 +7,13 @@ an object appears only when its upload completes). A killed run leaves only
 complete files, so rerunning the same command scores just what is missing.
 """
 
+import contextlib
 import io
 import json
+import os
+import socket
+import threading
+import time
 import uuid
 
 import pyarrow as pa
@@ -24,6 +29,95 @@ FORMAT_VERSION = 1
 
 class OutputError(Exception):
     """The output location cannot be used for this run."""
+
+
+class OutputLock:
+    """One writer per output at a time: ``_lock.json`` with a heartbeat.
+
+    Object stores have no atomic create, so a claim is written, then read back
+    after a pause: of two racing claims, only the last writer sees its own. A
+    lock is stale (taken over) when its process is gone from this host, or when
+    its heartbeat is older than STALE_AFTER_S (a driver on another host died).
+    """
+
+    NAME = "_lock.json"
+    HEARTBEAT_S = 30.0
+    STALE_AFTER_S = 120.0
+    SETTLE_S = 0.5
+
+    def __init__(self, store, run_id):
+        self.store, self.run_id = store, run_id
+        self.token = uuid.uuid4().hex
+        self.host, self.pid = socket.gethostname(), os.getpid()
+        self._stop = threading.Event()
+        self._thread = None
+
+    def _read(self):
+        try:
+            return json.loads(storage.read_bytes(self.store._child(self.NAME)))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # a torn or foreign lock file: treat as stale
+            return {}
+
+    def _write(self):
+        claim = {
+            "run_id": self.run_id,
+            "token": self.token,
+            "host": self.host,
+            "pid": self.pid,
+            "heartbeat": time.time(),
+        }
+        storage.write_bytes(self.store._child(self.NAME), json.dumps(claim).encode())
+
+    def _is_stale(self, lock):
+        if not lock or "heartbeat" not in lock:
+            return True
+        if lock.get("host") == self.host:
+            try:
+                os.kill(int(lock["pid"]), 0)
+            except ProcessLookupError:
+                return True
+            except PermissionError:
+                pass
+        return time.time() - float(lock["heartbeat"]) > self.STALE_AFTER_S
+
+    def acquire(self):
+        held = self._read()
+        if held is not None and not self._is_stale(held):
+            age = time.time() - float(held["heartbeat"])
+            raise OutputError(
+                f"{self.store.uri} is being written by run {held.get('run_id')!r} (pid {held.get('pid')} on "
+                f"{held.get('host')}, heartbeat {age:.0f} s ago): wait for it, or use another --output"
+            )
+        self._write()
+        time.sleep(self.SETTLE_S)
+        held = self._read()
+        if not held or held.get("token") != self.token:
+            raise OutputError(f"{self.store.uri}: another run claimed this output at the same moment ({held})")
+        self._thread = threading.Thread(target=self._beat, name="output-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
+
+    def _beat(self):
+        while not self._stop.wait(self.HEARTBEAT_S):
+            with contextlib.suppress(OSError, ValueError):
+                if (self._read() or {}).get("token") == self.token:
+                    self._write()
+
+    def release(self):
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with contextlib.suppress(OSError, ValueError):
+            if (self._read() or {}).get("token") == self.token:
+                storage.delete(self.store._child(self.NAME))
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 class OutputStore:
@@ -61,6 +155,16 @@ class OutputStore:
             storage.write_bytes(self._child(MARKER), json.dumps(marker).encode())
         if self._exists(f"{self.root}/runs/{run_id}.json"):
             raise OutputError(f"run id {run_id!r} already finished in {self.uri}: choose another --run-id")
+
+    def remove_staging_leftovers(self):
+        """Delete hidden staging files of runs that died mid-write (call only while holding the lock)."""
+        for kind in ("results", "errors"):
+            folder = f"{self.root}/{kind}"
+            if not (storage.is_local(self.filesystem) and self._exists(folder)):
+                continue  # object stores never hold partial objects
+            for entry in self.filesystem.get_file_info(pafs.FileSelector(folder)):
+                if entry.base_name.startswith(".") and ".tmp-" in entry.base_name:
+                    self.filesystem.delete_file(entry.path)
 
     def done_scan_ids(self, model_sha256):
         """scan_ids already scored by this model into results/."""

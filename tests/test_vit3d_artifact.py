@@ -56,7 +56,7 @@ def fresh_reload(tmp_path_factory):
         x = rng.normal(size=(2, *IMG, cfg["in_channels"])).astype("float32")
         add(f"grid{i}", "vit3d", root / f"grid{i}.keras", model, x)
 
-    seed = SeedViT()
+    seed = SeedViT(name="seed")
     x = rng.normal(size=(2, 8, 8, 8, 1)).astype("float32")
     seed(x)  # the lazily built children exist once call() has run
     perturb(seed, rng)
@@ -96,7 +96,7 @@ def test_seed_failure_is_refused_by_vit3d_load(fresh_reload):
     message = str(loaded["error"])
     assert "seed_vit3d.keras" in message
     assert "not built" in message
-    assert "seed_vi_t/block_0/dense" in message and "seed_vi_t/block_1/norm" in message
+    assert "seed/block_0/dense" in message and "seed/block_1/norm" in message
 
 
 def test_inspect_reads_sha256_and_preprocessing_without_loading(tmp_path):

@@ -6,6 +6,7 @@ under a temporary name and renamed; object stores publish an object only when
 its upload completes.
 """
 
+import contextlib
 import os
 import uuid
 
@@ -50,3 +51,10 @@ def write_bytes(uri, data):
         if filesystem.get_file_info(staging).type != pafs.FileType.NotFound:
             filesystem.delete_file(staging)
         raise
+
+
+def delete(uri):
+    """Remove one file or object; absent is fine."""
+    filesystem, path = resolve(uri)
+    with contextlib.suppress(FileNotFoundError):
+        filesystem.delete_file(path)

@@ -1,0 +1,98 @@
+"""Crash accounting for scans that kill the process working on them.
+
+A scan that makes its worker die (out-of-memory kill, a crash in native code)
+takes its whole batch with it, and Ray retries the batch on a restarted worker:
+with Ray Data's defaults, forever. So each stage marks the scans it is about to
+process in a ledger actor that outlives the workers. A scan still marked when a
+batch is tried again was in flight at a crash: that batch is then processed one
+scan at a time, and a scan that was in flight at MAX_CRASHES crashes becomes an
+error row instead of another try. The rest of its batch is still processed.
+"""
+
+import os
+import signal
+
+import ray
+
+MAX_CRASHES = 2
+TEST_HOOKS_ENV = "JOBS_TEST_HOOKS"  # JSON; only the tests set it (see tests/test_faults.py)
+
+
+@ray.remote(num_cpus=0, max_restarts=0)
+class CrashLedger:
+    """scan_id -> number of begun attempts that never ended (crashes while in flight)."""
+
+    def __init__(self):
+        self.in_flight = {}
+
+    def crashes(self, scan_ids):
+        return {s: self.in_flight.get(s, 0) for s in scan_ids}
+
+    def begin(self, scan_ids):
+        for s in scan_ids:
+            self.in_flight[s] = self.in_flight.get(s, 0) + 1
+
+    def end(self, scan_ids):
+        for s in scan_ids:
+            self.in_flight.pop(s, None)
+
+
+def retry_budget(batch_size):
+    """Task retries that let every scan of a batch use up MAX_CRASHES, plus a few for unrelated deaths."""
+    return MAX_CRASHES * int(batch_size) + 3
+
+
+def crash_reason(stage, crashes):
+    return (
+        f"the {stage} worker died {crashes} times while this scan was in flight (out of memory, or a crash in "
+        "native code); not tried again"
+    )
+
+
+def _test_hooks(scan_ids, stage):
+    """Test-only faults planted through the environment, per stage: never set in production.
+
+    ``{"scoring": {"sleep_s": 0.3, "kill_on_scan": "s002"}, "decode": {...}}``
+    """
+    raw = os.environ.get(TEST_HOOKS_ENV)
+    if not raw:
+        return
+    import json
+    import time
+
+    hooks = json.loads(raw).get(stage, {})
+    if hooks.get("sleep_s"):
+        time.sleep(float(hooks["sleep_s"]))
+    if hooks.get("kill_on_scan") in scan_ids:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def process_guarded(ledger_name, scan_ids, rows, process, fail, stage):
+    """Run ``process(rows)`` with crash accounting; ``fail(row, reason)`` records a scan given up on.
+
+    ``process`` must turn ordinary per-scan failures into error rows itself: only
+    a dying process escapes it, and that is what the ledger counts.
+    """
+    if not rows:
+        return
+    if ledger_name is None:
+        _test_hooks([scan_ids[i] for i in rows], stage)
+        process(rows)
+        return
+    ledger = ray.get_actor(ledger_name)
+    ids = [scan_ids[i] for i in rows]
+    crashes = ray.get(ledger.crashes.remote(ids))
+    if not any(crashes.values()):
+        ray.get(ledger.begin.remote(ids))
+        _test_hooks(ids, stage)
+        process(rows)
+        ray.get(ledger.end.remote(ids))
+        return
+    for row, scan_id in zip(rows, ids, strict=True):
+        if crashes[scan_id] >= MAX_CRASHES:
+            fail(row, crash_reason(stage, crashes[scan_id]))  # stays marked: never tried again in this run
+            continue
+        ray.get(ledger.begin.remote([scan_id]))
+        _test_hooks([scan_id], stage)
+        process([row])
+        ray.get(ledger.end.remote([scan_id]))

@@ -1,0 +1,386 @@
+"""Reliability: no bad scan, dead worker or killed job loses, duplicates or hides a result.
+
+Faults are real: bad files written byte by byte, worker and driver processes killed by PID
+with SIGKILL. The only planted part is ``JOBS_TEST_HOOKS``, which makes a chosen scan kill
+its own worker (as an out-of-memory kill would) or slows batches down so a kill lands mid-run.
+"""
+
+import gzip
+import json
+import os
+import resource
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import psutil
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from conftest import REPO_ROOT, TESTS_DIR, write_archive, write_csv
+from keras_test_models import SeedViT
+from test_volumes import edited, raw_header, write_raw
+
+import vit3d
+from jobs.ledger import MAX_CRASHES, TEST_HOOKS_ENV
+from jobs.score import JobError, run
+from jobs.volumes import ScanError, decode_nifti
+
+
+def put(folder, name, data):
+    (folder / name).write_bytes(data)
+    return name
+
+
+BAD_SCANS = {
+    # scan_id: (builder(folder) -> file name, expected stage, words in the reason)
+    "missing": (lambda d: "not-there.nii.gz", "read", "not found"),
+    "directory": (lambda d: (d / "a-folder.nii.gz").mkdir() or "a-folder.nii.gz", "read", "directory"),
+    "empty": (lambda d: put(d, "empty.nii.gz", b""), "validate", "empty"),
+    "not_gzip": (lambda d: put(d, "ng.nii.gz", os.urandom(4000)), "validate", ""),
+    "gzip_of_noise": (
+        lambda d: put(d, "gn.nii.gz", gzip.compress(os.urandom(4000))),
+        "validate",
+        "",
+    ),
+    "huge_header": (
+        lambda d: write_raw(d / "huge.nii.gz", raw_header((2000, 2000, 1000)), body=b"\0" * 600) and "huge.nii.gz",
+        "validate",
+        "",
+    ),
+    "dim0_9": (
+        lambda d: (
+            write_raw(d / "dim9.nii", edited("dim", [9, 10, 12, 8, 1, 1, 1, 1]), body=b"\0" * 2000) and "dim9.nii"
+        ),
+        "validate",
+        "dim[0]=9",
+    ),
+    "zero_dim": (
+        lambda d: (
+            write_raw(d / "zd.nii.gz", edited("dim", [3, 10, 0, 8, 1, 1, 1, 1]), body=b"\0" * 2000) and "zd.nii.gz"
+        ),
+        "validate",
+        "dim[2]=0",
+    ),
+    "negative_dim": (
+        lambda d: write_raw(d / "nd.nii", edited("dim", [3, 10, -12, 8, 1, 1, 1, 1]), body=b"\0" * 2000) and "nd.nii",
+        "validate",
+        "dim[2]=-12",
+    ),
+    "two_d": (lambda d: write_raw(d / "2d.nii.gz", raw_header((10, 12))) and "2d.nii.gz", "validate", "2-D"),
+    "four_d": (lambda d: write_raw(d / "4d.nii.gz", raw_header((10, 12, 8, 2))) and "4d.nii.gz", "validate", "volumes"),
+    "pixdim_zero": (
+        lambda d: write_raw(d / "p0.nii", edited("pixdim", [1, 1, 0, 1, 1, 1, 1, 1])) and "p0.nii",
+        "validate",
+        "pixdim",
+    ),
+    "singular_affine": (
+        lambda d: write_raw(d / "sa.nii.gz", edited("srow_x", [0, 0, 0, 0])) and "sa.nii.gz",
+        "validate",
+        "singular",
+    ),
+    "complex": (
+        lambda d: write_raw(d / "cx.nii.gz", raw_header(dtype=np.complex64)) and "cx.nii.gz",
+        "validate",
+        "complex",
+    ),
+    "nan_voxels": (
+        lambda d: (
+            write_raw(
+                d / "nan.nii.gz", raw_header(dtype=np.float32), body=np.full(10 * 12 * 8, np.nan, "<f4").tobytes()
+            )
+            and "nan.nii.gz"
+        ),
+        "preprocess",
+        "nan",
+    ),
+}
+
+
+def truncations(folder, good_gz, good_nii):
+    """Truncated .nii.gz, truncated .nii, trailing garbage after a .nii.gz: from real good files."""
+    gz, nii = (folder / good_gz).read_bytes(), (folder / good_nii).read_bytes()
+    (folder / "cut.nii.gz").write_bytes(gz[: len(gz) // 2])
+    (folder / "cut.nii").write_bytes(nii[: len(nii) - 100])
+    (folder / "tail.nii.gz").write_bytes(gz + b"garbage after the gzip stream")
+    return {
+        "truncated_gz": ("cut.nii.gz", "truncated"),
+        "truncated_nii": ("cut.nii", "truncated"),
+        "trailing_garbage": ("tail.nii.gz", ""),
+    }
+
+
+def test_every_bad_scan_gives_one_error_row_and_its_batch_is_scored(ray_cluster, tiny_model, tmp_path):
+    model_path, _ = tiny_model
+    folder = tmp_path / "archive"
+    folder.mkdir()
+    good = write_archive(str(folder), 8)
+    expected = {}
+    rows = list(good)
+    for scan_id, (build, stage, words) in BAD_SCANS.items():
+        rows.append({"scan_id": scan_id, "path": build(folder), "site": "x", "age": 1})
+        expected[scan_id] = (stage, words)
+    for scan_id, (name, words) in truncations(folder, good[0]["path"], good[3]["path"]).items():
+        rows.append({"scan_id": scan_id, "path": name, "site": "x", "age": 1})
+        expected[scan_id] = (None, words)
+    rng = np.random.default_rng(0)
+    rows = [rows[i] for i in rng.permutation(len(rows))]  # bad and good scans share batches
+    manifest = write_csv(folder / "manifest.csv", rows)
+
+    report = run(
+        manifest, model_path, str(tmp_path / "out"), device="cpu", batch_size=4, max_error_rate=1.0, progress=False
+    )
+    assert report["counts"] == {"manifest": len(rows), "skipped_done": 0, "ok": 8, "error": len(expected)}
+    errors = pads.dataset(str(tmp_path / "out" / "errors"), format="parquet").to_table().to_pylist()
+    assert sorted(e["scan_id"] for e in errors) == sorted(expected), "exactly one error row per bad scan"
+    paths = {r["scan_id"]: str(folder / r["path"]) for r in rows}
+    for e in errors:
+        stage, words = expected[e["scan_id"]]
+        assert e["path"] == paths[e["scan_id"]] and e["path"] in e["error"], e
+        if stage:
+            assert e["stage"] == stage, e
+        else:
+            assert e["stage"] in ("validate", "decode"), e
+        assert words.lower() in e["error"].lower(), e
+    results = pads.dataset(str(tmp_path / "out" / "results"), format="parquet").to_table(columns=["scan_id"])
+    assert sorted(results["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in good)
+
+
+def test_huge_header_is_rejected_before_any_allocation(tmp_path):
+    """2000x2000x1000 int16 claimed by a 1 kB file: no 8 GB allocation, no time spent."""
+    path = write_raw(tmp_path / "huge.nii.gz", raw_header((2000, 2000, 1000)), body=b"\0" * 600)
+    data = Path(path).read_bytes()
+    assert len(data) < 2000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    started = time.perf_counter()
+    with pytest.raises(ScanError) as caught:
+        decode_nifti(data, path)
+    assert caught.value.stage == "validate"
+    assert time.perf_counter() - started < 0.5
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: under 100 MB
+
+
+def scoring_actor_pids():
+    """PIDs of our own Ray session's scoring actors (descendants of this test process)."""
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        if "MapBatches(Scorer)" in title:
+            pids.append(proc.pid)
+    return pids
+
+
+def results_of(output):
+    return pads.dataset(os.path.join(output, "results"), format="parquet").to_table(columns=["scan_id"])
+
+
+@pytest.fixture
+def archive16(tmp_path):
+    (tmp_path / "archive").mkdir()
+    rows = write_archive(str(tmp_path / "archive"), 16, prefix="archive/")
+    return rows, write_csv(tmp_path / "manifest.csv", rows)
+
+
+def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_path, monkeypatch):
+    model_path, _ = tiny_model
+    rows, manifest = archive16
+    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"scoring": {"sleep_s": 0.4}}))
+    outcome = {}
+    worker = threading.Thread(
+        target=lambda: outcome.update(
+            report=run(manifest, model_path, str(tmp_path / "out"), device="cpu", batch_size=2, progress=False)
+        )
+    )
+    worker.start()
+    deadline = time.monotonic() + 120
+    while not scoring_actor_pids():
+        assert time.monotonic() < deadline and worker.is_alive(), "no scoring actor appeared"
+        time.sleep(0.2)
+    time.sleep(6.0)  # model loaded, a few batches scored, more in flight
+    victims = scoring_actor_pids()
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    worker.join(timeout=300)
+    assert not worker.is_alive()
+    report = outcome["report"]
+    assert report["counts"] == {"manifest": 16, "skipped_done": 0, "ok": 16, "error": 0}
+    ids = results_of(str(tmp_path / "out"))["scan_id"].to_pylist()
+    assert sorted(ids) == sorted(r["scan_id"] for r in rows), "every scan exactly once"
+    loads = report["model"]["loads_per_worker"]
+    assert set(loads.values()) == {1} and len(loads) >= 2, f"the killed actor {victims} was not replaced: {loads}"
+
+
+def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16, tmp_path, monkeypatch):
+    """One poison scan per stage: bounded retries, one error row each, the rest of their batches scored."""
+    model_path, _ = tiny_model
+    rows, manifest = archive16
+    monkeypatch.setenv(
+        TEST_HOOKS_ENV, json.dumps({"scoring": {"kill_on_scan": "s005"}, "decode": {"kill_on_scan": "s010"}})
+    )
+    report = run(
+        manifest, model_path, str(tmp_path / "out"), device="cpu", batch_size=4, max_error_rate=0.2, progress=False
+    )
+    assert report["counts"] == {"manifest": 16, "skipped_done": 0, "ok": 14, "error": 2}
+    errors = {e["scan_id"]: e for e in pads.dataset(str(tmp_path / "out" / "errors")).to_table().to_pylist()}
+    assert sorted(errors) == ["s005", "s010"]
+    assert errors["s005"]["stage"] == "infer" and errors["s010"]["stage"] == "decode"
+    for e in errors.values():
+        assert f"died {MAX_CRASHES} times" in e["error"] and e["path"] in e["error"]
+    ids = results_of(str(tmp_path / "out"))["scan_id"].to_pylist()
+    assert sorted(ids) == sorted(r["scan_id"] for r in rows if r["scan_id"] not in errors)
+
+
+def start_driver(manifest, model, output, gcs_address, hooks, run_id="nightly"):
+    """`python -m jobs.score` as its own process, joined to the session's Ray instance."""
+    env = {**os.environ, TEST_HOOKS_ENV: json.dumps(hooks), "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR])}
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "jobs.score",
+            "--manifest",
+            manifest,
+            "--model",
+            model,
+            "--output",
+            output,
+            "--device",
+            "cpu",
+            "--batch-size",
+            "1",
+            "--rows-per-file",
+            "2",
+            "--run-id",
+            run_id,
+            "--ray-address",
+            gcs_address,
+            "--quiet",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_driver_killed_then_rerun_and_concurrent_runs(ray_cluster, tiny_model, archive16, tmp_path):
+    model_path, _ = tiny_model
+    rows, manifest = archive16
+    output = str(tmp_path / "out")
+    gcs = ray_cluster.get_runtime_context().gcs_address
+    driver = start_driver(manifest, model_path, output, gcs, {"scoring": {"sleep_s": 0.5}})
+
+    unreadable, stop = [], threading.Event()
+
+    def watch():  # at no moment may a partial or unreadable file be visible
+        while not stop.is_set():
+            for kind in ("results", "errors"):
+                folder = os.path.join(output, kind)
+                for name in os.listdir(folder) if os.path.isdir(folder) else []:
+                    if name.startswith("."):
+                        continue  # hidden staging files: skipped by every reader
+                    try:
+                        pq.read_table(os.path.join(folder, name))
+                    except FileNotFoundError:
+                        pass
+                    except Exception as e:
+                        unreadable.append(f"{name}: {e}")
+            time.sleep(0.02)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        deadline = time.monotonic() + 180
+        while not os.path.exists(os.path.join(output, "_lock.json")):
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        with pytest.raises(JobError, match="being written by run 'nightly'"):
+            run(manifest, model_path, output, device="cpu", run_id="other", progress=False)
+
+        while (
+            len(
+                [n for n in os.listdir(os.path.join(output, "results")) if n.endswith(".parquet")]
+                if os.path.isdir(os.path.join(output, "results"))
+                else []
+            )
+            < 2
+        ):
+            assert driver.poll() is None, driver.stdout.read()
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        committed = results_of(output)["scan_id"].to_pylist()
+        assert 4 <= len(committed) < 16 and len(set(committed)) == len(committed)
+
+        report = run(manifest, model_path, output, device="cpu", run_id="nightly", progress=False)
+    finally:
+        stop.set()
+        watcher.join()
+        if driver.poll() is None:
+            driver.kill()
+    assert not unreadable, unreadable
+    assert report["counts"]["skipped_done"] == len(committed)
+    assert report["counts"]["ok"] == 16 - len(committed)
+    ids = results_of(output)["scan_id"].to_pylist()
+    assert sorted(ids) == sorted(r["scan_id"] for r in rows), "exactly one row per scan after the rerun"
+    assert not [n for n in os.listdir(os.path.join(output, "results")) if n.startswith(".")]
+    assert not os.path.exists(os.path.join(output, "_lock.json"))
+    with pytest.raises(JobError, match="run id 'nightly' already finished"):
+        run(manifest, model_path, output, device="cpu", run_id="nightly", progress=False)
+
+
+def save_lambda_model(path):
+    inputs = keras.Input((16, 16, 16, 1))
+    outputs = keras.layers.Lambda(lambda t: keras.ops.mean(t, axis=(1, 2, 3)))(inputs)
+    vit3d.save(keras.Model(inputs, outputs), path)
+
+
+def save_unverifiable_model(path):
+    model = SeedViT(img=16, patch=8)
+    model(np.zeros((1, 16, 16, 16, 1), "float32"))
+    vit3d.save(model, path)
+
+
+@pytest.mark.parametrize("fault", ["truncated", "corrupt", "fails_verification", "unsafe", "wrong_sha256"])
+def test_model_faults_exit_2_and_write_nothing(ray_cluster, tiny_model, archive16, tmp_path, fault, capsys):
+    from jobs.score import main
+
+    model_path, info = tiny_model
+    _, manifest = archive16
+    bad = tmp_path / "bad.keras"
+    data = Path(model_path).read_bytes()
+    sha = None
+    if fault == "truncated":
+        bad.write_bytes(data[: len(data) // 3])
+    elif fault == "corrupt":
+        bad.write_bytes(data[:2000] + bytes(b ^ 0x5A for b in data[2000:2400]) + data[2400:])
+    elif fault == "fails_verification":
+        save_unverifiable_model(bad)
+    elif fault == "unsafe":
+        save_lambda_model(bad)
+    else:
+        bad.write_bytes(data)
+        sha = "0" * 64
+    args = ["--manifest", manifest, "--model", str(bad), "--output", str(tmp_path / "out"), "--quiet"]
+    code = main(args + (["--model-sha256", sha] if sha else []))
+    assert code == 2
+    message = capsys.readouterr().err
+    assert "model problem" in message and "bad.keras" in message
+    assert {
+        "truncated": "truncated",
+        "corrupt": "crc",
+        "fails_verification": "not built",
+        "unsafe": "unsafe deserialization",
+        "wrong_sha256": "sha256",
+    }[fault] in message.lower()
+    assert not (tmp_path / "out").exists()
