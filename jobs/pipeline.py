@@ -63,7 +63,18 @@ def decode_batch(batch, spec, ledger_name=None):
 
 
 def build_dataset(
-    items, *, spec, model_uri, model_sha256, mode, batch_size, device, workers, cpus_per_worker, ledger_name=None
+    items,
+    *,
+    spec,
+    model_uri,
+    model_sha256,
+    mode,
+    batch_size,
+    device,
+    workers,
+    cpus_per_worker,
+    threads=None,
+    ledger_name=None,
 ):
     """A lazy Ray Dataset of scored rows for ``items`` (dicts with scan_id and path)."""
     import ray
@@ -89,7 +100,7 @@ def build_dataset(
             "model_sha256": model_sha256,
             "mode": mode,
             "batch_size": batch_size,
-            "threads": None if device == "gpu" else cpus_per_worker,
+            "threads": threads,
             "ledger_name": ledger_name,
         },
         batch_size=batch_size,

@@ -67,15 +67,28 @@ def check_model(model_uri, model_sha256, mode):
     return info, spec
 
 
-def _connect_ray(ray_address):
+def _connect_ray(ray_address, scoring_workers):
+    """Join the given cluster, or start a local Ray instance. Returns the local core count when it started one.
+
+    On a local instance each scoring actor gets a logical CPU of its own on top of every core, so that decode
+    tasks can use all cores while the model waits for input; the OS shares the cores between the two.
+    """
     import ray
 
     if ray.is_initialized():
-        return False
+        return None
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    kwargs = {"runtime_env": {"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}}} if address == "local" else {}
-    ray.init(address=address, include_dashboard=False if address == "local" else None, **kwargs)
-    return True
+    if address != "local":
+        ray.init(address=address)
+        return None
+    cores = os.cpu_count() or 1
+    ray.init(
+        address="local",
+        num_cpus=cores + scoring_workers,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}},
+    )
+    return cores
 
 
 def _wait_for_gpus(wanted, seconds):
@@ -93,8 +106,8 @@ def _wait_for_gpus(wanted, seconds):
         time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
 
 
-def _plan_workers(device, workers, wait_for_gpus=0.0):
-    """(device, workers, cpus per CPU worker); never asks for GPUs the cluster does not have."""
+def _plan_workers(device, workers, wait_for_gpus=0.0, local_cores=None):
+    """(device, workers, CPUs reserved per scoring actor, TF threads); never asks for GPUs that do not exist."""
     import ray
 
     resources = ray.cluster_resources()
@@ -112,10 +125,14 @@ def _plan_workers(device, workers, wait_for_gpus=0.0):
         workers = workers or gpus
         if workers > gpus:
             raise JobError(f"--workers {workers} GPU actors, but the cluster has only {gpus} GPUs")
-        return device, workers, 1
-    # CPU: scoring gets about half the cores, decoding the rest.
+        return device, workers, 1, None
+    if local_cores:  # our own instance: actors have extra logical CPUs; their threads span the cores
+        workers = workers or 1
+        return device, workers, 1, max(1, local_cores // workers)
+    # A cluster: scoring reserves about half the CPUs, decoding the rest.
     workers = workers or max(1, cpus // 4)
-    return device, workers, max(1, (cpus // 2) // workers)
+    per_worker = max(1, (cpus // 2) // workers)
+    return device, workers, per_worker, per_worker
 
 
 class _Progress:
@@ -321,14 +338,15 @@ def _run_locked(
     errors = _Buffer(store, "errors", run_id, metadata, rows_per_file, flush_seconds)
     counts = {"manifest": len(scan_ids), "skipped_done": len(scan_ids) - len(items), "ok": 0, "error": 0}
     loads, plan = {}, {"device": device, "workers": workers, "cpus_per_worker": None}
+    first_batch = last_batch = None
 
     if items:
         import ray
 
-        owns_ray = _connect_ray(ray_address)
+        local_cores = _connect_ray(ray_address, workers or 1)
         try:
-            chosen, n_workers, cpus_per_worker = _plan_workers(device, workers, wait_for_gpus)
-            plan = {"device": chosen, "workers": n_workers, "cpus_per_worker": cpus_per_worker}
+            chosen, n_workers, cpus_per_worker, threads = _plan_workers(device, workers, wait_for_gpus, local_cores)
+            plan = {"device": chosen, "workers": n_workers, "cpus_per_worker": cpus_per_worker, "threads": threads}
             ray.data.DataContext.get_current().enable_progress_bars = False
             ledger_name = f"vit3d-crash-ledger-{run_id}-{uuid.uuid4().hex[:8]}"
             ledger = CrashLedger.options(name=ledger_name).remote()
@@ -342,10 +360,11 @@ def _run_locked(
                 device=chosen,
                 workers=n_workers,
                 cpus_per_worker=cpus_per_worker,
+                threads=threads,
                 ledger_name=ledger_name,
             )
             bar = _Progress(len(items), progress)
-            seen = set()
+            seen, first_batch = set(), None
             batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
             for batch in _guarded(batches, (results, errors), counts):
                 fresh = np.array([s not in seen for s in batch["scan_id"]], dtype=bool)
@@ -359,12 +378,15 @@ def _run_locked(
                 for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
                     loads[str(pid)] = max(loads.get(str(pid), 0), n)
                 bar.update(counts["ok"], counts["error"])
+                if first_batch is None:
+                    first_batch = (time.monotonic(), counts["ok"] + counts["error"])
+            last_batch = time.monotonic()
             results.flush()
             errors.flush()
             bar.update(counts["ok"], counts["error"], final=True)
             ray.kill(ledger)
         finally:
-            if owns_ray:
+            if local_cores:
                 ray.shutdown()
 
     wall_s = time.monotonic() - started
@@ -381,6 +403,13 @@ def _run_locked(
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "wall_s": round(wall_s, 3),
         "throughput_scans_per_s": round(attempted / wall_s, 3) if wall_s > 0 else None,
+        # Start-up (Ray, model loads, compiles) vs the sustained rate once scans flow.
+        "startup_s": round(first_batch[0] - started, 3) if first_batch else None,
+        "steady_scans_per_s": (
+            round((attempted - first_batch[1]) / (last_batch - first_batch[0]), 3)
+            if first_batch and last_batch > first_batch[0] and attempted > first_batch[1]
+            else None
+        ),
         "model": {"uri": str(model), "sha256": info.sha256, "class": info.class_name, "loads_per_worker": loads},
         "output": {"uri": store.uri, "results_files": results.files, "errors_files": errors.files},
         "config": {**config, **plan},

@@ -6,6 +6,7 @@ for a fixed batch size (the last batch is padded, so it never retraces). A bad
 scan never raises: it becomes an error row.
 """
 
+import contextlib
 import os
 import time
 
@@ -35,11 +36,14 @@ def configure_tensorflow(threads=None):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import tensorflow as tf
 
-    for gpu in tf.config.list_physical_devices("GPU"):
-        tf.config.experimental.set_memory_growth(gpu, True)
+    # RuntimeError: TensorFlow is already initialised in this process (a notebook, a bench): keep its settings.
+    with contextlib.suppress(RuntimeError):
+        for gpu in tf.config.list_physical_devices("GPU"):
+            tf.config.experimental.set_memory_growth(gpu, True)
     if threads:
-        tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-        tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
+        with contextlib.suppress(RuntimeError):
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
     return tf
 
 
