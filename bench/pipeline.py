@@ -1,6 +1,7 @@
 """Keep the accelerator fed: the job vs a careful user's loop, measured side by side in one run.
 
 python bench/pipeline.py [--scans 48] [--shape 256 256 160] [--img 96] [--device cpu|gpu]
+                         [--precision float32|mixed_bfloat16]
 
 Same archive (CT-like int16 .nii.gz: smooth structure + noise), same model (ViT3D img^3, patch 16, hidden 192,
 6 layers, 3 heads, random weights):
@@ -60,6 +61,12 @@ def main():
     parser.add_argument("--naive-scans", type=int, default=12, help="scans timed for the naive loop (it is slow)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument(
+        "--precision",
+        choices=("float32", "mixed_bfloat16"),
+        default="float32",
+        help="the job's --precision (the model-alone figure (d) uses the same)",
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cores = os.cpu_count()
@@ -106,7 +113,7 @@ def main():
             c_all = len(paths) / (time.perf_counter() - start)
 
         # (d) the model alone, through the job's compiled inference, all cores
-        scorer = Scorer(model_path, info.sha256, "score", args.batch_size, threads=cores)
+        scorer = Scorer(model_path, info.sha256, "score", args.batch_size, threads=cores, precision=args.precision)
         volumes = np.stack(tensors)
         scorer._outputs(volumes)  # warm
         start = time.perf_counter()
@@ -123,7 +130,9 @@ def main():
                 for k in range(factor):
                     writer.writerows([f"s{k}-{i:03d}", p] for i, p in enumerate(paths))
             output = os.path.join(tmp, f"out{factor}")
-            wall, peak, _ = run_job(manifest, model_path, output, args.batch_size, device=args.device)
+            wall, peak, _ = run_job(
+                manifest, model_path, output, args.batch_size, device=args.device, extra=["--precision", args.precision]
+            )
             (report_file,) = os.listdir(os.path.join(output, "runs"))
             with open(os.path.join(output, "runs", report_file)) as f:
                 runs[factor] = (json.load(f), wall, peak)

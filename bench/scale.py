@@ -67,7 +67,7 @@ def tree_pss(root):
     return total
 
 
-def run_job(manifest, model, output, batch_size, device="cpu"):
+def run_job(manifest, model, output, batch_size, device="cpu", extra=()):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "PYTHONPATH": REPO}
     env.pop("RAY_ADDRESS", None)
     started = time.monotonic()

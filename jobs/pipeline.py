@@ -75,6 +75,7 @@ def build_dataset(
     cpus_per_worker,
     threads=None,
     ledger_name=None,
+    precision="float32",
 ):
     """A lazy Ray Dataset of scored rows for ``items`` (dicts with scan_id and path)."""
     import ray
@@ -102,6 +103,7 @@ def build_dataset(
             "batch_size": batch_size,
             "threads": threads,
             "ledger_name": ledger_name,
+            "precision": precision,
         },
         batch_size=batch_size,
         batch_format="numpy",

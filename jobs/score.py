@@ -22,6 +22,7 @@ from jobs.pipeline import build_dataset
 from jobs.sink import OutputError, OutputLock, OutputStore, fixed_list, schema_metadata, with_metadata
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 1, 2, 3
+PRECISIONS = ("float32", "mixed_bfloat16")
 PROVENANCE = ("orientation", "source_dtype", "read_s", "decode_s", "preprocess_s", "infer_s", "device", "worker_pid")
 
 
@@ -247,6 +248,7 @@ def run(
     ray_address=None,
     progress=True,
     wait_for_gpus=0.0,
+    precision="float32",
     rows_per_file=50_000,
     flush_seconds=300.0,
 ):
@@ -258,6 +260,8 @@ def run(
     started = time.monotonic()
     if mode not in ("score", "embed"):
         raise JobError(f"--mode must be score or embed, got {mode!r}")
+    if precision not in PRECISIONS:
+        raise JobError(f"--precision must be one of {PRECISIONS}, got {precision!r}")
     if device not in ("auto", "gpu", "cpu"):
         raise JobError(f"--device must be auto, gpu or cpu, got {device!r}")
     if batch_size < 1 or rows_per_file < 1 or (workers is not None and workers < 1):
@@ -284,6 +288,7 @@ def run(
         "batch_size": batch_size,
         "max_error_rate": max_error_rate,
         "preprocessing": spec,
+        "precision": precision,
     }
     try:
         return _run_locked(
@@ -362,6 +367,7 @@ def _run_locked(
                 cpus_per_worker=cpus_per_worker,
                 threads=threads,
                 ledger_name=ledger_name,
+                precision=config["precision"],
             )
             bar = _Progress(len(items), progress)
             seen, first_batch = set(), None
@@ -510,6 +516,7 @@ def main(argv=None):
             progress=not args.quiet,
             wait_for_gpus=args.wait_for_gpus,
             rows_per_file=args.rows_per_file,
+            precision=args.precision,
         )
     except JobError as e:
         print(f"jobs.score: nothing scored: {e}", file=sys.stderr)

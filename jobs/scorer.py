@@ -50,12 +50,12 @@ def configure_tensorflow(threads=None):
 class Scorer:
     """Ray Data callable class: ``batch`` of preprocessed scans in, result/error rows out."""
 
-    def __init__(self, model_uri, model_sha256, mode, batch_size, threads=None, ledger_name=None):
+    def __init__(self, model_uri, model_sha256, mode, batch_size, threads=None, ledger_name=None, precision="float32"):
         tf = configure_tensorflow(threads)
         import vit3d
 
         started = time.perf_counter()
-        self.model, self.info = vit3d.load_with_info(model_uri, expected_sha256=model_sha256)
+        self.model, self.info = vit3d.load_with_info(model_uri, expected_sha256=model_sha256, dtype_policy=precision)
         LOADS_PER_PROCESS["count"] += 1
         self.load_s = time.perf_counter() - started
         self.mode = mode
@@ -63,7 +63,11 @@ class Scorer:
         self.batch_size = int(batch_size)
         self.input_shape = tuple(self.info.input_shape[1:])
         self.device = "gpu:" + os.environ["CUDA_VISIBLE_DEVICES"] if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
-        forward = self.model.embed if mode == "embed" else (lambda x: self.model(x, training=False))
+        model_fn = self.model.embed if mode == "embed" else (lambda x: self.model(x, training=False))
+
+        def forward(x):
+            return tf.cast(model_fn(x), tf.float32)  # bfloat16 models too: float32 out
+
         spec = tf.TensorSpec((self.batch_size, *self.input_shape), tf.float32)
         self._infer = tf.function(forward, input_signature=[spec], reduce_retracing=True)
         warmup = self._infer(np.zeros((self.batch_size, *self.input_shape), np.float32))  # compile once, up front

@@ -286,3 +286,22 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
     assert sorted(table["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in rows[:8])
     assert all(p.startswith(f"s3://{bucket}/nightly/archive/") for p in table["path"].to_pylist())
+
+
+def test_mixed_bfloat16_precision_scores_close_to_float32(ray_cluster, tiny_model, archive, tmp_path):
+    model_path, _ = tiny_model
+    folder, rows, manifest = archive
+    report = run(
+        manifest,
+        model_path,
+        str(tmp_path / "bf16"),
+        device="cpu",
+        precision="mixed_bfloat16",
+        max_error_rate=0.2,
+        progress=False,
+    )
+    assert report["counts"]["ok"] == 8 and report["config"]["precision"] == "mixed_bfloat16"
+    table = pads.dataset(str(tmp_path / "bf16" / "results"), format="parquet").to_table(columns=["scan_id", "score"])
+    expected = expected_outputs(model_path, folder, rows[:8], "score")
+    for scan_id, score in zip(table["scan_id"].to_pylist(), table["score"].to_pylist(), strict=True):
+        assert score == pytest.approx(float(expected[scan_id][0]), abs=0.05)

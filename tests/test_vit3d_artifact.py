@@ -253,3 +253,17 @@ def test_invalid_preprocessing_is_refused_at_save(tmp_path, spec, message):
     model.build((None, *IMG, 1))
     with pytest.raises(ValueError, match=message):
         vit3d.save(model, tmp_path / "m.keras", preprocessing=spec)
+
+
+def test_mixed_bfloat16_is_applied_at_load_after_float32_verification(saved, rng):
+    path, _ = saved
+    reference = vit3d.load(path)
+    mixed = vit3d.load(path, dtype_policy="mixed_bfloat16")
+    assert mixed.dtype_policy.name == "mixed_bfloat16"
+    assert {v.dtype for v in mixed.weights} == {"float32"}  # variables stay float32
+    assert all(layer.dtype_policy.name == "mixed_bfloat16" for layer in mixed._flatten_layers())
+    x = rng.normal(size=(2, *IMG, 1)).astype("float32")
+    out, ref = keras.ops.convert_to_numpy(mixed(x)), keras.ops.convert_to_numpy(reference(x))
+    assert keras.backend.standardize_dtype(mixed(x).dtype) == "bfloat16"
+    assert not np.array_equal(out.astype("float32"), ref)  # it really computes in bfloat16...
+    np.testing.assert_allclose(out.astype("float32"), ref, atol=0.15)  # ...with the same weights

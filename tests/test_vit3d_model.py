@@ -131,3 +131,18 @@ def test_invalid_configs_are_refused(kwargs, message):
 def test_wrong_input_shape_is_refused():
     with pytest.raises(ValueError, match="expects inputs of shape"):
         tiny().build((None, 8, 8, 8, 1))
+
+
+def test_vit3d_imports_neither_ray_nor_nibabel():
+    """vit3d is the model package: Ray and NIfTI belong to jobs. Checked in a fresh process."""
+    from conftest import fresh_python
+
+    script = (
+        "import sys, vit3d, vit3d.artifact, vit3d.model, vit3d.layers, vit3d.storage, vit3d.preprocessing\n"
+        "import vit3d.__main__, vit3d.demo\n"
+        "vit3d.ViT3D(8, 4, hidden_size=8, mlp_dim=8, num_layers=1, num_heads=2).build((None, 8, 8, 8, 1))\n"
+        "print(sorted(m for m in ('ray', 'nibabel') if m in sys.modules))\n"
+    )
+    proc = fresh_python(["-c", script])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"

@@ -288,7 +288,30 @@ def _check_sha256(path, actual, expected):
         raise ChecksumMismatchError(path, f"sha256 is {actual}, expected {expected}")
 
 
-def load_with_info(path, expected_sha256=None, probe_atol=PROBE_ATOL):
+def with_dtype_policy(model, policy):
+    """``model`` rebuilt under ``policy`` (e.g. "mixed_bfloat16") with the same weights.
+
+    ``load_model`` has no dtype argument and ignores the global policy (saved configs say float32), so the
+    config is rewritten and the already-verified float32 weights are copied in; variables stay float32.
+    """
+
+    def rewrite(node):
+        if isinstance(node, dict):
+            if node.get("class_name") == "DTypePolicy" and node.get("module") == "keras":
+                return {**node, "config": {**node["config"], "name": policy}}
+            return {k: rewrite(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    rebuilt = keras.saving.deserialize_keras_object(rewrite(keras.saving.serialize_keras_object(model)))
+    if not rebuilt.built:
+        rebuilt.build(model_input_shape(model))
+    rebuilt.set_weights(model.get_weights())
+    return rebuilt
+
+
+def load_with_info(path, expected_sha256=None, probe_atol=PROBE_ATOL, dtype_policy=None):
     """Like :func:`load`, also returning the artifact's :class:`ArtifactInfo`."""
     path = os.fspath(path)
     data = _read(path)
@@ -312,18 +335,21 @@ def load_with_info(path, expected_sha256=None, probe_atol=PROBE_ATOL):
     with archive.open(_WEIGHTS) as weights:
         saved_arrays = _count_weight_arrays(weights)
     verify(model, path, saved_arrays, record["probe"], probe_atol)
+    if dtype_policy and dtype_policy != "float32":
+        model = with_dtype_policy(model, dtype_policy)
     return model, info
 
 
-def load(path, expected_sha256=None, probe_atol=PROBE_ATOL):
+def load(path, expected_sha256=None, probe_atol=PROBE_ATOL, dtype_policy=None):
     """Load a vit3d artifact (``safe_mode=True``) and prove it holds the saved weights.
 
     Before returning, checks that every layer is built, that the model has as
     many variables as the file has weight arrays, and that the stored probe is
     reproduced within ``probe_atol``. Raises :class:`ArtifactError` (a subclass
-    saying which check failed) naming the file and the reason.
+    saying which check failed) naming the file and the reason. ``dtype_policy``
+    (e.g. "mixed_bfloat16", for GPUs) is applied after the float32 verification.
     """
-    return load_with_info(path, expected_sha256, probe_atol)[0]
+    return load_with_info(path, expected_sha256, probe_atol, dtype_policy)[0]
 
 
 def verify(model, path, saved_arrays, probe, probe_atol=PROBE_ATOL):
