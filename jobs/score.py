@@ -494,6 +494,13 @@ def parse_args(argv=None):
         help="rows gathered into one Parquet file before it is committed (default 50000; a file is "
         "also committed every 5 minutes, so a killed run loses little)",
     )
+    p.add_argument(
+        "--precision",
+        choices=PRECISIONS,
+        default="float32",
+        help="mixed_bfloat16: compute in bfloat16 (for GPUs; applied after the model's float32 verification; "
+        "slower on CPU)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p.parse_args(argv)
 

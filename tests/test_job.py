@@ -208,6 +208,9 @@ CLI_FLAGS = [
     "--max-error-rate",
     "--run-id",
     "--model-sha256",
+    "--precision",
+    "--rows-per-file",
+    "--wait-for-gpus",
 ]
 
 
