@@ -290,116 +290,100 @@ def run(
         "preprocessing": spec,
         "precision": precision,
     }
+    placement = {"device": device, "workers": workers, "ray_address": ray_address, "wait_for_gpus": wait_for_gpus}
     try:
-        return _run_locked(
-            table,
-            info,
-            store,
-            run_id,
-            config,
-            started,
-            started_at,
-            device=device,
-            workers=workers,
-            ray_address=ray_address,
-            progress=progress,
-            wait_for_gpus=wait_for_gpus,
-            rows_per_file=rows_per_file,
-            flush_seconds=flush_seconds,
-        )
+        done = store.done_scan_ids(info.sha256)
+        metadata = {**schema_metadata(info, mode), b"vit3d.run_id": run_id.encode()}
+        buffers = [
+            _Buffer(store, kind, run_id, metadata, rows_per_file, flush_seconds) for kind in ("results", "errors")
+        ]
+        pending = [
+            {"scan_id": s, "path": p}
+            for s, p in zip(table.column("scan_id").to_pylist(), table.column("path").to_pylist(), strict=True)
+            if s not in done
+        ]
+        counts = {"manifest": table.num_rows, "skipped_done": table.num_rows - len(pending), "ok": 0, "error": 0}
+        scored = _score_pending(pending, table, info, run_id, config, placement, buffers, counts, progress)
+        report = _report(run_id, info, store, config, counts, buffers, started, started_at, **scored)
+        report["report_path"] = store.write_report(run_id, report)
+        return report
     finally:
         lock.release()
 
 
-def _run_locked(
-    table,
-    info,
-    store,
-    run_id,
-    config,
-    started,
-    started_at,
-    *,
-    device,
-    workers,
-    ray_address,
-    progress,
-    wait_for_gpus,
-    rows_per_file,
-    flush_seconds,
-):
-    """Everything that writes to the output; runs while this run holds the output's lock."""
-    mode, model, batch_size, spec = config["mode"], config["model"], config["batch_size"], config["preprocessing"]
-    done = store.done_scan_ids(info.sha256)
+def _score_pending(pending, table, info, run_id, config, placement, buffers, counts, progress):
+    """Run the Ray pipeline over ``pending`` scans, committing rows through ``buffers`` and updating ``counts``.
 
+    Returns what the report needs: model loads per worker, the placement chosen, and when the first result came.
+    """
+    plan = {"device": placement["device"], "workers": placement["workers"]}
+    if not pending:
+        return {"loads": {}, "plan": plan, "first_result_at": None}
+    import ray
+
+    results, errors = buffers
+    mode = config["mode"]
     scan_ids = table.column("scan_id").to_pylist()
-    paths = table.column("path").to_pylist()
-    items = [{"scan_id": s, "path": p} for s, p in zip(scan_ids, paths, strict=True) if s not in done]
     manifest_index = {s: i for i, s in enumerate(scan_ids)}
     manifest_extra = table.drop_columns(["scan_id", "path"])
     meta = {"sha256": info.sha256, "run_id": run_id}
-    metadata = {**schema_metadata(info, mode), b"vit3d.run_id": run_id.encode()}
-    results = _Buffer(store, "results", run_id, metadata, rows_per_file, flush_seconds)
-    errors = _Buffer(store, "errors", run_id, metadata, rows_per_file, flush_seconds)
-    counts = {"manifest": len(scan_ids), "skipped_done": len(scan_ids) - len(items), "ok": 0, "error": 0}
-    loads, plan = {}, {"device": device, "workers": workers, "cpus_per_worker": None}
-    first_batch = last_batch = None
+    loads, seen, first_result_at = {}, set(), None
+    local_cores = _connect_ray(placement["ray_address"], placement["workers"] or 1)
+    try:
+        device, workers, cpus_per_worker, threads = _plan_workers(
+            placement["device"], placement["workers"], placement["wait_for_gpus"], local_cores
+        )
+        plan = {"device": device, "workers": workers, "cpus_per_worker": cpus_per_worker, "threads": threads}
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ledger_name = f"vit3d-crash-ledger-{run_id}-{uuid.uuid4().hex[:8]}"
+        ledger = CrashLedger.options(name=ledger_name).remote()
+        dataset = build_dataset(
+            pending,
+            spec=config["preprocessing"],
+            model_uri=config["model"],
+            model_sha256=info.sha256,
+            mode=mode,
+            batch_size=config["batch_size"],
+            device=device,
+            workers=workers,
+            cpus_per_worker=cpus_per_worker,
+            threads=threads,
+            ledger_name=ledger_name,
+            precision=config["precision"],
+        )
+        bar = _Progress(len(pending), progress)
+        batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
+        for batch in _guarded(batches, buffers, counts):
+            first_result_at = first_result_at or time.monotonic()
+            fresh = np.array([s not in seen for s in batch["scan_id"]], dtype=bool)  # retried tasks repeat rows
+            seen.update(batch["scan_id"].tolist())
+            failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
+            ok_rows, err_rows = np.flatnonzero(fresh & ~failed), np.flatnonzero(fresh & failed)
+            results.add(_result_table(batch, ok_rows, mode, manifest_extra, manifest_index, meta))
+            errors.add(_error_table(batch, err_rows, meta))
+            counts["ok"] += len(ok_rows)
+            counts["error"] += len(err_rows)
+            for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
+                loads[str(pid)] = max(loads.get(str(pid), 0), n)
+            bar.update(counts["ok"], counts["error"])
+        for buffer in buffers:
+            buffer.flush()
+        bar.update(counts["ok"], counts["error"], final=True)
+        ray.kill(ledger)
+    finally:
+        if local_cores:
+            ray.shutdown()
+    return {"loads": loads, "plan": plan, "first_result_at": first_result_at}
 
-    if items:
-        import ray
 
-        local_cores = _connect_ray(ray_address, workers or 1)
-        try:
-            chosen, n_workers, cpus_per_worker, threads = _plan_workers(device, workers, wait_for_gpus, local_cores)
-            plan = {"device": chosen, "workers": n_workers, "cpus_per_worker": cpus_per_worker, "threads": threads}
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            ledger_name = f"vit3d-crash-ledger-{run_id}-{uuid.uuid4().hex[:8]}"
-            ledger = CrashLedger.options(name=ledger_name).remote()
-            dataset = build_dataset(
-                items,
-                spec=spec,
-                model_uri=model,
-                model_sha256=info.sha256,
-                mode=mode,
-                batch_size=batch_size,
-                device=chosen,
-                workers=n_workers,
-                cpus_per_worker=cpus_per_worker,
-                threads=threads,
-                ledger_name=ledger_name,
-                precision=config["precision"],
-            )
-            bar = _Progress(len(items), progress)
-            seen, first_batch = set(), None
-            batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
-            for batch in _guarded(batches, (results, errors), counts):
-                fresh = np.array([s not in seen for s in batch["scan_id"]], dtype=bool)
-                seen.update(batch["scan_id"].tolist())
-                failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
-                ok_rows, err_rows = np.flatnonzero(fresh & ~failed), np.flatnonzero(fresh & failed)
-                results.add(_result_table(batch, ok_rows, mode, manifest_extra, manifest_index, meta))
-                errors.add(_error_table(batch, err_rows, meta))
-                counts["ok"] += len(ok_rows)
-                counts["error"] += len(err_rows)
-                for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
-                    loads[str(pid)] = max(loads.get(str(pid), 0), n)
-                bar.update(counts["ok"], counts["error"])
-                if first_batch is None:
-                    first_batch = (time.monotonic(), counts["ok"] + counts["error"])
-            last_batch = time.monotonic()
-            results.flush()
-            errors.flush()
-            bar.update(counts["ok"], counts["error"], final=True)
-            ray.kill(ledger)
-        finally:
-            if local_cores:
-                ray.shutdown()
-
+def _report(run_id, info, store, config, counts, buffers, started, started_at, *, loads, plan, first_result_at):
+    """The run report (runs/<run_id>.json)."""
     wall_s = time.monotonic() - started
     attempted = counts["ok"] + counts["error"]
     error_rate = counts["error"] / attempted if attempted else 0.0
     exit_code = EXIT_OK if error_rate <= config["max_error_rate"] else EXIT_OVER_BUDGET
-    report = {
+    results, errors = buffers
+    return {
         "run_id": run_id,
         "exit_code": exit_code,
         "status": "ok" if exit_code == EXIT_OK else "over_error_budget",
@@ -409,19 +393,12 @@ def _run_locked(
         "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(),
         "wall_s": round(wall_s, 3),
         "throughput_scans_per_s": round(attempted / wall_s, 3) if wall_s > 0 else None,
-        # Start-up (Ray, model loads, compiles) vs the sustained rate once scans flow.
-        "startup_s": round(first_batch[0] - started, 3) if first_batch else None,
-        "steady_scans_per_s": (
-            round((attempted - first_batch[1]) / (last_batch - first_batch[0]), 3)
-            if first_batch and last_batch > first_batch[0] and attempted > first_batch[1]
-            else None
-        ),
-        "model": {"uri": str(model), "sha256": info.sha256, "class": info.class_name, "loads_per_worker": loads},
+        # Fixed cost before the first result: model verification, Ray start, actor model loads and compiles.
+        "startup_s": round(first_result_at - started, 3) if first_result_at else None,
+        "model": {"uri": config["model"], "sha256": info.sha256, "class": info.class_name, "loads_per_worker": loads},
         "output": {"uri": store.uri, "results_files": results.files, "errors_files": errors.files},
         "config": {**config, **plan},
     }
-    report["report_path"] = store.write_report(run_id, report)
-    return report
 
 
 def summary(report):
