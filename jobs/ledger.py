@@ -67,6 +67,17 @@ def _test_hooks(scan_ids, stage):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+def _attempt(ledger, ids, rows, process, stage):
+    """Mark ``ids`` in flight around ``process(rows)``. Only a process that dies leaves them marked: an
+    exception ends the attempt too (a bug or a Ray error, not a crash) and is raised on."""
+    ray.get(ledger.begin.remote(ids))
+    try:
+        _test_hooks(ids, stage)
+        process(rows)
+    finally:
+        ray.get(ledger.end.remote(ids))
+
+
 def process_guarded(ledger_name, scan_ids, rows, process, fail, stage):
     """Run ``process(rows)`` with crash accounting; ``fail(row, reason)`` records a scan given up on.
 
@@ -83,16 +94,10 @@ def process_guarded(ledger_name, scan_ids, rows, process, fail, stage):
     ids = [scan_ids[i] for i in rows]
     crashes = ray.get(ledger.crashes.remote(ids))
     if not any(crashes.values()):
-        ray.get(ledger.begin.remote(ids))
-        _test_hooks(ids, stage)
-        process(rows)
-        ray.get(ledger.end.remote(ids))
+        _attempt(ledger, ids, rows, process, stage)
         return
     for row, scan_id in zip(rows, ids, strict=True):
         if crashes[scan_id] >= MAX_CRASHES:
             fail(row, crash_reason(stage, crashes[scan_id]))  # stays marked: never tried again in this run
             continue
-        ray.get(ledger.begin.remote([scan_id]))
-        _test_hooks([scan_id], stage)
-        process([row])
-        ray.get(ledger.end.remote([scan_id]))
+        _attempt(ledger, [scan_id], [row], process, stage)

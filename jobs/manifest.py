@@ -11,7 +11,8 @@ integer id in Parquet/JSON becomes ``"7"``). Every other column passes through w
 
 Paths: absolute local paths and URIs (``scheme://...``) are kept as written; a relative path is taken relative to
 the manifest's folder: ``/data/m.csv`` + ``a/x.nii.gz`` -> ``/data/a/x.nii.gz``; ``s3://bkt/dir/m.csv`` +
-``a/x.nii.gz`` -> ``s3://bkt/dir/a/x.nii.gz`` (a query string on the manifest URI is not carried over).
+``a/x.nii.gz`` -> ``s3://bkt/dir/a/x.nii.gz`` (a query string on the manifest URI, such as ``?endpoint_override=…``,
+is carried over to each resolved path).
 
 CLI: ``python -m jobs.manifest --root DIR_OR_URI --out manifest.parquet`` lists ``**/*.nii.gz`` under the root.
 
@@ -99,8 +100,10 @@ def _resolve_paths(uri, paths):
         parts = urlsplit(uri)
         folder = posixpath.dirname(parts.path)
 
+        query = f"?{parts.query}" if parts.query else ""  # e.g. endpoint_override: every object needs it
+
         def join(rel):
-            return f"{parts.scheme}://{parts.netloc}{posixpath.normpath(posixpath.join(folder, rel))}"
+            return f"{parts.scheme}://{parts.netloc}{posixpath.normpath(posixpath.join(folder, rel))}{query}"
 
     else:
         folder = os.path.dirname(os.path.abspath(os.path.expanduser(uri)))

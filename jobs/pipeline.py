@@ -108,7 +108,8 @@ def build_dataset(
         batch_size=batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=workers),
-        runtime_env=_with_test_hooks({"env_vars": QUIET_TF}),
+        # CPU scoring actors must not grab a GPU the node happens to have.
+        runtime_env=_with_test_hooks({"env_vars": QUIET_TF if device == "gpu" else CPU_STAGE_ENV["env_vars"]}),
         max_restarts=-1,  # a dead scoring actor comes back (and reloads the model)...
         max_task_retries=retry_budget(batch_size),  # ...but a batch is not retried forever
         **resources,

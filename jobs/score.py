@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import datetime as dt
 import os
+import re
 import sys
 import time
 import uuid
@@ -19,10 +20,32 @@ import pyarrow as pa
 from jobs.ledger import CrashLedger
 from jobs.manifest import ManifestError, read_manifest
 from jobs.pipeline import build_dataset
+from jobs.scorer import configure_tensorflow
 from jobs.sink import OutputError, OutputLock, OutputStore, fixed_list, schema_metadata, with_metadata
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 1, 2, 3
 PRECISIONS = ("float32", "mixed_bfloat16")
+RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+RESERVED_COLUMNS = {
+    "scan_id",
+    "path",
+    "model_sha256",
+    "run_id",
+    "scored_at",
+    "score",
+    "probabilities",
+    "embedding",
+    "original_shape",
+    "voxel_spacing",
+    "orientation",
+    "source_dtype",
+    "read_s",
+    "decode_s",
+    "preprocess_s",
+    "infer_s",
+    "device",
+    "worker_pid",
+}
 PROVENANCE = ("orientation", "source_dtype", "read_s", "decode_s", "preprocess_s", "infer_s", "device", "worker_pid")
 
 
@@ -35,11 +58,11 @@ def new_run_id():
 
 
 def check_model(model_uri, model_sha256, mode):
-    """Load and verify the model once in the driver (GPUs hidden) so a bad model stops the run before it starts."""
-    import tensorflow as tf
+    """Load and verify the model once in the driver so a bad model stops the run before it starts.
 
-    with contextlib.suppress(RuntimeError):  # TensorFlow already initialised here (a notebook): fine
-        tf.config.set_visible_devices([], "GPU")
+    TF memory growth is set first, so on a GPU machine the driver takes only what the probe needs.
+    """
+    configure_tensorflow()
     import vit3d
     from vit3d.preprocessing import normalize_spec
 
@@ -198,16 +221,22 @@ class JobFailed(Exception):
     """The pipeline broke mid-run; what was scored is committed and a rerun resumes."""
 
 
-def _guarded(batches, buffers, counts):
-    """Yield ``batches``; if the pipeline fails, commit what is buffered, then raise JobFailed."""
+@contextlib.contextmanager
+def _failing_as_job_failed(buffers, counts):
+    """If the pipeline or a commit breaks, commit what is buffered (as far as storage allows), raise JobFailed."""
     try:
-        yield from batches
+        yield
     except Exception as e:
+        unsaved = 0
         for buffer in buffers:
-            buffer.flush()
+            try:
+                buffer.flush()
+            except Exception:
+                unsaved += buffer.rows
+        kept = "all committed" if not unsaved else f"{unsaved} buffered rows could not be committed"
         raise JobFailed(
             f"the pipeline failed after {counts['ok']} scans were scored and {counts['error']} failed "
-            f"(all committed; rerunning the same command resumes): {type(e).__name__}: {e}"
+            f"({kept}; rerunning the same command scores what is missing): {type(e).__name__}: {e}"
         ) from e
 
 
@@ -269,17 +298,26 @@ def run(
     if not 0.0 <= max_error_rate <= 1.0:
         raise JobError(f"--max-error-rate must be between 0 and 1, got {max_error_rate}")
     run_id = run_id or new_run_id()
+    if not RUN_ID.fullmatch(run_id):
+        raise JobError(f"--run-id {run_id!r} must be letters, digits, '.', '_' or '-' (and not start with '.')")
     try:
         table = read_manifest(manifest)
     except ManifestError as e:
         raise JobError(f"manifest problem: {e}") from e
+    clashes = sorted(set(table.column_names[2:]) & RESERVED_COLUMNS)
+    if clashes:
+        raise JobError(f"manifest problem: {manifest}: columns {clashes} have the names of result columns; rename them")
     info, spec = check_model(model, model_sha256, mode)
-    store = OutputStore(output)
+    lock = None
     try:
-        store.prepare(mode, run_id)
+        store = OutputStore(output)
+        store.prepare(mode, run_id)  # refuse a foreign folder before writing anything into it
         lock = OutputLock(store, run_id).acquire()
+        store.prepare(mode, run_id)  # again under the lock: a run may have finished this run id meanwhile
         store.remove_staging_leftovers()
-    except (OutputError, OSError) as e:
+    except (OutputError, OSError, ValueError) as e:
+        if lock is not None:
+            lock.release()
         raise JobError(f"output problem: {e}") from e
     config = {
         "manifest": str(manifest),
@@ -327,7 +365,7 @@ def _score_pending(pending, table, info, run_id, config, placement, buffers, cou
     manifest_index = {s: i for i, s in enumerate(scan_ids)}
     manifest_extra = table.drop_columns(["scan_id", "path"])
     meta = {"sha256": info.sha256, "run_id": run_id}
-    loads, seen, first_result_at = {}, set(), None
+    loads, seen, first_result_at, ledger = {}, set(), None, None
     local_cores = _connect_ray(placement["ray_address"], placement["workers"] or 1)
     try:
         device, workers, cpus_per_worker, threads = _plan_workers(
@@ -352,25 +390,31 @@ def _score_pending(pending, table, info, run_id, config, placement, buffers, cou
             precision=config["precision"],
         )
         bar = _Progress(len(pending), progress)
-        batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
-        for batch in _guarded(batches, buffers, counts):
-            first_result_at = first_result_at or time.monotonic()
-            fresh = np.array([s not in seen for s in batch["scan_id"]], dtype=bool)  # retried tasks repeat rows
-            seen.update(batch["scan_id"].tolist())
-            failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
-            ok_rows, err_rows = np.flatnonzero(fresh & ~failed), np.flatnonzero(fresh & failed)
-            results.add(_result_table(batch, ok_rows, mode, manifest_extra, manifest_index, meta))
-            errors.add(_error_table(batch, err_rows, meta))
-            counts["ok"] += len(ok_rows)
-            counts["error"] += len(err_rows)
-            for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
-                loads[str(pid)] = max(loads.get(str(pid), 0), n)
-            bar.update(counts["ok"], counts["error"])
-        for buffer in buffers:
-            buffer.flush()
+        with _failing_as_job_failed(buffers, counts):
+            for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+                first_result_at = first_result_at or time.monotonic()
+                fresh = np.array([s not in seen for s in batch["scan_id"]], dtype=bool)  # retried tasks repeat rows
+                seen.update(batch["scan_id"].tolist())
+                failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
+                ok_rows, err_rows = np.flatnonzero(fresh & ~failed), np.flatnonzero(fresh & failed)
+                results.add(_result_table(batch, ok_rows, mode, manifest_extra, manifest_index, meta))
+                errors.add(_error_table(batch, err_rows, meta))
+                counts["ok"] += len(ok_rows)
+                counts["error"] += len(err_rows)
+                for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
+                    loads[str(pid)] = max(loads.get(str(pid), 0), n)
+                bar.update(counts["ok"], counts["error"])
+            for buffer in buffers:
+                buffer.flush()
         bar.update(counts["ok"], counts["error"], final=True)
-        ray.kill(ledger)
     finally:
+        if ledger is not None:
+            ray.kill(ledger)
+        if placement["wait_for_gpus"] > 0:
+            from ray.autoscaler.sdk import request_resources
+
+            with contextlib.suppress(Exception):  # withdraw our GPU request so idle GPU nodes can go
+                request_resources(bundles=[])
         if local_cores:
             ray.shutdown()
     return {"loads": loads, "plan": plan, "first_result_at": first_result_at}
@@ -444,7 +488,12 @@ def parse_args(argv=None):
         default="auto",
         help="gpu: one scoring actor per GPU; cpu: CPU scoring actors; auto: gpu if the cluster has GPUs",
     )
-    p.add_argument("--workers", type=int, default=None, help="scoring actors (default: one per GPU, or CPUs/4 on CPU)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="scoring actors (default: one per GPU; on CPU, 1 on a local instance, else CPUs/4)",
+    )
     p.add_argument(
         "--max-error-rate",
         type=float,

@@ -93,12 +93,12 @@ class Scorer:
         return {"score": score, "probabilities": probabilities}
 
     def _empty_outputs(self, count):
-        width = self.info.config.get("hidden_size") if self.mode == "embed" else self.info.config.get("num_classes", 1)
+        """NaN placeholders as wide as the model's output (classes, or the embedding size), for any model."""
         if self.mode == "embed":
-            return {"embedding": np.full((count, width), np.nan, np.float32)}
+            return {"embedding": np.full((count, self.width), np.nan, np.float32)}
         return {
             "score": np.full(count, np.nan, np.float32),
-            "probabilities": np.full((count, width), np.nan, np.float32),
+            "probabilities": np.full((count, self.width), np.nan, np.float32),
         }
 
     def _score_rows(self, batch, rows, outputs, errors, stages):

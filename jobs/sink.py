@@ -126,7 +126,7 @@ class OutputStore:
         self.filesystem, self.root = storage.resolve(self.uri)
 
     def _child(self, *parts):
-        return "/".join([self.uri, *parts])
+        return storage.join(self.uri, *parts)
 
     def _exists(self, path):
         return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
@@ -138,7 +138,10 @@ class OutputStore:
         if info.type == pafs.FileType.File:
             raise OutputError(f"{self.uri} is a file; --output must be a folder or prefix")
         if self._exists(marker_path):
-            marker = json.loads(storage.read_bytes(self._child(MARKER)))
+            try:
+                marker = json.loads(storage.read_bytes(self._child(MARKER)))
+            except ValueError as e:
+                raise OutputError(f"{self.uri}: {MARKER} is not readable JSON ({e}); is this our output?") from e
             if marker.get("mode") != mode:
                 raise OutputError(
                     f"{self.uri} holds --mode {marker.get('mode')} results; write --mode {mode} to another --output"

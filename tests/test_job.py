@@ -148,6 +148,8 @@ def test_gpu_actors_are_pinned_one_per_gpu(ray_cluster, tiny_model, archive, tmp
 def test_auto_device_and_impossible_gpu_requests(ray_cluster, tiny_model, archive, tmp_path):
     model_path, _ = tiny_model
     _, _, manifest = archive
+    auto = run(manifest, model_path, str(tmp_path / "auto"), device="auto", max_error_rate=0.2, progress=False)
+    assert auto["config"]["device"] == "gpu" and auto["config"]["workers"] == 2  # the session has 2 (logical) GPUs
     with pytest.raises(JobError, match="only 2 GPUs"):
         run(manifest, model_path, str(tmp_path / "o"), device="gpu", workers=3, progress=False)
     assert not (tmp_path / "o" / "results").exists()
@@ -308,3 +310,59 @@ def test_mixed_bfloat16_precision_scores_close_to_float32(ray_cluster, tiny_mode
     expected = expected_outputs(model_path, folder, rows[:8], "score")
     for scan_id, score in zip(table["scan_id"].to_pylist(), table["score"].to_pylist(), strict=True):
         assert score == pytest.approx(float(expected[scan_id][0]), abs=0.05)
+
+
+def test_any_keras_classifier_scores_not_only_vit3d(ray_cluster, archive, tmp_path):
+    """A functional 3-class model (no ViT3D config): output width comes from the model itself."""
+    import keras
+
+    inputs = keras.Input((16, 16, 16, 1))
+    x = keras.layers.Conv3D(4, 4, strides=4)(inputs)
+    outputs = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling3D()(x))
+    info = vit3d.save(keras.Model(inputs, outputs), tmp_path / "functional.keras")
+    folder, rows, manifest = archive
+    report = run(
+        manifest, info.path, str(tmp_path / "f"), device="cpu", batch_size=3, max_error_rate=0.2, progress=False
+    )
+    assert report["counts"]["ok"] == 8 and report["counts"]["error"] == 1
+    table = pads.dataset(str(tmp_path / "f" / "results"), format="parquet").to_table().to_pylist()
+    expected = expected_outputs(info.path, folder, rows[:8], "score")
+    for row in table:
+        assert len(row["probabilities"]) == 3
+        np.testing.assert_allclose(row["probabilities"], expected[row["scan_id"]][1], atol=1e-5)
+
+
+def test_reserved_manifest_columns_and_bad_run_ids_are_refused(ray_cluster, tiny_model, archive, tmp_path):
+    model_path, _ = tiny_model
+    folder, rows, _ = archive
+    clash = write_csv(tmp_path / "clash.csv", [{**r, "score": 1, "run_id": "x"} for r in rows])
+    with pytest.raises(JobError, match=r"clash.csv: columns \['run_id', 'score'\] have the names of result"):
+        run(clash, model_path, str(tmp_path / "o"), progress=False)
+    with pytest.raises(JobError, match="--run-id '../escape'"):
+        run(str(folder / "manifest.csv"), model_path, str(tmp_path / "o"), run_id="../escape", progress=False)
+    assert not (tmp_path / "o").exists()
+
+
+def test_object_storage_through_endpoint_override_uris(
+    ray_cluster, s3_bucket, s3_env, tiny_model, archive, monkeypatch
+):
+    """URIs that carry ?endpoint_override=…&scheme=http: output children and relative paths keep the query."""
+    client, bucket = s3_bucket
+    folder, rows, manifest = archive
+    for row in rows:
+        client.upload_file(str(folder / row["path"]), bucket, f"n/{row['path']}")
+    client.upload_file(manifest, bucket, "n/manifest.csv")
+    query = f"?endpoint_override=127.0.0.1:{s3_env['port']}&scheme=http"
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the driver only has the query to go by
+    info = vit3d.save(vit3d.load(tiny_model[0]), f"s3://{bucket}/m/tiny.keras{query}")
+    report = run(
+        f"s3://{bucket}/n/manifest.csv{query}",
+        info.path,
+        f"s3://{bucket}/out{query}",
+        device="cpu",
+        max_error_rate=0.2,
+        progress=False,
+    )
+    assert report["counts"]["ok"] == 8
+    keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]]
+    assert sum(k.startswith("out/results/part-") for k in keys) == 1 and f"out/runs/{report['run_id']}.json" in keys

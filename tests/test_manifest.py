@@ -360,11 +360,11 @@ def test_s3_manifest_and_listing(s3_env, s3_bucket, monkeypatch):
     assert listing.column("size_bytes").to_pylist() == [5, 3]
     assert list_archive(f"s3://{bucket}/study/scans", "*.nii.gz").column("scan_id").to_pylist() == ["s1.nii.gz"]
 
-    # The query form works too, without the env var; the query is not carried into resolved paths.
+    # The query form works too, without the env var; resolved paths carry the query (every object needs it).
     monkeypatch.delenv("AWS_ENDPOINT_URL")
     query = f"endpoint_override={s3_env['host']}:{s3_env['port']}&scheme=http"
     table = read_manifest(f"s3://{bucket}/study/manifest.csv?{query}")
-    assert table.column("path")[0].as_py() == f"s3://{bucket}/study/scans/s1.nii.gz"
+    assert table.column("path")[0].as_py() == f"s3://{bucket}/study/scans/s1.nii.gz?{query}"
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_env["endpoint"])
     with pytest.raises(ManifestError, match="does not exist"):

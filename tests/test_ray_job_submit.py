@@ -12,6 +12,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pyarrow.dataset as pads
 import pytest
@@ -36,6 +37,7 @@ def ray_head():
     gcs, dashboard, agent, metrics, client, manager, objects, runtime_env = free_ports(8)
     low = free_ports(1)[0]
     temp_dir = tempfile.mkdtemp(prefix="rayh-", dir="/tmp")
+    head_log = open(os.path.join(temp_dir, "head.log"), "w")  # noqa: SIM115 - closed in the finally below
     # Ray 2.60 heads require a token; give head and CLI one of their own (nothing written to ~/.ray).
     env = {
         **os.environ,
@@ -69,7 +71,7 @@ def ray_head():
             "--disable-usage-stats",
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=head_log,  # a file, not a pipe nobody reads (a full pipe would stall the head)
         stderr=subprocess.STDOUT,
         start_new_session=True,
     )
@@ -77,7 +79,7 @@ def ray_head():
     try:
         deadline = time.monotonic() + 120
         while True:
-            assert head.poll() is None, head.stdout.read().decode()[-3000:]
+            assert head.poll() is None, Path(head_log.name).read_text()[-3000:]
             try:
                 urllib.request.urlopen(f"{address}/api/version", timeout=2)
                 break
@@ -99,6 +101,7 @@ def ray_head():
         time.sleep(1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(head.pid, signal.SIGKILL)  # any child that ignored SIGTERM
+        head_log.close()
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -163,7 +163,7 @@ def save(model, path, preprocessing=None):
     Returns the :class:`ArtifactInfo` of what was written, sha256 included.
     """
     path = os.fspath(path)
-    if not path.endswith(".keras"):
+    if not storage.name_of(path).endswith(".keras"):
         raise ValueError(f"{path}: a vit3d artifact's name must end in .keras")
     unbuilt = unbuilt_layers(model)
     if unbuilt:
@@ -226,7 +226,7 @@ def _read(path):
         return storage.read_bytes(path)
     except FileNotFoundError:
         raise ArtifactError(path, "no such file") from None
-    except OSError as e:
+    except (OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid for a URI it cannot use
         raise ArtifactError(path, f"cannot be read: {e}") from e
 
 

@@ -21,6 +21,17 @@ def resolve(uri):
     return pafs.FileSystem.from_uri(uri)
 
 
+def join(uri, *parts):
+    """``uri``/``parts``, keeping a URI's query (``?endpoint_override=…``) at the end where pyarrow reads it."""
+    base, sep, query = os.fspath(uri).partition("?")
+    return "/".join([base.rstrip("/"), *parts]) + sep + query
+
+
+def name_of(uri):
+    """The last path component of a local path or URI, query excluded."""
+    return os.fspath(uri).partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+
+
 def is_local(filesystem):
     return isinstance(filesystem, pafs.LocalFileSystem)
 
