@@ -384,3 +384,39 @@ def test_model_faults_exit_2_and_write_nothing(ray_cluster, tiny_model, archive1
         "wrong_sha256": "sha256",
     }[fault] in message.lower()
     assert not (tmp_path / "out").exists()
+
+
+def test_permission_denied_is_a_read_error_row(tmp_path):
+    """Root ignores file modes: a fresh process imports what it needs, then drops to `nobody` and reads."""
+    import shutil
+    import tempfile
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to the nobody user")
+    folder = tempfile.mkdtemp(prefix="vit3d-perm-", dir="/tmp")
+    try:
+        os.chmod(folder, 0o755)
+        rows = write_archive(folder, 2)
+        locked = os.path.join(folder, rows[0]["path"])
+        os.chmod(locked, 0o000)
+        readable = os.path.join(folder, rows[1]["path"])
+        script = (
+            "import os\n"
+            "import numpy as np\n"
+            "import jobs.volumes\n"
+            "from jobs.pipeline import decode_batch\n"
+            "os.setgid(65534); os.setuid(65534)  # nobody, from here on: file modes apply\n"
+            f"batch = {{'scan_id': np.array(['locked', 'readable']), 'path': np.array([{locked!r}, {readable!r}])}}\n"
+            "spec = {'orientation': 'RAS', 'spacing': None, 'size': [8, 8, 8], 'intensity': {'kind': 'zscore'},"
+            " 'interpolation_order': 1}\n"
+            "out = decode_batch(batch, spec)\n"
+            "print(repr((list(out['stage']), list(out['error']), len(out['volume'][1]))))\n"
+        )
+        env = {**os.environ, "PYTHONPATH": REPO_ROOT}
+        proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        stages, errors, volume_bytes = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
+        assert stages == ["read", ""] and volume_bytes == 8 * 8 * 8 * 4
+        assert locked in errors[0] and "permission denied" in errors[0].lower()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
