@@ -161,12 +161,12 @@ class OutputStore:
 
     def remove_staging_leftovers(self):
         """Delete hidden staging files of runs that died mid-write (call only while holding the lock)."""
-        for kind in ("results", "errors"):
+        for kind in ("results", "errors", "runs"):
             folder = f"{self.root}/{kind}"
-            if not (storage.is_local(self.filesystem) and self._exists(folder)):
-                continue  # object stores never hold partial objects
+            if not self._exists(folder):
+                continue
             for entry in self.filesystem.get_file_info(pafs.FileSelector(folder)):
-                if entry.base_name.startswith(".") and ".tmp-" in entry.base_name:
+                if storage.is_staging_name(entry.base_name):
                     self.filesystem.delete_file(entry.path)
 
     def done_scan_ids(self, model_sha256):

@@ -285,7 +285,8 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
     assert rerun["counts"]["skipped_done"] == 8 and rerun["counts"]["ok"] == 0
 
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="scores/")["Contents"]]
-    assert sum(k.startswith("scores/results/") for k in keys) == 1
+    assert sum(k.startswith("scores/results/") and k.endswith(".parquet") for k in keys) == 1
+    assert not [k for k in keys if "/." in k], "staging objects left behind"
     assert f"scores/runs/{report['run_id']}.json" in keys
     fs, path = storage.resolve(output + "/results")
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()

@@ -1,9 +1,8 @@
 """Whole-object reads and all-or-nothing writes through pyarrow.fs.
 
 Local paths and any URI pyarrow understands (s3://, gs://, file://) are
-accepted. A reader never sees a partly written object: local files are written
-under a temporary name and renamed; object stores publish an object only when
-its upload completes.
+accepted. A reader never sees a partly written object: everything is written
+under a hidden staging name and moved into place only once complete.
 """
 
 import contextlib
@@ -43,17 +42,26 @@ def read_bytes(uri):
         return f.read()
 
 
+STAGING_MARK = ".tmp-"
+
+
+def is_staging_name(name):
+    """A hidden staging file of :func:`write_bytes` (left behind only by a process that died mid-write)."""
+    return name.startswith(".") and STAGING_MARK in name
+
+
 def write_bytes(uri, data):
-    """Write ``data`` so that ``uri`` is either absent, the old object, or all of ``data``."""
+    """Write ``data`` so that ``uri`` is either absent, the old object, or all of ``data``.
+
+    Always under a hidden staging name first, then moved (a rename locally, a server-side copy on object
+    stores): pyarrow's streams have no abort, and closing one after a failed write would complete a partial
+    upload. Dataset readers (pyarrow, DuckDB globs on ``*.parquet``) skip hidden names.
+    """
     filesystem, path = resolve(uri)
-    if not is_local(filesystem):  # object stores have no folders to create
-        with filesystem.open_output_stream(path, compression=None) as f:
-            f.write(data)
-        return
     parent = path.rsplit("/", 1)[0]
-    filesystem.create_dir(parent, recursive=True)
-    # Hidden name: dataset readers (pyarrow, DuckDB globs on *.parquet) skip it.
-    staging = f"{parent}/.{path.rsplit('/', 1)[-1]}.tmp-{uuid.uuid4().hex}"
+    if is_local(filesystem):  # object stores have no folders to create
+        filesystem.create_dir(parent, recursive=True)
+    staging = f"{parent}/.{path.rsplit('/', 1)[-1]}{STAGING_MARK}{uuid.uuid4().hex}"
     try:
         with filesystem.open_output_stream(staging, compression=None) as f:
             f.write(data)
