@@ -113,12 +113,6 @@ class OutputLock:
             if (self._read() or {}).get("token") == self.token:
                 storage.delete(self.store._child(self.NAME))
 
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
 
 class OutputStore:
     def __init__(self, uri):

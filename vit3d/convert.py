@@ -461,9 +461,8 @@ def main(argv=None) -> int:
             from vit3d.preprocessing import normalize_spec
 
             normalize_spec(spec)
-        checkpoint = _load_checkpoint(args.monai)
-        model = from_monai(checkpoint, **config)
-        _, notes = normalize_state_dict(checkpoint)
+        state_dict, notes = normalize_state_dict(_load_checkpoint(args.monai))
+        model = from_monai(state_dict, **config)  # normalizing again inside is a no-op
     except (_BadInput, ValueError, TypeError) as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
@@ -474,7 +473,7 @@ def main(argv=None) -> int:
     print(f"converted {args.monai}: {len(model.weights)} weights" + (f" ({'; '.join(notes)})" if notes else ""))
     x = probe_input((1, *model.volume_shape[1:]))
     try:
-        parity = monai_parity(model, checkpoint, config, x)
+        parity = monai_parity(model, state_dict, config, x)
     except CheckpointMismatchError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2
