@@ -50,6 +50,32 @@ CONFIGS = {
         **{**SMALL, "hidden_size": 48},
     },
     "features-qkvbias-2ch": {"in_channels": 2, "img_size": 16, "patch_size": 4, "qkv_bias": True, **SMALL},
+    # MONAI's "perceptron" projection: Rearrange "b c (h p1) (w p2) (d p3) -> b (h w d) (p1 p2 p3 c)" + Linear.
+    "perceptron-aniso-cls3-tanh-qkvbias-2ch": {
+        "in_channels": 2,
+        "img_size": (32, 32, 16),
+        "patch_size": (8, 4, 2),
+        "proj_type": "perceptron",
+        "classification": True,
+        "num_classes": 3,
+        "qkv_bias": True,
+        **SMALL,
+    },
+    "perceptron-aniso-features": {
+        "in_channels": 1,
+        "img_size": (16, 32, 16),
+        "patch_size": (4, 8, 2),
+        "proj_type": "perceptron",
+        **SMALL,
+    },
+    "perceptron-features-qkvbias-2ch": {
+        "in_channels": 2,
+        "img_size": 16,
+        "patch_size": 4,
+        "proj_type": "perceptron",
+        "qkv_bias": True,
+        **SMALL,
+    },
 }
 BASE = CONFIGS["aniso-cls3-tanh-qkvbias-2ch"]
 
@@ -152,11 +178,31 @@ def test_missing_unexpected_and_misshapen_keys_are_named():
         from_monai(sd, **{**BASE, "num_layers": 1})
 
 
+def test_legacy_pos_embed_name_selects_the_perceptron_projection():
+    """MONAI < 1.3 called proj_type pos_embed; checkpoints configured that way convert the same."""
+    cfg = CONFIGS["perceptron-features-qkvbias-2ch"]
+    net = monai_vit(cfg, seed=9)
+    legacy = {k: v for k, v in cfg.items() if k != "proj_type"} | {"pos_embed": "perceptron"}
+    model = from_monai(net.state_dict(), **legacy)
+    assert max(max_diffs(model, net, volume(model))) <= ATOL
+
+
+def test_projection_type_mismatch_is_named_with_a_hint():
+    """A perceptron checkpoint under proj_type='conv' (and the reverse) is refused, saying which to use."""
+    perceptron = {**BASE, "proj_type": "perceptron"}
+    sd = dict(monai_vit(perceptron, seed=8).state_dict())
+    with pytest.raises(CheckpointMismatchError, match=r"patch_embeddings\.1\.weight.*proj_type='perceptron'"):
+        from_monai(sd, **BASE)
+    conv_sd = dict(monai_vit(BASE, seed=8).state_dict())
+    with pytest.raises(CheckpointMismatchError, match=r"proj_type='conv'"):
+        from_monai(conv_sd, **perceptron)
+
+
 @pytest.mark.parametrize(
     ("option", "value"),
     [
-        ("proj_type", "perceptron"),
-        ("pos_embed", "perceptron"),
+        ("proj_type", "fourier"),
+        ("pos_embed", "fourier"),
         ("pos_embed_type", "sincos"),
         ("pos_embed_type", "none"),
         ("spatial_dims", 2),

@@ -37,6 +37,9 @@ MONAI_DEFAULTS = {
     "save_attn": False,
 }
 REQUIRED = ("in_channels", "img_size", "patch_size")
+# MONAI's patch projections: a strided Conv3d, or Rearrange + Linear ("perceptron"). Both are the same linear
+# map of each patch with other weight layouts; ViT3D computes either as patchify + one matmul.
+PROJ_TYPES = ("conv", "perceptron")
 # Arguments that change no weight and no inference output: accepted and dropped.
 HARMLESS = {"save_attn"}
 MONAI_LAYER_NORM_EPSILON = 1e-5  # torch.nn.LayerNorm's default; Keras's own default is 1e-3
@@ -47,7 +50,11 @@ _IGNORED = re.compile(r"^blocks\.\d+\.(cross_attn|norm_cross_attn)\.")
 # Older MONAI names -> current names.
 _LEGACY = {"patch_embedding.cls_token": "cls_token"}
 _WRAPPERS = ("state_dict", "model", "module", "net", "network")
-_ANCHORS = ("patch_embedding.position_embeddings", "patch_embedding.patch_embeddings.weight")
+_ANCHORS = (
+    "patch_embedding.position_embeddings",
+    "patch_embedding.patch_embeddings.weight",
+    "patch_embedding.patch_embeddings.1.weight",
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -91,9 +98,10 @@ def vit3d_kwargs(**monai_kwargs):
         raise ValueError(f"unsupported MONAI ViT option(s) {unknown}: ViT3D cannot reproduce them")
     if cfg["spatial_dims"] != 3:
         raise ValueError(f"unsupported spatial_dims={cfg['spatial_dims']!r}: ViT3D is 3-D only")
-    if str(cfg["proj_type"]).lower() != "conv":
+    proj_type = str(cfg["proj_type"]).lower()
+    if proj_type not in PROJ_TYPES:
         raise ValueError(
-            f"unsupported {proj_name}={cfg['proj_type']!r}: only 'conv' patch embedding (proj_type) is supported"
+            f"unsupported {proj_name}={cfg['proj_type']!r}: patch embedding (proj_type) must be one of {PROJ_TYPES}"
         )
     if str(cfg["pos_embed_type"]).lower() != "learnable":
         raise ValueError(
@@ -193,16 +201,29 @@ def normalize_state_dict(checkpoint):
     return out, notes
 
 
-def expected_shapes(cfg):
+def projection_type(monai_kwargs):
+    """MONAI's patch projection for ``monai_kwargs``: "conv" or "perceptron" (validated by vit3d_kwargs)."""
+    value = monai_kwargs.get("proj_type", monai_kwargs.get("pos_embed", MONAI_DEFAULTS["proj_type"]))
+    return str(value).lower()
+
+
+def projection_key(proj_type):
+    """The state-dict prefix of MONAI's patch projection: a Conv3d, or the Linear after Rearrange."""
+    return "patch_embedding.patch_embeddings." + ("1." if proj_type == "perceptron" else "")
+
+
+def expected_shapes(cfg, proj_type="conv"):
     """MONAI's state-dict keys and their (torch-layout) shapes for the ViT3D arguments ``cfg``."""
     from vit3d.layers import as_triple, grid_shape
 
     hidden, mlp, c = cfg["hidden_size"], cfg["mlp_dim"], cfg["in_channels"]
     grid = grid_shape(cfg["img_size"], cfg["patch_size"])
+    patch = as_triple(cfg["patch_size"], "patch_size")
+    projection = projection_key(proj_type)
     shapes = {
         "patch_embedding.position_embeddings": (1, grid[0] * grid[1] * grid[2], hidden),
-        "patch_embedding.patch_embeddings.weight": (hidden, c, *as_triple(cfg["patch_size"], "patch_size")),
-        "patch_embedding.patch_embeddings.bias": (hidden,),
+        projection + "weight": (hidden, c, *patch) if proj_type == "conv" else (hidden, c * int(np.prod(patch))),
+        projection + "bias": (hidden,),
         "norm.weight": (hidden,),
         "norm.bias": (hidden,),
     }
@@ -236,6 +257,10 @@ def expected_shapes(cfg):
 def _mismatch_hints(cfg, missing, unexpected):
     """Say which argument probably differs, since a list of 50 key names rarely does."""
     hints = []
+    if any(k.startswith("patch_embedding.patch_embeddings.1.") for k in unexpected):
+        hints.append("patch_embeddings.1.* is MONAI's perceptron projection: proj_type='perceptron'?")
+    elif any(k.startswith("patch_embedding.patch_embeddings.") and ".1." not in k for k in unexpected):
+        hints.append("a bare patch_embeddings.* is MONAI's conv projection: proj_type='conv'?")
 
     def block(key):
         m = re.match(r"blocks\.(\d+)\.", key)
@@ -263,9 +288,9 @@ def _shape(value):
     return tuple(int(n) for n in (shape if shape is not None else np.shape(value)))
 
 
-def check_state_dict(state_dict, cfg):
+def check_state_dict(state_dict, cfg, proj_type="conv"):
     """Raise CheckpointMismatchError naming every missing, unexpected and wrongly shaped key."""
-    shapes = expected_shapes(cfg)
+    shapes = expected_shapes(cfg, proj_type)
     missing, unexpected = set(shapes) - set(state_dict), set(state_dict) - set(shapes)
     if missing or unexpected:
         parts = []
@@ -297,8 +322,9 @@ def from_monai(state_dict, **monai_kwargs):
     from vit3d.model import ViT3D
 
     cfg = vit3d_kwargs(**monai_kwargs)
+    proj_type = projection_type(monai_kwargs)
     sd, _ = normalize_state_dict(state_dict)
-    check_state_dict(sd, cfg)
+    check_state_dict(sd, cfg, proj_type)
     arrays = {k: _to_numpy(v) for k, v in sd.items()}
     bad = sorted(k for k, a in arrays.items() if not np.all(np.isfinite(a)))
     if bad:
@@ -307,11 +333,16 @@ def from_monai(state_dict, **monai_kwargs):
     model = ViT3D(**cfg)
     model.build(model.volume_shape)
     pe = model.patch_embedding
-    # Conv3d (out, in, kD, kH, kW) -> Conv3D (kD, kH, kW, in, out); channels-last flattening then gives
-    # MONAI's token order, so the position embeddings copy as they are.
+    projection = projection_key(proj_type)
+    weight = arrays[projection + "weight"]
+    if proj_type == "conv":  # Conv3d (out, in, kD, kH, kW) -> kernel (kD, kH, kW, in, out)
+        kernel = weight.transpose(2, 3, 4, 1, 0)
+    else:  # Linear (out, pD·pH·pW·in), inputs flattened as (p1 p2 p3 c) -> the same kernel, reshaped
+        kernel = weight.T.reshape(tuple(pe.projection.kernel.shape))
+    # Tokens are row-major (D', H', W') in both MONAI projections, so the position embeddings copy as they are.
     pairs = [
-        (pe.projection.kernel, arrays["patch_embedding.patch_embeddings.weight"].transpose(2, 3, 4, 1, 0)),
-        (pe.projection.bias, arrays["patch_embedding.patch_embeddings.bias"]),
+        (pe.projection.kernel, kernel),
+        (pe.projection.bias, arrays[projection + "bias"]),
         (pe.position_embeddings, arrays["patch_embedding.position_embeddings"]),
         (model.norm.gamma, arrays["norm.weight"]),
         (model.norm.beta, arrays["norm.bias"]),

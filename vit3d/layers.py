@@ -28,11 +28,77 @@ def grid_shape(img_size, patch_size):
     return tuple(i // p for i, p in zip(img, patch, strict=True))
 
 
+def patchify(volumes, patch_size):
+    """``(B, D, H, W, C)`` → ``(B, N, pD·pH·pW·C)``: each non-overlapping patch flattened, row-major.
+
+    Patches follow (D', H', W') row-major order and each patch's values follow (pD, pH, pW, C), the
+    order in which a Conv3D kernel of shape ``(pD, pH, pW, C, out)`` flattens; so one matmul with that
+    kernel reshaped to ``(pD·pH·pW·C, out)`` is the strided Conv3D, without TensorFlow's Conv3D
+    filter gradient, which takes minutes per step on CPUs where oneDNN is off (AVX2-only x86).
+    """
+    pd, ph, pw = patch_size
+    _, d, h, w, c = volumes.shape
+    gd, gh, gw = d // pd, h // ph, w // pw
+    x = ops.reshape(volumes, (-1, gd, pd, gh, ph, gw, pw, c))
+    x = ops.transpose(x, (0, 1, 3, 5, 2, 4, 6, 7))
+    return ops.reshape(x, (-1, gd * gh * gw, pd * ph * pw * c))
+
+
+@keras.saving.register_keras_serializable(package=PACKAGE)
+class PatchProjection3D(keras.layers.Layer):
+    """A Conv3D with kernel = stride = patch, computed as :func:`patchify` + one matmul.
+
+    The weights are Conv3D's, in Conv3D's order and layout (``kernel`` ``(pD, pH, pW, C, filters)``,
+    then ``bias``), so artifacts saved when this layer was a ``keras.layers.Conv3D`` load unchanged.
+
+    Args:
+        patch_size: int or 3 ints. Kernel size and stride along (D, H, W).
+        in_channels: int. Channels of the input volume.
+        filters: int. Output features per patch (the ViT's hidden size).
+    """
+
+    def __init__(self, patch_size, in_channels, filters, **kwargs):
+        super().__init__(**kwargs)
+        self.patch_size = as_triple(patch_size, "patch_size")
+        self.in_channels = int(in_channels)
+        self.filters = int(filters)
+
+    def build(self, input_shape=None):
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(*self.patch_size, self.in_channels, self.filters),
+            initializer="glorot_uniform",  # Conv3D's default
+        )
+        self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
+        self.built = True
+
+    def call(self, inputs):
+        patches = patchify(inputs, self.patch_size)
+        kernel = ops.reshape(self.kernel, (-1, self.filters))
+        return ops.matmul(patches, kernel) + self.bias
+
+    def compute_output_shape(self, input_shape):
+        grid = grid_shape(input_shape[1:4], self.patch_size)
+        return (input_shape[0], grid[0] * grid[1] * grid[2], self.filters)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(patch_size=self.patch_size, in_channels=self.in_channels, filters=self.filters)
+        return config
+
+
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class PatchEmbedding3D(keras.layers.Layer):
-    """Conv3D patchify (kernel = stride = patch) + learnable position embeddings.
+    """Patch projection (:class:`PatchProjection3D`) + learnable position embeddings.
 
     Tokens come out in row-major (D', H', W') order, as MONAI's ViT lays them out.
+
+    Args:
+        img_size: int or 3 ints. Input volume size (D, H, W); must tile exactly by ``patch_size``.
+        patch_size: int or 3 ints. Patch size along (D, H, W).
+        in_channels: int. Channels of the input volume.
+        hidden_size: int. Token width.
+        dropout_rate: float. Dropout on the embedded tokens. Defaults to ``0.0``.
     """
 
     def __init__(self, img_size, patch_size, in_channels, hidden_size, dropout_rate=0.0, **kwargs):
@@ -44,14 +110,9 @@ class PatchEmbedding3D(keras.layers.Layer):
         self.dropout_rate = float(dropout_rate)
         self.grid = grid_shape(self.img_size, self.patch_size)
         self.num_patches = self.grid[0] * self.grid[1] * self.grid[2]
-        self.projection = keras.layers.Conv3D(
-            self.hidden_size,
-            kernel_size=self.patch_size,
-            strides=self.patch_size,
-            padding="valid",
-            data_format="channels_last",
-            dtype=self.dtype_policy,
-            name="projection",
+        # The attribute name is part of the saved weights' paths (patch_embedding/projection/...): keep it.
+        self.projection = PatchProjection3D(
+            self.patch_size, self.in_channels, self.hidden_size, dtype=self.dtype_policy, name="projection"
         )
         self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy, name="dropout")
 
@@ -67,7 +128,6 @@ class PatchEmbedding3D(keras.layers.Layer):
 
     def call(self, inputs, training=None):
         x = self.projection(inputs)
-        x = ops.reshape(x, (-1, self.num_patches, self.hidden_size))
         x = x + ops.cast(self.position_embeddings, x.dtype)
         return self.dropout(x, training=training)
 
