@@ -52,7 +52,8 @@ def crash_reason(stage, crashes):
 def _test_hooks(scan_ids, stage):
     """Test-only faults planted through the environment, per stage: never set in production.
 
-    ``{"scoring": {"sleep_s": 0.3, "kill_on_scan": "s002"}, "decode": {...}}``
+    ``{"scoring": {"sleep_s": 0.3, "kill_on_scan": "s002"}, "decode": {"hold_on_scan": "s009", "release_file": P}}``
+    (``hold_on_scan``: that scan's attempt waits, in flight, until the file P exists.)
     """
     raw = os.environ.get(TEST_HOOKS_ENV)
     if not raw:
@@ -63,6 +64,9 @@ def _test_hooks(scan_ids, stage):
     hooks = json.loads(raw).get(stage, {})
     if hooks.get("sleep_s"):
         time.sleep(float(hooks["sleep_s"]))
+    if hooks.get("hold_on_scan") in scan_ids:
+        while not os.path.exists(hooks["release_file"]):
+            time.sleep(0.05)
     if hooks.get("kill_on_scan") in scan_ids:
         os.kill(os.getpid(), signal.SIGKILL)
 

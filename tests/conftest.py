@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -18,6 +19,24 @@ def fresh_python(args, timeout=600, **kwargs):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
+
+
+def wait_until(condition, what, timeout=600.0, alive=None, every=0.1):
+    """Poll ``condition()`` until it returns something truthy, and return that.
+
+    Waits on an observable condition, never a fixed time: ``timeout`` is a generous bound that only a
+    broken run reaches (a loaded CI host is slow, not stuck). ``alive()`` falsy stops the wait early: the
+    thing that should make the condition true is gone.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value:
+            return value
+        if alive is not None:
+            assert alive(), f"stopped before {what}"
+        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
+        time.sleep(every)
 
 
 # --- S3 server on 127.0.0.1 --------------------------------------------------

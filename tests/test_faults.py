@@ -2,7 +2,9 @@
 
 Faults are real: bad files written byte by byte, worker and driver processes killed by PID
 with SIGKILL. The only planted part is ``JOBS_TEST_HOOKS``, which makes a chosen scan kill
-its own worker (as an out-of-memory kill would) or slows batches down so a kill lands mid-run.
+its own worker (as an out-of-memory kill would), slows batches down so more are in flight, or holds
+one scan until the test releases it, so that a kill certainly lands with work still to come.
+Tests wait on what they can observe (committed rows, a lock file), never on a fixed sleep.
 """
 
 import gzip
@@ -22,7 +24,7 @@ import psutil
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO_ROOT, TESTS_DIR, write_archive, write_csv
+from conftest import REPO_ROOT, TESTS_DIR, wait_until, write_archive, write_csv
 from keras_test_models import SeedViT
 from test_volumes import edited, raw_header, write_raw
 
@@ -157,11 +159,11 @@ def test_huge_header_is_rejected_before_any_allocation(tmp_path):
     data = Path(path).read_bytes()
     assert len(data) < 2000
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    started = time.perf_counter()
+    started = time.thread_time()  # CPU time of this thread: a loaded machine does not inflate it
     with pytest.raises(ScanError) as caught:
         decode_nifti(data, path)
     assert caught.value.stage == "validate"
-    assert time.perf_counter() - started < 0.5
+    assert time.thread_time() - started < 0.5
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB: under 100 MB
 
 
@@ -182,6 +184,19 @@ def results_of(output):
     return pads.dataset(os.path.join(output, "results"), format="parquet").to_table(columns=["scan_id"])
 
 
+def committed(output, columns=("scan_id",)):
+    """Rows committed so far under output/results (complete files only: staging names are hidden)."""
+    folder = os.path.join(output, "results")
+    if not os.path.isdir(folder):
+        return []
+    return pads.dataset(folder, format="parquet").to_table(columns=list(columns)).to_pylist()
+
+
+def hold_hook(scan_id, release):
+    """``scan_id``'s decode waits until the file ``release`` exists: the run cannot finish before that."""
+    return {"hold_on_scan": scan_id, "release_file": str(release)}
+
+
 @pytest.fixture
 def archive16(tmp_path):
     (tmp_path / "archive").mkdir()
@@ -190,32 +205,49 @@ def archive16(tmp_path):
 
 
 def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_path, monkeypatch):
+    """The scoring actor that has scored rows is killed while scans are still to come: a new one finishes."""
     model_path, _ = tiny_model
     rows, manifest = archive16
-    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps({"scoring": {"sleep_s": 0.4}}))
+    output = str(tmp_path / "out")
+    held, release = rows[-1]["scan_id"], tmp_path / "release"
+    # Slow batches keep more in flight at the kill; the held scan guarantees work remains after it, however
+    # fast or slow this machine is.
+    hooks = {"scoring": {"sleep_s": 0.4}, "decode": hold_hook(held, release)}
+    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
     outcome = {}
-    worker = threading.Thread(
-        target=lambda: outcome.update(
-            report=run(manifest, model_path, str(tmp_path / "out"), device="cpu", batch_size=2, progress=False)
-        )
-    )
+
+    def job():
+        try:
+            outcome["report"] = run(
+                manifest, model_path, output, device="cpu", batch_size=2, rows_per_file=2, progress=False
+            )
+        except BaseException as e:  # reported by the assertions below
+            outcome["error"] = e
+
+    worker = threading.Thread(target=job)
     worker.start()
-    deadline = time.monotonic() + 120
-    while not scoring_actor_pids():
-        assert time.monotonic() < deadline and worker.is_alive(), "no scoring actor appeared"
-        time.sleep(0.2)
-    time.sleep(6.0)  # model loaded, a few batches scored, more in flight
-    victims = scoring_actor_pids()
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    worker.join(timeout=300)
-    assert not worker.is_alive()
+    try:
+        # Every scored batch is committed at once (rows_per_file == batch_size); its rows name the actor's pid.
+        scored = wait_until(
+            lambda: committed(output, ["scan_id", "worker_pid"]), "a committed scored row", alive=worker.is_alive
+        )
+        victim = scored[0]["worker_pid"]
+        assert held not in {r["scan_id"] for r in scored}
+        assert victim in scoring_actor_pids(), f"{victim} is not a scoring actor of this test's Ray instance"
+        os.kill(victim, signal.SIGKILL)
+    finally:
+        release.touch()  # also on failure: the run must not wait forever
+        worker.join(timeout=900)
+    assert not worker.is_alive(), "the run did not finish in 900 s"
+    assert "error" not in outcome, repr(outcome.get("error"))
     report = outcome["report"]
     assert report["counts"] == {"manifest": 16, "skipped_done": 0, "ok": 16, "error": 0}
-    ids = results_of(str(tmp_path / "out"))["scan_id"].to_pylist()
+    ids = results_of(output)["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows), "every scan exactly once"
     loads = report["model"]["loads_per_worker"]
-    assert set(loads.values()) == {1} and len(loads) >= 2, f"the killed actor {victims} was not replaced: {loads}"
+    assert set(loads.values()) == {1} and len(loads) >= 2 and str(victim) in loads, (
+        f"the killed actor {victim} was not replaced: {loads}"
+    )
 
 
 def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16, tmp_path, monkeypatch):
@@ -238,8 +270,9 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
     assert sorted(ids) == sorted(r["scan_id"] for r in rows if r["scan_id"] not in errors)
 
 
-def start_driver(manifest, model, output, gcs_address, hooks, run_id="nightly"):
-    """`python -m jobs.score` as its own process, joined to the session's Ray instance."""
+def start_driver(manifest, model, output, gcs_address, hooks, log, run_id="nightly"):
+    """`python -m jobs.score` as its own process, joined to the session's Ray instance; output to ``log``
+    (a file, not a pipe nobody reads while it runs: a full pipe would stall the driver)."""
     env = {**os.environ, TEST_HOOKS_ENV: json.dumps(hooks), "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR])}
     return subprocess.Popen(
         [
@@ -265,9 +298,8 @@ def start_driver(manifest, model, output, gcs_address, hooks, run_id="nightly"):
             "--quiet",
         ],
         env=env,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
-        text=True,
     )
 
 
@@ -276,7 +308,16 @@ def test_driver_killed_then_rerun_and_concurrent_runs(ray_cluster, tiny_model, a
     rows, manifest = archive16
     output = str(tmp_path / "out")
     gcs = ray_cluster.get_runtime_context().gcs_address
-    driver = start_driver(manifest, model_path, output, gcs, {"scoring": {"sleep_s": 0.5}})
+    # The last scan is held until the driver is dead: the kill certainly lands before the run is complete.
+    release = tmp_path / "release"
+    hooks = {"scoring": {"sleep_s": 0.5}, "decode": hold_hook(rows[-1]["scan_id"], release)}
+    log_path = tmp_path / "driver.log"
+    log = open(log_path, "w")  # noqa: SIM115 - closed in the finally below
+    driver = start_driver(manifest, model_path, output, gcs, hooks, log)
+
+    def driver_alive():
+        assert driver.poll() is None, log_path.read_text()[-4000:]
+        return True
 
     unreadable, stop = [], threading.Event()
 
@@ -298,39 +339,33 @@ def test_driver_killed_then_rerun_and_concurrent_runs(ray_cluster, tiny_model, a
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        deadline = time.monotonic() + 180
-        while not os.path.exists(os.path.join(output, "_lock.json")):
-            assert driver.poll() is None, driver.stdout.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_until(lambda: os.path.exists(os.path.join(output, "_lock.json")), "the driver's lock", alive=driver_alive)
         with pytest.raises(JobError, match="being written by run 'nightly'"):
             run(manifest, model_path, output, device="cpu", run_id="other", progress=False)
 
-        while (
-            len(
-                [n for n in os.listdir(os.path.join(output, "results")) if n.endswith(".parquet")]
-                if os.path.isdir(os.path.join(output, "results"))
-                else []
-            )
-            < 2
-        ):
-            assert driver.poll() is None, driver.stdout.read()
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        def result_files():
+            folder = os.path.join(output, "results")
+            return [n for n in os.listdir(folder) if n.endswith(".parquet")] if os.path.isdir(folder) else []
+
+        wait_until(lambda: len(result_files()) >= 2, "two committed result files", alive=driver_alive)
         driver.send_signal(signal.SIGKILL)
-        driver.wait(timeout=30)
-        committed = results_of(output)["scan_id"].to_pylist()
-        assert 4 <= len(committed) < 16 and len(set(committed)) == len(committed)
+        driver.wait(timeout=60)
+        release.touch()  # the held scan is for the rerun to score
+        done = results_of(output)["scan_id"].to_pylist()
+        assert 4 <= len(done) < 16 and len(set(done)) == len(done)
 
         report = run(manifest, model_path, output, device="cpu", run_id="nightly", progress=False)
     finally:
+        release.touch()
         stop.set()
         watcher.join()
         if driver.poll() is None:
             driver.kill()
+            driver.wait()
+        log.close()
     assert not unreadable, unreadable
-    assert report["counts"]["skipped_done"] == len(committed)
-    assert report["counts"]["ok"] == 16 - len(committed)
+    assert report["counts"]["skipped_done"] == len(done)
+    assert report["counts"]["ok"] == 16 - len(done)
     ids = results_of(output)["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows), "exactly one row per scan after the rerun"
     assert not [n for n in os.listdir(os.path.join(output, "results")) if n.startswith(".")]

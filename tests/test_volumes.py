@@ -423,9 +423,9 @@ def test_huge_header_rejected_before_allocation(tmp_path, name):
     hdr = raw_header(shape=(2000, 2000, 1000))
     path = write_raw(tmp_path / name, hdr, body=bytes(600))
     assert os.path.getsize(path) < 1200
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time of this thread: a loaded machine does not inflate it
     expect_error("validate", path, words=["GiB"])
-    assert time.perf_counter() - start < 0.5
+    assert time.thread_time() - start < 0.5
 
 
 def test_huge_header_with_matching_isize_still_rejected(tmp_path):
@@ -435,9 +435,9 @@ def test_huge_header_with_matching_isize_still_rejected(tmp_path):
     blob = gzip.compress(hdr.binaryblock + bytes(4) + bytes(600))
     expected = (352 + 30000 * 30000 * 2 * 2) % 2**32
     path.write_bytes(blob[:-4] + expected.to_bytes(4, "little"))
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time of this thread: a loaded machine does not inflate it
     expect_error("validate", str(path), words=["limit"])
-    assert time.perf_counter() - start < 0.5
+    assert time.thread_time() - start < 0.5
 
 
 def edited(field, value):
