@@ -1,6 +1,6 @@
 """Decode + preprocess, one core: jobs.volumes vs nibabel get_fdata + zoom, side by side on the same files.
 
-python bench/decode.py [--scans 6] [--shape 256 256 160] [--size 96]
+python -m bench.decode [--scans 6] [--shape 256 256 160] [--size 96]
 Prints per-path times and the ratios; exits 1 if the decode ratio is below --min-ratio.
 """
 
@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from bench.cpu import header
 from jobs.volumes import decode_nifti, load_volume, read_scan
 from vit3d.preprocessing import normalize_spec
 
@@ -45,6 +46,7 @@ def main():
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--min-ratio", type=float, default=1.6)
     args = parser.parse_args()
+    print(header("bench/decode.py: decode + preprocess, one core, jobs.volumes vs nibabel + zoom"))
     rng = np.random.default_rng(0)
     spec = normalize_spec({"orientation": "RAS"}, size=[args.size] * 3)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,6 +1,6 @@
 """Keep the accelerator fed: the job vs a careful user's loop, measured side by side in one run.
 
-python bench/pipeline.py [--scans 48] [--shape 256 256 160] [--img 96] [--device cpu|gpu]
+python -m bench.pipeline [--scans 48] [--shape 256 256 160] [--img 96] [--device cpu|gpu]
                          [--precision float32|mixed_bfloat16]
 
 Same archive (CT-like int16 .nii.gz: smooth structure + noise), same model (ViT3D img^3, patch 16, hidden 192,
@@ -31,14 +31,11 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path[:0] = [REPO, os.path.dirname(os.path.abspath(__file__))]
-
-from decode import ct_like  # noqa: E402
-from scale import run_job  # noqa: E402
-
-from jobs.volumes import load_volume  # noqa: E402
-from vit3d.preprocessing import normalize_spec  # noqa: E402
+from bench.cpu import header
+from bench.decode import ct_like
+from bench.scale import run_job
+from jobs.volumes import load_volume
+from vit3d.preprocessing import normalize_spec
 
 
 def rate(fn, items):
@@ -68,6 +65,7 @@ def main():
         help="the job's --precision (the model-alone figure (d) uses the same)",
     )
     args = parser.parse_args()
+    print(header("bench/pipeline.py: the job vs a careful user's loop"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cores = os.cpu_count()
     import vit3d
@@ -115,9 +113,9 @@ def main():
         # (d) the model alone, through the job's compiled inference, all cores
         scorer = Scorer(model_path, info.sha256, "score", args.batch_size, threads=cores, precision=args.precision)
         volumes = np.stack(tensors)
-        scorer._outputs(volumes)  # warm
+        scorer.outputs(volumes)  # warm
         start = time.perf_counter()
-        scorer._outputs(volumes)
+        scorer.outputs(volumes)
         d = len(volumes) / (time.perf_counter() - start)
 
         # (b) and (f): the job, N then 4N scans (4N repeats the files under new scan_ids)

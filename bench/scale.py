@@ -1,6 +1,6 @@
 """Scale: score N and 4N small scans in one run of this script; exactly once, flat memory.
 
-python bench/scale.py [--scans 10000] [--base 2500] [--max-ratio 1.15]
+python -m bench.scale [--scans 10000] [--base 2500] [--max-ratio 1.15]
 
 Each job runs as its own `python -m jobs.score` process with its own local Ray instance; peak memory is the
 largest sum, over the job's process tree (driver + raylet + every Ray worker), of each process's proportional set
@@ -23,8 +23,9 @@ import numpy as np
 import psutil
 import pyarrow.dataset as pads
 
+from bench.cpu import header
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 
 
 def make_archive(folder, count, distinct=24):
@@ -129,6 +130,7 @@ def main():
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-ratio", type=float, default=1.15)
     args = parser.parse_args()
+    print(header("bench/scale.py: N and 4N scans, exactly once, flat memory"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     import vit3d
 

@@ -9,13 +9,9 @@ scan at a time, and a scan that was in flight at MAX_CRASHES crashes becomes an
 error row instead of another try. The rest of its batch is still processed.
 """
 
-import os
-import signal
-
 import ray
 
 MAX_CRASHES = 2
-TEST_HOOKS_ENV = "JOBS_TEST_HOOKS"  # JSON; only the tests set it (see tests/test_faults.py)
 
 
 @ray.remote(num_cpus=0, max_restarts=0)
@@ -49,59 +45,40 @@ def crash_reason(stage, crashes):
     )
 
 
-def _test_hooks(scan_ids, stage):
-    """Test-only faults planted through the environment, per stage: never set in production.
-
-    ``{"scoring": {"sleep_s": 0.3, "kill_on_scan": "s002"}, "decode": {"hold_on_scan": "s009", "release_file": P}}``
-    (``hold_on_scan``: that scan's attempt waits, in flight, until the file P exists.)
-    """
-    raw = os.environ.get(TEST_HOOKS_ENV)
-    if not raw:
-        return
-    import json
-    import time
-
-    hooks = json.loads(raw).get(stage, {})
-    if hooks.get("sleep_s"):
-        time.sleep(float(hooks["sleep_s"]))
-    if hooks.get("hold_on_scan") in scan_ids:
-        while not os.path.exists(hooks["release_file"]):
-            time.sleep(0.05)
-    if hooks.get("kill_on_scan") in scan_ids:
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _attempt(ledger, ids, rows, process, stage):
+def _attempt(ledger, ids, rows, process, before_attempt):
     """Mark ``ids`` in flight around ``process(rows)``. Only a process that dies leaves them marked: an
     exception ends the attempt too (a bug or a Ray error, not a crash) and is raised on."""
     ray.get(ledger.begin.remote(ids))
     try:
-        _test_hooks(ids, stage)
+        if before_attempt is not None:
+            before_attempt(ids)
         process(rows)
     finally:
         ray.get(ledger.end.remote(ids))
 
 
-def process_guarded(ledger_name, scan_ids, rows, process, fail, stage):
+def process_guarded(ledger_name, scan_ids, rows, process, fail, stage, before_attempt=None):
     """Run ``process(rows)`` with crash accounting; ``fail(row, reason)`` records a scan given up on.
 
     ``process`` must turn ordinary per-scan failures into error rows itself: only
-    a dying process escapes it, and that is what the ledger counts.
+    a dying process escapes it, and that is what the ledger counts. ``before_attempt(scan_ids)``, if given,
+    runs inside each attempt's accounting (tests plant faults there: see jobs.testing).
     """
     if not rows:
         return
     if ledger_name is None:
-        _test_hooks([scan_ids[i] for i in rows], stage)
+        if before_attempt is not None:
+            before_attempt([scan_ids[i] for i in rows])
         process(rows)
         return
     ledger = ray.get_actor(ledger_name)
     ids = [scan_ids[i] for i in rows]
     crashes = ray.get(ledger.crashes.remote(ids))
     if not any(crashes.values()):
-        _attempt(ledger, ids, rows, process, stage)
+        _attempt(ledger, ids, rows, process, before_attempt)
         return
     for row, scan_id in zip(rows, ids, strict=True):
         if crashes[scan_id] >= MAX_CRASHES:
             fail(row, crash_reason(stage, crashes[scan_id]))  # stays marked: never tried again in this run
             continue
-        _attempt(ledger, [scan_id], [row], process, stage)
+        _attempt(ledger, [scan_id], [row], process, before_attempt)

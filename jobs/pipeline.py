@@ -1,22 +1,74 @@
-"""The Ray Data pipeline: CPU tasks decode and preprocess, scoring actors infer.
+"""The Ray side of a run: where workers go, and the Ray Data pipeline they form.
 
-Configuration travels as plain values (paths, dicts): workers load what they need.
+CPU tasks decode and preprocess (:func:`decode_batch`); scoring actors infer (:class:`jobs.scorer.Scorer`).
+:func:`scoring_pipeline` joins or starts Ray, plans the workers (:func:`plan_workers`), builds the dataset
+(:func:`build_dataset`) and cleans up after. Configuration reaches workers as plain values: they load what
+they need themselves.
 """
 
+import contextlib
+import dataclasses
+import logging
 import math
 import os
+import time
+import uuid
+from collections.abc import Callable
 
 import numpy as np
+import pyarrow as pa
 
-from jobs.ledger import TEST_HOOKS_ENV, process_guarded, retry_budget
+from jobs.config import JobError
+from jobs.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.scorer import Scorer
+from jobs.sink import DECODE_PROVENANCE
+
+logger = logging.getLogger(__name__)
 
 QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 # CPU tasks must not see GPUs (Ray shows every GPU to tasks that asked for none).
 CPU_STAGE_ENV = {"env_vars": {"CUDA_VISIBLE_DEVICES": "", **QUIET_TF}}
+SPATIAL_AXES = 3  # list-valued provenance (shape, spacing) has one value per spatial axis
 
 
-def decode_batch(batch, spec, ledger_name=None):
+@dataclasses.dataclass(frozen=True)
+class AttemptHooks:
+    """Callables given the scan_ids of each attempt, inside the crash ledger's accounting.
+
+    None in production. Tests plant faults in the real pipeline with them (:mod:`jobs.testing`).
+    """
+
+    decode: Callable | None = None
+    scoring: Callable | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerPlan:
+    """Where the scoring actors run: device, how many, CPUs reserved by each, TF threads (None: TF decides)."""
+
+    device: str
+    workers: int
+    cpus_per_worker: int
+    threads: int | None
+
+
+# --- the CPU stage --------------------------------------------------------------------------------------------
+
+
+def _empty_provenance(count):
+    """Zeroed NumPy columns for DECODE_PROVENANCE, typed from the schema."""
+    columns = {}
+    for field in DECODE_PROVENANCE:
+        if pa.types.is_string(field.type):
+            columns[field.name] = np.full(count, "", dtype=object)
+        elif pa.types.is_list(field.type):  # one value per spatial axis
+            columns[field.name] = np.zeros((count, SPATIAL_AXES), field.type.value_type.to_pandas_dtype())
+        else:
+            columns[field.name] = np.zeros(count, field.type.to_pandas_dtype())
+    return columns
+
+
+def decode_batch(batch, spec, ledger_name=None, before_attempt=None):
     """CPU stage: read, validate, decode and preprocess each scan; failures become error rows."""
     from jobs.volumes import ScanError, load_volume
 
@@ -27,13 +79,7 @@ def decode_batch(batch, spec, ledger_name=None):
         "volume": np.full(count, b"", dtype=object),
         "error": np.full(count, "", dtype=object),
         "stage": np.full(count, "", dtype=object),
-        "original_shape": np.zeros((count, 3), np.int32),
-        "voxel_spacing": np.zeros((count, 3), np.float32),
-        "orientation": np.full(count, "", dtype=object),
-        "source_dtype": np.full(count, "", dtype=object),
-        "read_s": np.zeros(count, np.float32),
-        "decode_s": np.zeros(count, np.float32),
-        "preprocess_s": np.zeros(count, np.float32),
+        **_empty_provenance(count),
     }
 
     def fail(i, reason, stage="decode"):
@@ -51,74 +97,161 @@ def decode_batch(batch, spec, ledger_name=None):
                 fail(i, f"{type(e).__name__}: {e}")
                 continue
             out["volume"][i] = tensor.tobytes()
-            out["original_shape"][i] = provenance["original_shape"]
-            out["voxel_spacing"][i] = provenance["voxel_spacing"]
-            out["orientation"][i] = provenance["orientation"]
-            out["source_dtype"][i] = provenance["dtype"]
-            for key in ("read_s", "decode_s", "preprocess_s"):
-                out[key][i] = provenance[key]
+            for name in DECODE_PROVENANCE.names:
+                out[name][i] = provenance[name]
 
-    process_guarded(ledger_name, batch["scan_id"], list(range(count)), process, fail, "decode")
+    process_guarded(ledger_name, batch["scan_id"], list(range(count)), process, fail, "decode", before_attempt)
     return out
 
 
-def build_dataset(
-    items,
-    *,
-    spec,
-    model_uri,
-    model_sha256,
-    mode,
-    batch_size,
-    device,
-    workers,
-    cpus_per_worker,
-    threads=None,
-    ledger_name=None,
-    precision="float32",
-):
-    """A lazy Ray Dataset of scored rows for ``items`` (dicts with scan_id and path)."""
+# --- placement ------------------------------------------------------------------------------------------------
+
+
+def connect_ray(ray_address, scoring_workers):
+    """Join the given cluster, or start a local Ray instance. Returns the local core count when it started one.
+
+    On a local instance each scoring actor gets a logical CPU of its own on top of every core, so that decode
+    tasks can use all cores while the model waits for input; the OS shares the cores between the two.
+    """
     import ray
 
+    if ray.is_initialized():
+        return None
+    address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    if address != "local":
+        ray.init(address=address)
+        return None
+    cores = os.cpu_count() or 1
+    ray.init(
+        address="local",
+        num_cpus=cores + scoring_workers,
+        include_dashboard=False,
+        runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}},
+    )
+    return cores
+
+
+def wait_for_gpus(wanted, seconds):
+    """Ask the autoscaler (if any) for ``wanted`` GPUs; wait up to ``seconds`` for them. Returns GPUs present."""
+    import ray
+    from ray.autoscaler.sdk import request_resources
+
+    deadline = time.monotonic() + seconds
+    request_resources(bundles=[{"GPU": 1}] * wanted)
+    while True:
+        gpus = int(ray.cluster_resources().get("GPU", 0))
+        if gpus >= wanted or time.monotonic() >= deadline:
+            return gpus
+        logger.info("waiting for GPUs: %d/%d", gpus, wanted)
+        time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
+
+
+def plan_workers(device, workers, wait_seconds=0.0, local_cores=None):
+    """The :class:`WorkerPlan` for the connected cluster; never asks for GPUs that do not exist."""
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    if device == "gpu" and wait_seconds > 0 and gpus < (workers or 1):
+        gpus = wait_for_gpus(workers or 1, wait_seconds)
+    if device == "auto":
+        device = "gpu" if gpus else "cpu"
+    if device == "gpu":
+        if gpus == 0:
+            raise JobError(
+                "--device gpu, but the Ray cluster has no GPUs (use --device cpu or auto, or --wait-for-gpus "
+                "SECONDS on an autoscaling cluster)"
+            )
+        workers = workers or gpus
+        if workers > gpus:
+            raise JobError(f"--workers {workers} GPU actors, but the cluster has only {gpus} GPUs")
+        return WorkerPlan(device, workers, 1, None)
+    if local_cores:  # our own instance: actors have extra logical CPUs; their threads span the cores
+        workers = workers or 1
+        return WorkerPlan(device, workers, 1, max(1, local_cores // workers))
+    # A cluster: scoring reserves about half the CPUs, decoding the rest.
+    workers = workers or max(1, cpus // 4)
+    per_worker = max(1, (cpus // 2) // workers)
+    return WorkerPlan(device, workers, per_worker, per_worker)
+
+
+# --- the dataset ----------------------------------------------------------------------------------------------
+
+
+def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, hooks=None):
+    """A lazy Ray Dataset of scored rows for ``items`` (dicts with scan_id and path).
+
+    ``config`` is the run's :class:`jobs.config.JobConfig`, ``plan`` its :class:`WorkerPlan`, ``spec`` the
+    model's preprocessing spec and ``model_sha256`` the verified artifact's hash (workers load exactly it).
+    """
+    import ray
+
+    hooks = hooks or AttemptHooks()
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Small blocks keep every decode slot busy; capped so huge manifests stay cheap to schedule.
     rows_per_block = max(1, min(8, math.ceil(len(items) / (4 * total_cpus))))
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"spec": spec, "ledger_name": ledger_name},
+        fn_kwargs={"spec": spec, "ledger_name": ledger_name, "before_attempt": hooks.decode},
         batch_size=rows_per_block,
         batch_format="numpy",
         num_cpus=1,
-        runtime_env=_with_test_hooks(CPU_STAGE_ENV),
+        runtime_env=CPU_STAGE_ENV,
         max_retries=retry_budget(rows_per_block),
     )
-    resources = {"num_gpus": 1, "num_cpus": 1} if device == "gpu" else {"num_cpus": cpus_per_worker}
+    resources = {"num_gpus": 1, "num_cpus": 1} if plan.device == "gpu" else {"num_cpus": plan.cpus_per_worker}
     return ds.map_batches(
         Scorer,
         fn_constructor_kwargs={
-            "model_uri": model_uri,
+            "model_uri": config.model,
             "model_sha256": model_sha256,
-            "mode": mode,
-            "batch_size": batch_size,
-            "threads": threads,
+            "mode": config.mode,
+            "batch_size": config.batch_size,
+            "threads": plan.threads,
             "ledger_name": ledger_name,
-            "precision": precision,
+            "precision": config.precision,
+            "before_attempt": hooks.scoring,
         },
-        batch_size=batch_size,
+        batch_size=config.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=workers),
+        compute=ray.data.ActorPoolStrategy(size=plan.workers),
         # CPU scoring actors must not grab a GPU the node happens to have.
-        runtime_env=_with_test_hooks({"env_vars": QUIET_TF if device == "gpu" else CPU_STAGE_ENV["env_vars"]}),
+        runtime_env={"env_vars": QUIET_TF if plan.device == "gpu" else CPU_STAGE_ENV["env_vars"]},
         max_restarts=-1,  # a dead scoring actor comes back (and reloads the model)...
-        max_task_retries=retry_budget(batch_size),  # ...but a batch is not retried forever
+        max_task_retries=retry_budget(config.batch_size),  # ...but a batch is not retried forever
         **resources,
     )
 
 
-def _with_test_hooks(runtime_env):
-    """Forward the tests' fault hooks (an environment variable of the driver) to the workers."""
-    hooks = os.environ.get(TEST_HOOKS_ENV)
-    if not hooks:
-        return runtime_env
-    return {**runtime_env, "env_vars": {**runtime_env["env_vars"], TEST_HOOKS_ENV: hooks}}
+@contextlib.contextmanager
+def scoring_pipeline(items, config, *, spec, model_sha256, hooks=None):
+    """Join (or start) Ray, plan the workers, and yield ``(plan, batches)``: scored rows as NumPy batches.
+
+    On exit: the crash ledger is ended, a GPU request to the autoscaler withdrawn, and a Ray instance this
+    function started is shut down.
+    """
+    import ray
+
+    local_cores = connect_ray(config.ray_address, config.workers or 1)
+    ledger = None
+    try:
+        plan = plan_workers(config.device, config.workers, config.wait_for_gpus, local_cores)
+        logger.debug("worker plan: %s", plan)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        ledger_name = f"vit3d-crash-ledger-{config.run_id}-{uuid.uuid4().hex[:8]}"
+        ledger = CrashLedger.options(name=ledger_name).remote()
+        dataset = build_dataset(
+            items, config, plan, spec=spec, model_sha256=model_sha256, ledger_name=ledger_name, hooks=hooks
+        )
+        yield plan, dataset.iter_batches(batch_size=None, batch_format="numpy")
+    finally:
+        if ledger is not None:
+            ray.kill(ledger)
+        if config.wait_for_gpus > 0:
+            from ray.autoscaler.sdk import request_resources
+
+            with contextlib.suppress(Exception):  # withdraw our GPU request so idle GPU nodes can go
+                request_resources(bundles=[])
+        if local_cores:
+            ray.shutdown()

@@ -7,6 +7,7 @@ scan never raises: it becomes an error row.
 """
 
 import contextlib
+import logging
 import os
 import time
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from jobs.ledger import process_guarded
 
-MODES = ("score", "embed")
+logger = logging.getLogger(__name__)
 LOADS_PER_PROCESS = {"count": 0}  # model deserializations in this worker process
 
 
@@ -48,9 +49,34 @@ def configure_tensorflow(threads=None):
 
 
 class Scorer:
-    """Ray Data callable class: ``batch`` of preprocessed scans in, result/error rows out."""
+    """Ray Data callable class: ``batch`` of preprocessed scans in, result/error rows out.
 
-    def __init__(self, model_uri, model_sha256, mode, batch_size, threads=None, ledger_name=None, precision="float32"):
+    Adds the outputs (``score`` and ``probabilities``, or ``embedding``) and the scoring-stage provenance
+    (``jobs.sink.SCORING_PROVENANCE``: ``infer_s``, ``device``, ``worker_pid``) to each batch.
+
+    Args:
+        model_uri: str. The artifact to load (local path or URI).
+        model_sha256: str. The sha256 the driver verified; any other file is refused.
+        mode: str. ``"score"`` or ``"embed"``.
+        batch_size: int. The compiled batch size; shorter batches are padded.
+        threads: int or None. TensorFlow's thread budget. Defaults to ``None`` (TensorFlow decides).
+        ledger_name: str or None. The crash ledger actor's name. Defaults to ``None`` (no crash accounting).
+        precision: str. ``"float32"`` or ``"mixed_bfloat16"``. Defaults to ``"float32"``.
+        before_attempt: callable or None. Given each attempt's scan_ids (tests plant faults with it).
+            Defaults to ``None``.
+    """
+
+    def __init__(
+        self,
+        model_uri,
+        model_sha256,
+        mode,
+        batch_size,
+        threads=None,
+        ledger_name=None,
+        precision="float32",
+        before_attempt=None,
+    ):
         tf = configure_tensorflow(threads)
         import vit3d
 
@@ -58,8 +84,10 @@ class Scorer:
         self.model, self.info = vit3d.load_with_info(model_uri, expected_sha256=model_sha256, dtype_policy=precision)
         LOADS_PER_PROCESS["count"] += 1
         self.load_s = time.perf_counter() - started
+        logger.info("loaded and verified %s in %.1f s", model_uri, self.load_s)
         self.mode = mode
         self.ledger_name = ledger_name
+        self.before_attempt = before_attempt
         self.batch_size = int(batch_size)
         self.input_shape = tuple(self.info.input_shape[1:])
         self.device = "gpu:" + os.environ["CUDA_VISIBLE_DEVICES"] if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
@@ -80,7 +108,7 @@ class Scorer:
         padded[:count] = volumes
         return np.asarray(self._infer(padded))[:count]
 
-    def _outputs(self, volumes):
+    def outputs(self, volumes):
         """Mode-specific output columns for a stack of volumes; raises on non-finite output."""
         raw = np.concatenate(
             [self._run(volumes[i : i + self.batch_size]) for i in range(0, len(volumes), self.batch_size)]
@@ -105,12 +133,12 @@ class Scorer:
         """Score ``rows`` together; if that fails, one at a time so only the bad scan fails."""
         volumes = np.stack([np.frombuffer(batch["volume"][i], np.float32).reshape(self.input_shape) for i in rows])
         try:
-            results = dict(zip(rows, _rows(self._outputs(volumes)), strict=True))
+            results = dict(zip(rows, _rows(self.outputs(volumes)), strict=True))
         except Exception:
             results = {}
             for i, volume in zip(rows, volumes, strict=True):
                 try:
-                    results[i] = next(_rows(self._outputs(volume[None])))
+                    results[i] = next(_rows(self.outputs(volume[None])))
                 except Exception as e:
                     errors[i] = f"{batch['path'][i]}: inference failed: {type(e).__name__}: {e}"
                     stages[i] = "infer"
@@ -136,6 +164,7 @@ class Scorer:
             lambda rows: self._score_rows(batch, rows, outputs, errors, stages),
             fail,
             "scoring",
+            self.before_attempt,
         )
         infer_s = (time.perf_counter() - started) / max(1, len(ok))
         out = {k: v for k, v in batch.items() if k != "volume"}  # volumes are dropped here

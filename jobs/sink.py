@@ -1,34 +1,279 @@
-"""The output location: results/ and errors/ Parquet datasets and runs/ reports.
+"""The output of a run, and where its exactly-once guarantee holds.
 
-Exactly once per (scan_id, model_sha256): the driver is the only writer, skips
-scans already in results/, drops duplicate rows of retried tasks, and commits
-each Parquet file whole (hidden staging name + rename locally; on object stores
-an object appears only when its upload completes). A killed run leaves only
-complete files, so rerunning the same command scores just what is missing.
+Exactly once per (scan_id, model_sha256), for any number of reruns of any manifest:
+
+1. **One writer.** The driver is the only process that writes the output, and only while it holds the
+   output's lock (``_lock.json``, with a heartbeat; a stale lock of a dead run is taken over).
+2. **Skip what is done.** Under the lock, :meth:`ResultSink.claim` reads the scan_ids already in ``results/``
+   for this model's sha256; the run scores only the others. Failed scans are never marked done.
+3. **No duplicates within a run.** :meth:`ResultSink.write` drops rows of scans it has already seen: Ray
+   repeats a task's rows when it retries the task after a worker died.
+4. **Whole files only.** Rows are committed as complete Parquet files through
+   :func:`vit3d.storage.write_bytes`: written under a hidden staging name, then moved into place (a rename
+   locally, a server-side copy on object stores), so a killed run leaves only complete files, and readers
+   skip hidden names. The next claim sweeps staging leftovers.
+
+A killed run therefore leaves complete files only, and rerunning the same command scores just what is missing.
+The columns of every file are declared here, once.
 """
 
 import contextlib
+import datetime as dt
 import io
 import json
+import logging
 import os
 import socket
 import threading
 import time
 import uuid
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from jobs.config import JobFailed
 from vit3d import storage
+
+logger = logging.getLogger(__name__)
 
 MARKER = "_vit3d_output.json"
 FORMAT_VERSION = 1
+KINDS = ("results", "errors")
+
+# --- The columns ----------------------------------------------------------------------------------------------
+# Result rows: KEY_SCHEMA, then the manifest's own columns unchanged, then SCORE_SCHEMA or EMBED_SCHEMA, then
+# PROVENANCE_SCHEMA. The decode stage fills DECODE_PROVENANCE (jobs.volumes measures it), the scoring stage
+# SCORING_PROVENANCE (jobs.scorer). Adding a column means adding it here and where its value is measured.
+UTC_TIME = pa.timestamp("us", tz="UTC")
+KEY_SCHEMA = pa.schema(
+    [
+        pa.field("scan_id", pa.string()),
+        pa.field("path", pa.string()),  # resolved: absolute path or URI
+        pa.field("model_sha256", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("scored_at", UTC_TIME),
+    ]
+)
+SCORE_SCHEMA = pa.schema(
+    [
+        pa.field("score", pa.float32()),  # 1 class: sigmoid; >= 2: 1 - softmax p(class 0, "normal")
+        pa.field("probabilities", pa.list_(pa.float32())),
+    ]
+)
+EMBED_SCHEMA = pa.schema([pa.field("embedding", pa.list_(pa.float32(), 1))])  # written [hidden_size] wide
+DECODE_PROVENANCE = pa.schema(
+    [
+        pa.field("original_shape", pa.list_(pa.int32())),  # 3 spatial axes, as stored
+        pa.field("voxel_spacing", pa.list_(pa.float32())),  # mm, 3 spatial axes
+        pa.field("orientation", pa.string()),  # as stored, e.g. "LPS"
+        pa.field("source_dtype", pa.string()),
+        pa.field("read_s", pa.float32()),
+        pa.field("decode_s", pa.float32()),
+        pa.field("preprocess_s", pa.float32()),
+    ]
+)
+SCORING_PROVENANCE = pa.schema(
+    [
+        pa.field("infer_s", pa.float32()),
+        pa.field("device", pa.string()),
+        pa.field("worker_pid", pa.int64()),
+    ]
+)
+PROVENANCE_SCHEMA = pa.schema([*DECODE_PROVENANCE, *SCORING_PROVENANCE])
+ERROR_SCHEMA = pa.schema(
+    [
+        pa.field("scan_id", pa.string()),
+        pa.field("path", pa.string()),
+        pa.field("run_id", pa.string()),
+        pa.field("model_sha256", pa.string()),
+        pa.field("stage", pa.string()),  # read, validate, decode, preprocess, infer
+        pa.field("error", pa.string()),  # names the file and the reason
+        pa.field("failed_at", UTC_TIME),
+    ]
+)
+# Manifest columns are carried into the results, so they must not take a result column's name.
+RESERVED_COLUMNS = frozenset(KEY_SCHEMA.names + SCORE_SCHEMA.names + EMBED_SCHEMA.names + PROVENANCE_SCHEMA.names)
+
+
+def result_schema(mode, manifest_schema, width):
+    """The results files' schema for ``mode``; ``width`` is the embedding size (embed mode)."""
+    outputs = SCORE_SCHEMA if mode == "score" else pa.schema([pa.field("embedding", pa.list_(pa.float32(), width))])
+    return pa.schema([*KEY_SCHEMA, *manifest_schema, *outputs, *PROVENANCE_SCHEMA])
+
+
+def _column(values, field):
+    """A pipeline batch's NumPy column as an Arrow array of ``field``'s type."""
+    kind = field.type
+    if pa.types.is_fixed_size_list(kind):
+        flat = pa.array(np.asarray(values, np.float32).reshape(-1), kind.value_type)
+        return pa.FixedSizeListArray.from_arrays(flat, kind.list_size)
+    if pa.types.is_list(kind):
+        return pa.array(list(np.asarray(values).astype(kind.value_type.to_pandas_dtype())), kind)
+    if pa.types.is_string(kind):
+        return pa.array(np.asarray(values).astype(str), kind)
+    return pa.array(np.asarray(values).astype(kind.to_pandas_dtype()), kind)
 
 
 class OutputError(Exception):
     """The output location cannot be used for this run."""
+
+
+class ResultSink:
+    """One run's output from start to end; the only writer, and where exactly-once holds (see the module).
+
+    Lifecycle, as Ray Data's ``Datasink``: :meth:`claim` (on write start), :meth:`write` per batch,
+    :meth:`complete` or :meth:`fail`, then :meth:`write_report` and :meth:`release`.
+
+    Args:
+        uri: str. The output folder or prefix (local path or URI).
+        mode: str. ``"score"`` or ``"embed"``: one output holds one mode.
+        run_id: str. This run's id.
+        model: vit3d.ArtifactInfo. The verified model (its sha256 keys exactly-once).
+        manifest: pyarrow.Table. The manifest; its columns beyond scan_id and path are carried into results.
+        rows_per_file: int. Rows gathered into one file. Defaults to ``50_000``.
+        flush_seconds: float. A file is also committed this often. Defaults to ``300.0``.
+    """
+
+    def __init__(self, uri, *, mode, run_id, model, manifest, rows_per_file=50_000, flush_seconds=300.0):
+        self.store = OutputStore(uri)
+        self.mode, self.run_id, self.model_sha256 = mode, run_id, model.sha256
+        self._manifest_extra = manifest.drop_columns(["scan_id", "path"])
+        self._manifest_row = {s: i for i, s in enumerate(manifest.column("scan_id").to_pylist())}
+        metadata = {**schema_metadata(model, mode), b"vit3d.run_id": run_id.encode()}
+        self._buffers = {
+            kind: _Buffer(self.store, kind, run_id, metadata, rows_per_file, flush_seconds) for kind in KINDS
+        }
+        self._seen = set()
+        self._lock = None
+        self.counts = {"ok": 0, "error": 0}
+
+    @property
+    def uri(self):
+        return self.store.uri
+
+    def claim(self):
+        """Take the output for this run; returns the scan_ids already scored by this model (to skip).
+
+        Refuses (OutputError) a foreign or other-mode folder, a finished run id, or a live run's lock.
+        """
+        try:
+            self.store.prepare(self.mode, self.run_id)  # refuse a foreign folder before writing anything into it
+            self._lock = OutputLock(self.store, self.run_id).acquire()
+            self.store.prepare(self.mode, self.run_id)  # again under the lock: a run may have finished this id
+            self.store.remove_staging_leftovers()
+            return self.store.done_scan_ids(self.model_sha256)
+        except (OutputError, OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
+            self.release()
+            raise OutputError(str(e)) from e
+
+    def write(self, batch):
+        """Take one batch of pipeline rows (NumPy columns): buffer the new ones, commit full files."""
+        scan_ids = batch["scan_id"]
+        fresh = np.array([s not in self._seen for s in scan_ids], dtype=bool)  # retried tasks repeat rows
+        self._seen.update(scan_ids.tolist())
+        failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
+        ok_rows, error_rows = np.flatnonzero(fresh & ~failed), np.flatnonzero(fresh & failed)
+        if len(ok_rows):
+            self._buffers["results"].add(self._result_table(batch, ok_rows))
+        if len(error_rows):
+            self._buffers["errors"].add(self._error_table(batch, error_rows))
+        self._buffers["results"].flush_if_due()
+        self._buffers["errors"].flush_if_due()
+        self.counts["ok"] += len(ok_rows)
+        self.counts["error"] += len(error_rows)
+
+    def complete(self):
+        """Commit everything buffered; returns ``{"results_files": [...], "errors_files": [...]}``."""
+        for buffer in self._buffers.values():
+            buffer.flush()
+        return {f"{kind}_files": list(buffer.files) for kind, buffer in self._buffers.items()}
+
+    def fail(self, error):
+        """The pipeline broke: commit what is buffered, as far as storage allows, and raise JobFailed."""
+        unsaved = 0
+        for buffer in self._buffers.values():
+            try:
+                buffer.flush()
+            except Exception:
+                unsaved += buffer.rows
+        kept = "all committed" if not unsaved else f"{unsaved} buffered rows could not be committed"
+        raise JobFailed(
+            f"the pipeline failed after {self.counts['ok']} scans were scored and {self.counts['error']} failed "
+            f"({kept}; rerunning the same command scores what is missing): {type(error).__name__}: {error}"
+        ) from error
+
+    def write_report(self, report):
+        """Write ``runs/<run_id>.json`` (what makes the run id finished); returns its URI."""
+        uri = self.store.child("runs", f"{self.run_id}.json")
+        storage.write_bytes(uri, json.dumps(report, indent=2).encode())
+        return uri
+
+    def release(self):
+        """Give the output back (stop the heartbeat, remove our lock). Safe to call more than once."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+
+    def _result_table(self, batch, rows):
+        count = len(rows)
+        width = np.asarray(batch["embedding"]).shape[1] if self.mode == "embed" else 0
+        extra = self._manifest_extra.take(pa.array([self._manifest_row[s] for s in batch["scan_id"][rows]], pa.int64()))
+        schema = result_schema(self.mode, extra.schema, width)
+        constants = {
+            "model_sha256": [self.model_sha256] * count,
+            "run_id": [self.run_id] * count,
+            "scored_at": [dt.datetime.now(dt.timezone.utc)] * count,
+        }
+        columns = []
+        for field in schema:
+            if field.name in extra.column_names:
+                columns.append(extra.column(field.name))
+            elif field.name in constants:
+                columns.append(pa.array(constants[field.name], field.type))
+            else:
+                columns.append(_column(batch[field.name][rows], field))
+        return pa.Table.from_arrays(columns, schema=schema)
+
+    def _error_table(self, batch, rows):
+        count = len(rows)
+        constants = {
+            "run_id": [self.run_id] * count,
+            "model_sha256": [self.model_sha256] * count,
+            "failed_at": [dt.datetime.now(dt.timezone.utc)] * count,
+        }
+        columns = [
+            pa.array(constants[f.name], f.type) if f.name in constants else _column(batch[f.name][rows], f)
+            for f in ERROR_SCHEMA
+        ]
+        return pa.Table.from_arrays(columns, schema=ERROR_SCHEMA)
+
+
+class _Buffer:
+    """Rows waiting to become one Parquet file of a sensible size."""
+
+    def __init__(self, store, kind, run_id, metadata, rows_per_file, flush_seconds):
+        self.store, self.kind, self.run_id, self.metadata = store, kind, run_id, metadata
+        self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
+        self.tables, self.rows, self.since, self.files = [], 0, time.monotonic(), []
+
+    def add(self, table):
+        self.tables.append(table)
+        self.rows += table.num_rows
+
+    def flush_if_due(self):
+        if self.rows >= self.rows_per_file or (self.rows and time.monotonic() - self.since >= self.flush_seconds):
+            self.flush()
+
+    def flush(self):
+        if self.rows:
+            table = pa.concat_tables(self.tables)
+            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
+            self.files.append(self.store.commit(self.kind, table, self.run_id))
+            logger.debug("committed %d %s rows to %s", self.rows, self.kind, self.files[-1])
+        self.tables, self.rows, self.since = [], 0, time.monotonic()
 
 
 class OutputLock:
@@ -54,7 +299,7 @@ class OutputLock:
 
     def _read(self):
         try:
-            return json.loads(storage.read_bytes(self.store._child(self.NAME)))
+            return json.loads(storage.read_bytes(self.store.child(self.NAME)))
         except FileNotFoundError:
             return None
         except ValueError:  # a torn or foreign lock file: treat as stale
@@ -68,7 +313,7 @@ class OutputLock:
             "pid": self.pid,
             "heartbeat": time.time(),
         }
-        storage.write_bytes(self.store._child(self.NAME), json.dumps(claim).encode())
+        storage.write_bytes(self.store.child(self.NAME), json.dumps(claim).encode())
 
     def _is_stale(self, lock):
         if not lock or "heartbeat" not in lock:
@@ -111,15 +356,18 @@ class OutputLock:
             self._thread.join()
         with contextlib.suppress(OSError, ValueError):
             if (self._read() or {}).get("token") == self.token:
-                storage.delete(self.store._child(self.NAME))
+                storage.delete(self.store.child(self.NAME))
 
 
 class OutputStore:
+    """The files of an output location; knows nothing of runs' rows (that is ResultSink's job)."""
+
     def __init__(self, uri):
         self.uri = str(uri).rstrip("/")
         self.filesystem, self.root = storage.resolve(self.uri)
 
-    def _child(self, *parts):
+    def child(self, *parts):
+        """The URI of ``parts`` under this location (a URI's query kept at the end)."""
         return storage.join(self.uri, *parts)
 
     def _exists(self, path):
@@ -133,7 +381,7 @@ class OutputStore:
             raise OutputError(f"{self.uri} is a file; --output must be a folder or prefix")
         if self._exists(marker_path):
             try:
-                marker = json.loads(storage.read_bytes(self._child(MARKER)))
+                marker = json.loads(storage.read_bytes(self.child(MARKER)))
             except ValueError as e:
                 raise OutputError(f"{self.uri}: {MARKER} is not readable JSON ({e}); is this our output?") from e
             if marker.get("mode") != mode:
@@ -149,7 +397,7 @@ class OutputStore:
                         "choose an empty or new location"
                     )
             marker = {"tool": "vit3d-batch", "format_version": FORMAT_VERSION, "mode": mode}
-            storage.write_bytes(self._child(MARKER), json.dumps(marker).encode())
+            storage.write_bytes(self.child(MARKER), json.dumps(marker).encode())
         if self._exists(f"{self.root}/runs/{run_id}.json"):
             raise OutputError(f"run id {run_id!r} already finished in {self.uri}: choose another --run-id")
 
@@ -177,12 +425,8 @@ class OutputStore:
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
         name = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-        storage.write_bytes(self._child(kind, name), buf.getvalue())
-        return self._child(kind, name)
-
-    def write_report(self, run_id, report):
-        storage.write_bytes(self._child("runs", f"{run_id}.json"), json.dumps(report, indent=2).encode())
-        return self._child("runs", f"{run_id}.json")
+        storage.write_bytes(self.child(kind, name), buf.getvalue())
+        return self.child(kind, name)
 
 
 def schema_metadata(info, mode):
@@ -194,13 +438,3 @@ def schema_metadata(info, mode):
         b"vit3d.model_config": json.dumps(info.config).encode(),
         b"vit3d.preprocessing": json.dumps(info.preprocessing).encode(),
     }
-
-
-def with_metadata(table, metadata):
-    return table.replace_schema_metadata({**(table.schema.metadata or {}), **metadata})
-
-
-def fixed_list(array, width):
-    """A (N, width) float32 array as fixed_size_list<float32>[width]."""
-    flat = pa.array(array.reshape(-1).astype("float32"), pa.float32())
-    return pa.FixedSizeListArray.from_arrays(flat, width)

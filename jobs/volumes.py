@@ -71,7 +71,7 @@ class Volume:
     dtype: str  # stored dtype name, e.g. "int16"
     slope: float
     inter: float
-    path: str = ""  # the file it came from, for error messages (not in the original contract; optional)
+    path: str = ""  # the file it came from, for error messages
 
 
 def read_scan(path: str) -> bytes:
@@ -288,7 +288,7 @@ def decode_nifti(data: bytes, path: str) -> Volume:
 # ----------------------------------------------------------------------------------------------- preprocess
 
 
-def _zoom_factors(shape, target):
+def zoom_factors(shape, target):
     """Per-axis factors for which scipy's round(n * f) is exactly ``target``."""
     factors = []
     for n, t in zip(shape, target, strict=True):
@@ -304,7 +304,7 @@ def _zoom_factors(shape, target):
     return factors
 
 
-def _zoom(array: np.ndarray, target, order: int) -> np.ndarray:
+def zoom(array: np.ndarray, target, order: int) -> np.ndarray:
     """``scipy.ndimage.zoom`` to exactly ``target`` shape, float32 output.
 
     Zooms a transposed view whose axes run from largest to smallest stride (for nibabel's Fortran-ordered
@@ -313,7 +313,7 @@ def _zoom(array: np.ndarray, target, order: int) -> np.ndarray:
     target = tuple(int(t) for t in target)
     perm = sorted(range(array.ndim), key=lambda ax: -abs(array.strides[ax]))
     view = array.transpose(perm)
-    factors = _zoom_factors(view.shape, [target[ax] for ax in perm])
+    factors = zoom_factors(view.shape, [target[ax] for ax in perm])
     out = scipy.ndimage.zoom(view, factors, output=np.float32, order=order)
     out = out.transpose(np.argsort(perm))
     if out.shape != target:
@@ -345,9 +345,9 @@ def preprocess(volume: Volume, spec: dict) -> np.ndarray:
         if math.prod(shape) * 4 > MAX_VOXEL_BYTES:
             reason = f"resampling to spacing {spacing.tolist()} mm would give a {shape} volume (too large)"
             raise ScanError("preprocess", path, reason)
-        array = _zoom(array, shape, order)
+        array = zoom(array, shape, order)
 
-    out = _zoom(array, spec["size"], order)
+    out = zoom(array, spec["size"], order)
     out = np.ascontiguousarray(out, dtype=np.float32)  # the small resized volume only; a fresh array
     if volume.slope != 1.0 or volume.inter != 0.0:
         out *= np.float32(volume.slope)
@@ -383,7 +383,10 @@ def _all_finite(array: np.ndarray) -> bool:
 
 
 def load_volume(path: str, spec: dict) -> tuple[np.ndarray, dict]:
-    """read -> decode -> preprocess: (model input, provenance). Raises ScanError naming the failing stage."""
+    """read -> decode -> preprocess: (model input, provenance). Raises ScanError naming the failing stage.
+
+    The provenance keys are the decode-stage columns of the results (``jobs.sink.DECODE_PROVENANCE``).
+    """
     t0 = time.perf_counter()
     data = read_scan(path)
     t1 = time.perf_counter()
@@ -395,7 +398,7 @@ def load_volume(path: str, spec: dict) -> tuple[np.ndarray, dict]:
         "original_shape": [int(n) for n in volume.data.shape],
         "voxel_spacing": [float(z) for z in volume.zooms],
         "orientation": volume.orientation,
-        "dtype": volume.dtype,
+        "source_dtype": volume.dtype,
         "read_s": t1 - t0,
         "decode_s": t2 - t1,
         "preprocess_s": t3 - t2,

@@ -1,7 +1,7 @@
 """Reliability: no bad scan, dead worker or killed job loses, duplicates or hides a result.
 
 Faults are real: bad files written byte by byte, worker and driver processes killed by PID
-with SIGKILL. The only planted part is ``JOBS_TEST_HOOKS``, which makes a chosen scan kill
+with SIGKILL. The only planted part is a ``jobs.testing`` fault, which makes a chosen scan kill
 its own worker (as an out-of-memory kill would), slows batches down so more are in flight, or holds
 one scan until the test releases it, so that a kill certainly lands with work still to come.
 Tests wait on what they can observe (committed rows, a lock file), never on a fixed sleep.
@@ -29,8 +29,9 @@ from keras_test_models import SeedViT
 from test_volumes import edited, raw_header, write_raw
 
 import vit3d
-from jobs.ledger import MAX_CRASHES, TEST_HOOKS_ENV
+from jobs.ledger import MAX_CRASHES
 from jobs.score import JobError, run
+from jobs.testing import hooks as fault_hooks
 from jobs.volumes import ScanError, decode_nifti
 
 
@@ -204,7 +205,7 @@ def archive16(tmp_path):
     return rows, write_csv(tmp_path / "manifest.csv", rows)
 
 
-def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_path, monkeypatch):
+def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_path):
     """The scoring actor that has scored rows is killed while scans are still to come: a new one finishes."""
     model_path, _ = tiny_model
     rows, manifest = archive16
@@ -212,14 +213,13 @@ def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_pa
     held, release = rows[-1]["scan_id"], tmp_path / "release"
     # Slow batches keep more in flight at the kill; the held scan guarantees work remains after it, however
     # fast or slow this machine is.
-    hooks = {"scoring": {"sleep_s": 0.4}, "decode": hold_hook(held, release)}
-    monkeypatch.setenv(TEST_HOOKS_ENV, json.dumps(hooks))
+    hooks = fault_hooks(scoring={"sleep_s": 0.4}, decode=hold_hook(held, release))
     outcome = {}
 
     def job():
         try:
             outcome["report"] = run(
-                manifest, model_path, output, device="cpu", batch_size=2, rows_per_file=2, progress=False
+                manifest, model_path, output, device="cpu", batch_size=2, rows_per_file=2, progress=False, hooks=hooks
             )
         except BaseException as e:  # reported by the assertions below
             outcome["error"] = e
@@ -250,18 +250,17 @@ def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_pa
     )
 
 
-def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16, tmp_path, monkeypatch):
+def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16, tmp_path):
     """One poison scan per stage: bounded retries, one error row each, the rest of their batches scored."""
     model_path, _ = tiny_model
     rows, manifest = archive16
-    monkeypatch.setenv(
-        TEST_HOOKS_ENV, json.dumps({"scoring": {"kill_on_scan": "s005"}, "decode": {"kill_on_scan": "s010"}})
-    )
+    hooks = fault_hooks(scoring={"kill_on_scan": "s005"}, decode={"kill_on_scan": "s010"})
+    output = str(tmp_path / "out")
     report = run(
-        manifest, model_path, str(tmp_path / "out"), device="cpu", batch_size=4, max_error_rate=0.2, progress=False
+        manifest, model_path, output, device="cpu", batch_size=4, max_error_rate=0.2, progress=False, hooks=hooks
     )
     assert report["counts"] == {"manifest": 16, "skipped_done": 0, "ok": 14, "error": 2}
-    errors = {e["scan_id"]: e for e in pads.dataset(str(tmp_path / "out" / "errors")).to_table().to_pylist()}
+    errors = {e["scan_id"]: e for e in pads.dataset(os.path.join(output, "errors")).to_table().to_pylist()}
     assert sorted(errors) == ["s005", "s010"]
     assert errors["s005"]["stage"] == "infer" and errors["s010"]["stage"] == "decode"
     for e in errors.values():
@@ -271,14 +270,16 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
 
 
 def start_driver(manifest, model, output, gcs_address, hooks, log, run_id="nightly"):
-    """`python -m jobs.score` as its own process, joined to the session's Ray instance; output to ``log``
-    (a file, not a pipe nobody reads while it runs: a full pipe would stall the driver)."""
-    env = {**os.environ, TEST_HOOKS_ENV: json.dumps(hooks), "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR])}
+    """`jobs.score`'s command line as its own process (through ``python -m jobs.testing FAULTS``, which plants
+    ``hooks``), joined to the session's Ray instance; output to ``log`` (a file, not a pipe nobody reads while it
+    runs: a full pipe would stall the driver)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR])}
     return subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "jobs.score",
+            "jobs.testing",
+            json.dumps(hooks),
             "--manifest",
             manifest,
             "--model",

@@ -208,6 +208,7 @@ CLI_FLAGS = [
     "--device",
     "--workers",
     "--max-error-rate",
+    "--log-format",
     "--run-id",
     "--model-sha256",
     "--precision",

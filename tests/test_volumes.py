@@ -11,6 +11,7 @@ import pytest
 import scipy.ndimage
 
 from jobs import volumes as V
+from jobs.sink import DECODE_PROVENANCE
 from vit3d.preprocessing import normalize_spec
 
 LPS = np.array([[-0.9, 0, 0, 30.0], [0, -1.1, 0, 40.0], [0, 0, 2.0, -20.0], [0, 0, 0, 1]])
@@ -195,7 +196,7 @@ def test_preprocess_shape_and_dtype_exact(tmp_path, rng, shape, size, dtype):
 def test_zoom_factors_hit_every_target():
     for n in range(1, 400, 7):
         for t in (1, 2, 3, 31, 64, 96, 127, 128, 333):
-            (f,) = V._zoom_factors([n], [t])
+            (f,) = V.zoom_factors([n], [t])
             assert round(n * f) == t
 
 
@@ -291,11 +292,11 @@ def test_transposed_zoom_equals_plain_zoom(rng, order):
     data = np.asfortranarray(rng.normal(size=(37, 50, 23)).astype(np.float32))
     target = (16, 24, 20)
     plain = scipy.ndimage.zoom(data, [t / n for t, n in zip(target, data.shape, strict=True)], order=order)
-    np.testing.assert_allclose(V._zoom(data, target, order), plain, atol=1e-5)
+    np.testing.assert_allclose(V.zoom(data, target, order), plain, atol=1e-5)
     view = np.flip(data, 0).transpose(1, 2, 0)  # a reoriented-like view: flip + transpose
     target = (24, 20, 16)
     plain = scipy.ndimage.zoom(view, [t / n for t, n in zip(target, view.shape, strict=True)], order=order)
-    np.testing.assert_allclose(V._zoom(view, target, order), plain, atol=1e-5)
+    np.testing.assert_allclose(V.zoom(view, target, order), plain, atol=1e-5)
 
 
 def test_load_volume_provenance(tmp_path, rng):
@@ -307,14 +308,15 @@ def test_load_volume_provenance(tmp_path, rng):
         "original_shape",
         "voxel_spacing",
         "orientation",
-        "dtype",
+        "source_dtype",
         "read_s",
         "decode_s",
         "preprocess_s",
     }
+    assert set(prov) == set(DECODE_PROVENANCE.names), "provenance keys are the results' decode-stage columns"
     assert prov["original_shape"] == [21, 22, 23]
     np.testing.assert_allclose(prov["voxel_spacing"], [0.9, 1.1, 2.0], rtol=1e-6)
-    assert prov["orientation"] == "LPS" and prov["dtype"] == "int16"
+    assert prov["orientation"] == "LPS" and prov["source_dtype"] == "int16"
     assert all(isinstance(prov[k], float) and prov[k] >= 0 for k in ("read_s", "decode_s", "preprocess_s"))
 
 

@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import logging
 import os
 import tempfile
 import zipfile
@@ -31,6 +32,7 @@ FORMAT = "vit3d-artifact"
 FORMAT_VERSION = 1
 PROBE_SEED = 20240611
 PROBE_ATOL = 1e-5
+logger = logging.getLogger(__name__)
 _METADATA = "metadata.json"
 _CONFIG = "config.json"
 _WEIGHTS = "model.weights.h5"
@@ -89,7 +91,7 @@ def probe_input(shape, seed=PROBE_SEED):
     return (4.0 * unit - 2.0).astype(np.float32).reshape(shape)
 
 
-def _without_tf32(fn):
+def without_tf32(fn):
     """Run ``fn`` with TF32 matmuls off, so a GPU reproduces a float32 probe to 1e-5."""
     import tensorflow as tf
 
@@ -114,7 +116,7 @@ def probe_outputs(model, x):
             for i, t in enumerate(keras.tree.flatten(out))
         }
 
-    return _without_tf32(run)
+    return without_tf32(run)
 
 
 def model_input_shape(model):
@@ -160,7 +162,24 @@ def _decode_arrays(text):
 def save(model, path, preprocessing=None):
     """Write ``model`` as ONE verified ``.keras`` file at ``path`` (local or URI).
 
+    The file also carries the preprocessing spec, the weight-array count and a probe (a fixed input and
+    the model's outputs on it), which :func:`load` checks before it returns a model.
+
+    Args:
+        model: keras.Model. A built single-input model of a registered class (e.g. :class:`vit3d.ViT3D`).
+        path: str or path-like. Where to write; the name must end in ``.keras``. Local path or URI (s3://…).
+        preprocessing: dict or None. The preprocessing spec (see ``vit3d.preprocessing``). Defaults to
+            ``None`` (RAS, resize to the model's input, z-score).
+
     Returns the :class:`ArtifactInfo` of what was written, sha256 included.
+
+    Example:
+
+    >>> model = vit3d.ViT3D(32, 8, hidden_size=48, mlp_dim=96, num_layers=2, num_heads=4, classification=True)
+    >>> model.build(model.volume_shape)
+    >>> info = vit3d.save(model, "/tmp/tiny.keras")
+    >>> len(info.sha256)
+    64
     """
     path = os.fspath(path)
     if not storage.name_of(path).endswith(".keras"):
@@ -209,7 +228,9 @@ def save(model, path, preprocessing=None):
             out.writestr(info, data)
     blob = buf.getvalue()
     storage.write_bytes(path, blob)
-    return _info(path, blob, zipfile.ZipFile(io.BytesIO(blob)))
+    info = _info(path, blob, zipfile.ZipFile(io.BytesIO(blob)))
+    logger.info("saved %s (%d weight arrays, sha256 %s)", path, weight_count, info.sha256[:12])
+    return info
 
 
 def _count_weight_arrays(h5_source):
@@ -277,7 +298,18 @@ def _info(path, data, archive):
 
 
 def inspect(path):
-    """Read an artifact's :class:`ArtifactInfo` (sha256, preprocessing, config) without building it."""
+    """Read an artifact's :class:`ArtifactInfo` (sha256, preprocessing, config) without building it.
+
+    Args:
+        path: str or path-like. The ``.keras`` file (local path or URI).
+
+    Raises :class:`ArtifactError` (a subclass saying which) if the file is missing, damaged or not an artifact.
+
+    Example:
+
+    >>> vit3d.inspect("/tmp/tiny.keras").input_shape
+    (None, 32, 32, 32, 1)
+    """
     path = os.fspath(path)
     data = _read(path)
     return _info(path, data, _open_archive(path, data))
@@ -335,6 +367,7 @@ def load_with_info(path, expected_sha256=None, probe_atol=PROBE_ATOL, dtype_poli
     with archive.open(_WEIGHTS) as weights:
         saved_arrays = _count_weight_arrays(weights)
     verify(model, path, saved_arrays, record["probe"], probe_atol)
+    logger.debug("loaded %s: %d variables, probe reproduced", path, saved_arrays)
     if dtype_policy and dtype_policy != "float32":
         model = with_dtype_policy(model, dtype_policy)
     return model, info
@@ -346,8 +379,20 @@ def load(path, expected_sha256=None, probe_atol=PROBE_ATOL, dtype_policy=None):
     Before returning, checks that every layer is built, that the model has as
     many variables as the file has weight arrays, and that the stored probe is
     reproduced within ``probe_atol``. Raises :class:`ArtifactError` (a subclass
-    saying which check failed) naming the file and the reason. ``dtype_policy``
-    (e.g. "mixed_bfloat16", for GPUs) is applied after the float32 verification.
+    saying which check failed) naming the file and the reason.
+
+    Args:
+        path: str or path-like. The ``.keras`` file (local path or URI).
+        expected_sha256: str or None. Refuse the file (ChecksumMismatchError) unless its sha256 is this.
+            Defaults to ``None``.
+        probe_atol: float. Largest accepted deviation from the stored probe outputs. Defaults to ``1e-5``.
+        dtype_policy: str or None. E.g. ``"mixed_bfloat16"`` (GPUs), applied after the float32
+            verification. Defaults to ``None`` (float32).
+
+    Example:
+
+    >>> model = vit3d.load("/tmp/tiny.keras", expected_sha256=info.sha256)
+    >>> logits, vectors = model(x), model.embed(x)
     """
     return load_with_info(path, expected_sha256, probe_atol, dtype_policy)[0]
 

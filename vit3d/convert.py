@@ -394,7 +394,7 @@ def monai_parity(model, state_dict, monai_kwargs, x):
         from monai.networks.nets import ViT
     except ImportError:
         return None
-    from vit3d.artifact import _without_tf32
+    from vit3d.artifact import without_tf32
 
     kwargs = dict(monai_kwargs)
     if "pos_embed" in kwargs:
@@ -424,7 +424,7 @@ def monai_parity(model, state_dict, monai_kwargs, x):
             keras.ops.convert_to_numpy(model.encode(x, training=False)),
         )
 
-    ours, tokens = _without_tf32(run)
+    ours, tokens = without_tf32(run)
     return {
         "output": float(np.max(np.abs(ours - out.numpy()))),
         "tokens": float(np.max(np.abs(tokens - captured["tokens"].numpy()))),

@@ -55,6 +55,11 @@ class PatchProjection3D(keras.layers.Layer):
         patch_size: int or 3 ints. Kernel size and stride along (D, H, W).
         in_channels: int. Channels of the input volume.
         filters: int. Output features per patch (the ViT's hidden size).
+
+    Example:
+
+    >>> PatchProjection3D(patch_size=8, in_channels=1, filters=48)(np.zeros((2, 32, 32, 32, 1), "float32")).shape
+    TensorShape([2, 64, 48])
     """
 
     def __init__(self, patch_size, in_channels, filters, **kwargs):
@@ -99,6 +104,11 @@ class PatchEmbedding3D(keras.layers.Layer):
         in_channels: int. Channels of the input volume.
         hidden_size: int. Token width.
         dropout_rate: float. Dropout on the embedded tokens. Defaults to ``0.0``.
+
+    Example:
+
+    >>> PatchEmbedding3D((32, 32, 16), (8, 8, 4), in_channels=1, hidden_size=48)(np.zeros((2, 32, 32, 16, 1))).shape
+    TensorShape([2, 64, 48])
     """
 
     def __init__(self, img_size, patch_size, in_channels, hidden_size, dropout_rate=0.0, **kwargs):
@@ -151,6 +161,18 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     """Self-attention with one fused qkv projection laid out [q | k | v], head-major.
 
     The fused layout is MONAI's, so its weights map onto this layer by a transpose.
+
+    Args:
+        hidden_size: int. Token width; must divide by ``num_heads``.
+        num_heads: int. Attention heads.
+        qkv_bias: bool. Whether the qkv projection has a bias. Defaults to ``False`` (MONAI's default).
+        dropout_rate: float. Dropout on the attention weights and the output. Defaults to ``0.0``.
+
+    Example:
+
+    >>> attention = MultiHeadSelfAttention(hidden_size=64, num_heads=4)
+    >>> attention(np.zeros((2, 9, 64), "float32")).shape
+    TensorShape([2, 9, 64])
     """
 
     def __init__(self, hidden_size, num_heads, qkv_bias=False, dropout_rate=0.0, **kwargs):
@@ -206,7 +228,18 @@ class MultiHeadSelfAttention(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class MLPBlock(keras.layers.Layer):
-    """Dense → exact (erf) GELU → dropout → Dense → dropout."""
+    """Dense → exact (erf) GELU → dropout → Dense → dropout.
+
+    Args:
+        hidden_size: int. Token width (input and output).
+        mlp_dim: int. Width of the hidden layer.
+        dropout_rate: float. Dropout after the GELU and after the output. Defaults to ``0.0``.
+
+    Example:
+
+    >>> MLPBlock(hidden_size=64, mlp_dim=256)(np.zeros((2, 9, 64), "float32")).shape
+    TensorShape([2, 9, 64])
+    """
 
     def __init__(self, hidden_size, mlp_dim, dropout_rate=0.0, **kwargs):
         super().__init__(**kwargs)
@@ -242,7 +275,22 @@ class MLPBlock(keras.layers.Layer):
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
 class TransformerBlock(keras.layers.Layer):
-    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm block: x + attn(norm1(x)), then x + mlp(norm2(x)).
+
+    Args:
+        hidden_size: int. Token width.
+        mlp_dim: int. Width of the MLP's hidden layer.
+        num_heads: int. Attention heads; must divide ``hidden_size``.
+        dropout_rate: float. Dropout in attention and MLP. Defaults to ``0.0``.
+        qkv_bias: bool. Whether the qkv projection has a bias. Defaults to ``False``.
+        layer_norm_epsilon: float. LayerNorm epsilon. Defaults to ``1e-5`` (torch's, so MONAI weights match).
+
+    Example:
+
+    >>> block = TransformerBlock(hidden_size=64, mlp_dim=256, num_heads=4)
+    >>> block(np.zeros((2, 9, 64), "float32")).shape
+    TensorShape([2, 9, 64])
+    """
 
     def __init__(
         self,

@@ -20,6 +20,28 @@ class ViT3D(keras.Model):
 
     ``post_activation`` (None or "tanh") is applied to the head output; MONAI's
     default is Tanh, ours is None so that ``call`` returns logits.
+
+    Args:
+        img_size: int or 3 ints. Input volume size (D, H, W); must tile exactly by ``patch_size``.
+        patch_size: int or 3 ints. Patch size along (D, H, W).
+        in_channels: int. Input channels. Defaults to ``1``.
+        hidden_size: int. Token width. Defaults to ``768``.
+        mlp_dim: int. Width of each block's MLP. Defaults to ``3072``.
+        num_layers: int. Transformer blocks. Defaults to ``12``.
+        num_heads: int. Attention heads; must divide ``hidden_size``. Defaults to ``12``.
+        classification: bool. Add a class token and a dense head. Defaults to ``False``.
+        num_classes: int. Head outputs (with ``classification``). Defaults to ``2``.
+        dropout_rate: float. Dropout everywhere, in [0, 1]. Defaults to ``0.0``.
+        qkv_bias: bool. Bias on the fused qkv projection. Defaults to ``False``.
+        layer_norm_epsilon: float. LayerNorm epsilon. Defaults to ``1e-5`` (torch's).
+        post_activation: str or None. ``"tanh"`` on the head output, or None (logits). Defaults to ``None``.
+
+    Example:
+
+    >>> model = vit3d.ViT3D(img_size=(96, 96, 64), patch_size=(16, 16, 8), hidden_size=384, mlp_dim=1536,
+    ...                     num_layers=8, num_heads=6, classification=True)
+    >>> model.build(model.volume_shape)
+    >>> logits, vectors = model(x), model.embed(x)  # x: float32 (B, 96, 96, 64, 1)
     """
 
     def __init__(

@@ -1,0 +1,165 @@
+"""Every option of ``jobs.score``, defined once: its type, default, validation and ``--help`` text.
+
+``JobConfig`` is what the driver passes around; ``jobs.score``'s argparse parser is generated from its
+fields, so a flag, its default and its help can never drift apart.
+"""
+
+import argparse
+import dataclasses
+import re
+
+MODES = ("score", "embed")
+DEVICES = ("auto", "gpu", "cpu")
+PRECISIONS = ("float32", "mixed_bfloat16")
+LOG_FORMATS = ("text", "json")
+RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
+
+
+class JobError(Exception):
+    """Nothing was scored: a usage, manifest, model or output problem (exit 2)."""
+
+
+class JobFailed(Exception):
+    """The pipeline broke mid-run; what was scored is committed and a rerun resumes (exit 1)."""
+
+
+def option(default=dataclasses.MISSING, *, help, flag=True, **argparse_kwargs):
+    """A JobConfig field; ``help`` and ``argparse_kwargs`` become its command-line flag (none if ``flag`` is False)."""
+    metadata = {"help": help, "flag": flag, "argparse": argparse_kwargs}
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class JobConfig:
+    """One scoring run's options; constructing it validates them (``JobError`` with a short message).
+
+    Args:
+        manifest: str. Manifest (CSV, Parquet or JSON Lines) listing ``scan_id`` and ``path``; local path or URI.
+        model: str. The ``.keras`` artifact written by ``vit3d.save``; local path or URI.
+        output: str. Output folder or prefix; ``results/``, ``errors/`` and ``runs/`` go under it.
+        mode: str. ``"score"`` (anomaly score + class probabilities) or ``"embed"`` (one vector per scan).
+            Defaults to ``"score"``.
+        batch_size: int. Scans per inference call. Defaults to ``8``.
+        device: str. ``"gpu"``, ``"cpu"`` or ``"auto"``. Defaults to ``"auto"``.
+        workers: int or None. Scoring actors. Defaults to ``None`` (one per GPU; on CPU, 1 locally, else CPUs/4).
+        max_error_rate: float. Largest failed fraction that still exits 0. Defaults to ``0.01``.
+        run_id: str or None. The run's name in results and ``runs/``. Defaults to ``None`` (time + random).
+        model_sha256: str or None. Refuse the model unless its sha256 is this. Defaults to ``None``.
+        ray_address: str or None. Ray cluster to join. Defaults to ``None`` ($RAY_ADDRESS, else a local instance).
+        wait_for_gpus: float. Seconds to wait for the autoscaler's GPUs with ``device="gpu"``. Defaults to ``0.0``.
+        rows_per_file: int. Rows gathered into one Parquet file. Defaults to ``50_000``.
+        flush_seconds: float. A file is also committed this often. Defaults to ``300.0``.
+        precision: str. ``"float32"`` or ``"mixed_bfloat16"`` (GPUs). Defaults to ``"float32"``.
+        progress: bool. Log progress while running. Defaults to ``True`` (``--quiet`` turns it off).
+        log_format: str. ``"text"`` or ``"json"`` log lines (command line only). Defaults to ``"text"``.
+
+    Example:
+
+    >>> config = JobConfig("manifest.csv", "model.keras", "out/", device="cpu", batch_size=4)
+    >>> config.batch_size
+    4
+    """
+
+    manifest: str = option(
+        help="CSV, Parquet or JSON Lines with scan_id and path columns (local path or URI: s3://, gs://, "
+        "file://); other columns are carried into the results",
+        required=True,
+    )
+    model: str = option(help="the .keras artifact written by vit3d.save (local path or URI)", required=True)
+    output: str = option(help="output folder or prefix: results/, errors/, runs/ go under it", required=True)
+    mode: str = option(
+        "score",
+        choices=MODES,
+        help="score: anomaly score in [0, 1] and class probabilities; embed: one vector per scan",
+    )
+    batch_size: int = option(8, type=int, help="scans per inference call (fixed; last batch padded)")
+    device: str = option(
+        "auto",
+        choices=DEVICES,
+        help="gpu: one scoring actor per GPU; cpu: CPU scoring actors; auto: gpu if the cluster has GPUs",
+    )
+    workers: int | None = option(
+        None, type=int, help="scoring actors (default: one per GPU; on CPU, 1 on a local instance, else CPUs/4)"
+    )
+    max_error_rate: float = option(
+        0.01,
+        type=float,
+        help="largest fraction of failed scans that still exits 0 (default %(default)s); above it, exit 3",
+    )
+    run_id: str | None = option(None, help="name of this run in the results and runs/ (default: time + random)")
+    model_sha256: str | None = option(None, help="refuse the model unless its sha256 is this")
+    ray_address: str | None = option(
+        None, help="Ray cluster to join (default: $RAY_ADDRESS, else a new local Ray instance)"
+    )
+    wait_for_gpus: float = option(
+        0.0,
+        type=float,
+        metavar="SECONDS",
+        help="with --device gpu: ask the autoscaler for the GPUs and wait up to SECONDS for them "
+        "(default 0: use the GPUs present now)",
+    )
+    rows_per_file: int = option(
+        50_000,
+        type=int,
+        help="rows gathered into one Parquet file before it is committed (default %(default)s; a file is "
+        "also committed every 5 minutes, so a killed run loses little)",
+    )
+    flush_seconds: float = option(300.0, flag=False, help="a file is committed at least this often")
+    precision: str = option(
+        "float32",
+        choices=PRECISIONS,
+        help="mixed_bfloat16: compute in bfloat16 (for GPUs; applied after the model's float32 verification; "
+        "slower on CPU)",
+    )
+    progress: bool = option(
+        True, help="no progress lines; warnings and errors only", flag="--quiet", action="store_false"
+    )
+    log_format: str = option("text", choices=LOG_FORMATS, help="text: one line per event; json: one JSON object")
+
+    def __post_init__(self):
+        for name in ("manifest", "model", "output"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                raise JobError(f"--{name} must be a non-empty path or URI")
+        for name, allowed in (("mode", MODES), ("device", DEVICES), ("precision", PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise JobError(f"--{flag_of(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        if self.log_format not in LOG_FORMATS:
+            raise JobError(f"--log-format must be one of {', '.join(LOG_FORMATS)}, got {self.log_format!r}")
+        if self.batch_size < 1 or self.rows_per_file < 1 or (self.workers is not None and self.workers < 1):
+            raise JobError("--batch-size, --workers and --rows-per-file must be at least 1")
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise JobError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
+        if self.wait_for_gpus < 0 or self.flush_seconds <= 0:
+            raise JobError("--wait-for-gpus must be at least 0 (and flush_seconds above 0)")
+        if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
+            raise JobError(
+                f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (and not start with '.')"
+            )
+
+    def replace(self, **changes):
+        """A copy with ``changes`` applied, validated again."""
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_args(cls, args):
+        """The config of parsed command-line ``args`` (from :func:`parser`)."""
+        return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.metadata["flag"]})
+
+
+def flag_of(name):
+    return name.replace("_", "-")
+
+
+def parser(**kwargs):
+    """argparse for every JobConfig field that has a flag: names, defaults, choices and help from the fields."""
+    p = argparse.ArgumentParser(**kwargs)
+    for field in dataclasses.fields(JobConfig):
+        flag = field.metadata["flag"]
+        if not flag:
+            continue
+        names = [flag] if isinstance(flag, str) else [f"--{flag_of(field.name)}"]
+        extra = dict(field.metadata["argparse"])
+        if field.default is not dataclasses.MISSING:
+            extra["default"] = field.default
+        p.add_argument(*names, dest=field.name, help=field.metadata["help"], **extra)
+    return p

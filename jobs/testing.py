@@ -1,0 +1,70 @@
+"""Faults planted in the real pipeline, for tests only: nothing in production imports this module.
+
+A :class:`Fault` runs inside each attempt's crash accounting (``jobs.ledger.process_guarded``), given the
+scan_ids of the attempt, exactly where a real crash would happen. :func:`hooks` turns per-stage faults into
+the ``AttemptHooks`` that ``jobs.score.run(..., hooks=...)`` passes to the workers.
+
+For a driver in its own process::
+
+    python -m jobs.testing '{"scoring": {"kill_on_scan": "s002"}}' --manifest M --model P --output O ...
+
+runs ``jobs.score``'s command line with those faults.
+"""
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+
+from jobs.pipeline import AttemptHooks
+
+
+@dataclasses.dataclass(frozen=True)
+class Fault:
+    """What a stage does before processing an attempt's scans.
+
+    Args:
+        sleep_s: float. Sleep this long first (slow batches keep more in flight). Defaults to ``0.0``.
+        kill_on_scan: str or None. SIGKILL the worker when this scan is in the attempt. Defaults to ``None``.
+        hold_on_scan: str or None. When this scan is in the attempt, wait, in flight, until ``release_file``
+            exists. Defaults to ``None``.
+        release_file: str or None. See ``hold_on_scan``. Defaults to ``None``.
+    """
+
+    sleep_s: float = 0.0
+    kill_on_scan: str | None = None
+    hold_on_scan: str | None = None
+    release_file: str | None = None
+
+    def __call__(self, scan_ids):
+        scan_ids = [str(s) for s in scan_ids]
+        if self.sleep_s:
+            time.sleep(self.sleep_s)
+        if self.hold_on_scan in scan_ids:
+            while not os.path.exists(self.release_file):
+                time.sleep(0.05)
+        if self.kill_on_scan in scan_ids:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def hooks(decode=None, scoring=None):
+    """AttemptHooks from per-stage fault settings: dicts of :class:`Fault`'s arguments, or Faults."""
+
+    def fault(value):
+        return value if value is None or isinstance(value, Fault) else Fault(**value)
+
+    return AttemptHooks(decode=fault(decode), scoring=fault(scoring))
+
+
+def main(argv=None):
+    """``python -m jobs.testing FAULTS_JSON [jobs.score flags...]``."""
+    from jobs.score import main as score_main
+
+    argv = sys.argv[1:] if argv is None else argv
+    return score_main(argv[1:], hooks=hooks(**json.loads(argv[0])))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

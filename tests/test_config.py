@@ -1,0 +1,96 @@
+"""One definition per idea: JobConfig drives the CLI, the sink's schemas drive the columns, logging is configurable."""
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+from conftest import REPO_ROOT, fresh_python
+
+from jobs.config import JobConfig, JobError, parser
+from jobs.score import main
+from jobs.sink import ERROR_SCHEMA, KEY_SCHEMA, PROVENANCE_SCHEMA, RESERVED_COLUMNS, SCORE_SCHEMA
+
+REQUIRED = ["--manifest", "m.csv", "--model", "m.keras", "--output", "out"]
+
+
+def test_cli_defaults_are_the_config_defaults():
+    parsed = JobConfig.from_args(parser().parse_args(REQUIRED))
+    assert parsed == JobConfig("m.csv", "m.keras", "out")
+    unflagged = {f.name for f in dataclasses.fields(JobConfig) if not f.metadata["flag"]}
+    assert unflagged == {"flush_seconds"}, "every option but the file-commit interval is a flag"
+    help_text = parser().format_help()
+    for field in dataclasses.fields(JobConfig):
+        flag = field.metadata["flag"]
+        if flag:
+            name = flag if isinstance(flag, str) else "--" + field.name.replace("_", "-")
+            assert name in help_text, name
+
+
+def test_every_flag_reaches_the_config():
+    argv = REQUIRED + ["--mode", "embed", "--batch-size", "3", "--device", "cpu", "--workers", "2",
+                       "--max-error-rate", "0.5", "--run-id", "night-1", "--model-sha256", "ab",
+                       "--ray-address", "127.0.0.1:1", "--wait-for-gpus", "5", "--rows-per-file", "9",
+                       "--precision", "mixed_bfloat16", "--quiet", "--log-format", "json"]  # fmt: skip
+    config = JobConfig.from_args(parser().parse_args(argv))
+    assert config == JobConfig(
+        "m.csv", "m.keras", "out", mode="embed", batch_size=3, device="cpu", workers=2, max_error_rate=0.5,
+        run_id="night-1", model_sha256="ab", ray_address="127.0.0.1:1", wait_for_gpus=5.0, rows_per_file=9,
+        precision="mixed_bfloat16", progress=False, log_format="json",
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "options,message",
+    [
+        ({"batch_size": 0}, "at least 1"),
+        ({"workers": 0}, "at least 1"),
+        ({"max_error_rate": 1.5}, "between 0 and 1"),
+        ({"device": "tpu"}, "--device must be one of auto, gpu, cpu"),
+        ({"mode": "segment"}, "--mode must be one of score, embed"),
+        ({"precision": "float16"}, "--precision"),
+        ({"run_id": "../escape"}, "--run-id '../escape'"),
+        ({"wait_for_gpus": -1}, "--wait-for-gpus"),
+    ],
+)
+def test_config_validates_itself(options, message):
+    with pytest.raises(JobError, match=re.escape(message)):
+        JobConfig("m.csv", "m.keras", "out", **options)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        JobConfig("m.csv", "m.keras", "out").batch_size = 2
+
+
+def test_json_logs_and_quiet(tmp_path, capsys):
+    """--log-format json: one JSON object per line; the exit code and the message stay the same."""
+    args = ["--manifest", str(tmp_path / "absent.csv"), "--model", "m.keras", "--output", str(tmp_path / "o")]
+    assert main([*args, "--log-format", "json"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    record = json.loads(line)
+    assert record["level"] == "ERROR" and record["logger"] == "jobs.score"
+    assert "nothing scored: manifest problem" in record["message"] and "absent.csv" in record["message"]
+    assert main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("jobs.score: nothing scored: manifest problem") and len(err.strip().splitlines()) == 1
+
+
+def test_readme_documents_every_output_column():
+    readme = Path(REPO_ROOT, "README.md").read_text()
+    table = readme[readme.index("**Output**") :]
+    names = set(KEY_SCHEMA.names + SCORE_SCHEMA.names + PROVENANCE_SCHEMA.names + ERROR_SCHEMA.names) | {"embedding"}
+    assert names <= RESERVED_COLUMNS | set(ERROR_SCHEMA.names)
+    missing = sorted(n for n in names if f"`{n}" not in table and f" {n}" not in table and f"{n}," not in table)
+    assert not missing, f"README's output table does not name {missing}"
+
+
+def test_production_modules_never_import_test_code_and_benches_import_cleanly():
+    script = (
+        "import sys\n"
+        "import jobs.score, jobs.pipeline, jobs.sink, jobs.scorer, jobs.ledger, jobs.manifest, jobs.demo\n"
+        "assert 'jobs.testing' not in sys.modules, 'production imported jobs.testing'\n"
+        "import bench.pipeline, bench.scale, bench.decode, bench.train_step, bench.cpu\n"
+        "print(bench.cpu.header('x').splitlines()[1])\n"
+    )
+    proc = fresh_python(["-c", script], cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1].startswith("# CPU: ")
