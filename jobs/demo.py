@@ -172,7 +172,10 @@ def main(argv=None):
     info = vit3d.save(model, os.path.join(root, "model.keras"), preprocessing=spec)
     print(f"[demo] saved {info.path} (sha256 {info.sha256[:12]}...)")
 
+    from jobs.logs import configure_logging
     from jobs.score import run, summary
+
+    configure_logging()  # the job's progress lines, as jobs.score's command line shows them
 
     print("[demo] scoring the archive on a local Ray instance")
     report = run(

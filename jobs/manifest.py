@@ -24,6 +24,7 @@ import datetime as dt
 import fnmatch
 import io
 import json
+import logging
 import os
 import posixpath
 import sys
@@ -35,7 +36,10 @@ import pyarrow.json as pajson
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
+from jobs.logs import configure_logging
 from vit3d import storage
+
+logger = logging.getLogger(__name__)
 
 REQUIRED = ("scan_id", "path")
 DEFAULT_GLOB = "**/*.nii.gz"
@@ -309,6 +313,7 @@ def _parser():
 
 
 def main(argv=None) -> int:
+    configure_logging()
     try:
         args = _parser().parse_args(argv)
         _format_of(args.out)  # fail on a bad --out before listing a large archive
@@ -317,12 +322,12 @@ def main(argv=None) -> int:
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
     except ManifestError as e:
-        print(f"jobs.manifest: error: {e}", file=sys.stderr)
+        logger.error("error: %s", e)
         return 2
     try:
         storage.write_bytes(args.out, data)
     except (OSError, ValueError) as e:
-        print(f"jobs.manifest: error: cannot write {args.out}: {e}", file=sys.stderr)
+        logger.error("error: cannot write %s: %s", args.out, e)
         return 1
     print(f"{table.num_rows} scans listed from {args.root} into {args.out}")
     return 0

@@ -10,7 +10,6 @@ committed; rerun the same command).
 
 import dataclasses
 import datetime as dt
-import json
 import logging
 import sys
 import time
@@ -19,6 +18,7 @@ import uuid
 import numpy as np
 
 from jobs.config import JobConfig, JobError, JobFailed, parser
+from jobs.logs import configure_logging
 from jobs.manifest import ManifestError, read_manifest
 from jobs.pipeline import scoring_pipeline
 from jobs.scorer import configure_tensorflow
@@ -226,35 +226,6 @@ def summary(report):
 
 
 # --- command line -----------------------------------------------------------------------------------------------
-
-
-class JsonLogFormatter(logging.Formatter):
-    """One JSON object per line: time (UTC, ISO 8601), level, logger, message (and the exception, if any)."""
-
-    def format(self, record):
-        entry = {
-            "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
-def configure_logging(progress=True, log_format="text"):
-    """The CLI's logging: ``jobs`` and ``vit3d`` to stderr; INFO with progress, else warnings and errors only."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter("%(name)s: %(message)s"))
-    level = logging.INFO if progress else logging.WARNING
-    for name in ("jobs", "vit3d"):
-        package_logger = logging.getLogger(name)
-        package_logger.handlers[:] = [handler]
-        package_logger.setLevel(level)
-        package_logger.propagate = False
-    if not progress:
-        logging.getLogger("ray").setLevel(logging.WARNING)  # Ray Data's own per-dataset INFO lines
 
 
 def build_parser():
