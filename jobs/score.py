@@ -156,7 +156,7 @@ def run_job(config, hooks=None):
         scored = {"loads": {}, "plan": {"device": config.device, "workers": config.workers}, "first_result_at": None}
         if pending:
             scored = _score(pending, config, spec, info, sink, hooks)
-        files = sink.complete()
+        files = sink.complete()  # (already committed after scoring: this only lists the files)
         counts = {"manifest": manifest.num_rows, "skipped_done": manifest.num_rows - len(pending), **sink.counts}
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
         report["report_path"] = sink.write_report(report)
@@ -177,7 +177,7 @@ def _score(pending, config, spec, info, sink, hooks):
                 for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
                     loads[str(pid)] = max(loads.get(str(pid), 0), n)
                 progress.update(sink.counts)
-            sink.complete()
+            sink.complete()  # the last files too: a storage failure here is also a JobFailed
         except Exception as e:
             sink.fail(e)  # raises JobFailed
         progress.update(sink.counts, final=True)

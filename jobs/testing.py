@@ -31,15 +31,26 @@ class Fault:
         hold_on_scan: str or None. When this scan is in the attempt, wait, in flight, until ``release_file``
             exists. Defaults to ``None``.
         release_file: str or None. See ``hold_on_scan``. Defaults to ``None``.
+        rendezvous_dir: str or None. Each attempt marks its process in this folder, then waits until
+            ``rendezvous_count`` processes have marked it: so that many workers surely take part. Defaults
+            to ``None``.
+        rendezvous_count: int. See ``rendezvous_dir``. Defaults to ``2``.
     """
 
     sleep_s: float = 0.0
     kill_on_scan: str | None = None
     hold_on_scan: str | None = None
     release_file: str | None = None
+    rendezvous_dir: str | None = None
+    rendezvous_count: int = 2
 
     def __call__(self, scan_ids):
         scan_ids = [str(s) for s in scan_ids]
+        if self.rendezvous_dir:
+            os.makedirs(self.rendezvous_dir, exist_ok=True)
+            open(os.path.join(self.rendezvous_dir, str(os.getpid())), "a").close()
+            while len(os.listdir(self.rendezvous_dir)) < self.rendezvous_count:
+                time.sleep(0.05)
         if self.sleep_s:
             time.sleep(self.sleep_s)
         if self.hold_on_scan in scan_ids:

@@ -16,6 +16,7 @@ from conftest import fresh_python, write_archive, write_csv
 import vit3d
 from jobs.score import JobError, main, run
 from jobs.scorer import scores_from_logits
+from jobs.testing import hooks as fault_hooks
 from jobs.volumes import load_volume
 from vit3d import storage
 
@@ -134,9 +135,12 @@ def test_gpu_actors_are_pinned_one_per_gpu(ray_cluster, tiny_model, archive, tmp
     """ray.init(num_gpus=2) on a CPU machine: two actors see CUDA_VISIBLE_DEVICES 0 and 1, both score."""
     model_path, _ = tiny_model
     _, _, manifest = archive
+    # Each scoring attempt waits until both actors have begun one: however unevenly they start, both score.
+    both = fault_hooks(scoring={"rendezvous_dir": str(tmp_path / "rendezvous"), "rendezvous_count": 2})
     report = run(
-        manifest, model_path, str(tmp_path / "gpu"), device="gpu", batch_size=1, max_error_rate=0.2, progress=False
-    )
+        manifest, model_path, str(tmp_path / "gpu"), device="gpu", batch_size=1, max_error_rate=0.2, progress=False,
+        hooks=both,
+    )  # fmt: skip
     assert report["config"]["device"] == "gpu" and report["config"]["workers"] == 2
     table = pads.dataset(str(tmp_path / "gpu" / "results"), format="parquet").to_table(columns=["device"])
     devices = table["device"].to_pylist()
