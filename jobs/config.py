@@ -42,7 +42,10 @@ class JobConfig:
         batch_size: int. Scans per inference call. Defaults to ``8``.
         device: str. ``"gpu"``, ``"cpu"`` or ``"auto"``. Defaults to ``"auto"``.
         workers: int or None. Scoring actors. Defaults to ``None`` (one per GPU; on CPU, 1 locally, else CPUs/4).
-        max_error_rate: float. Largest failed fraction that still exits 0. Defaults to ``0.01``.
+        max_error_rate: float. Largest failed fraction of the attempted scans that still exits 0. Defaults to
+            ``0.01``.
+        retry_failed: bool. Also retry known-bad scans (last error at validate, decode or preprocess, file
+            unchanged since), which are otherwise skipped. Defaults to ``False``.
         run_id: str or None. The run's name in results and ``runs/``. Defaults to ``None`` (time + random).
         model_sha256: str or None. Refuse the model unless its sha256 is this. Defaults to ``None``.
         ray_address: str or None. Ray cluster to join. Defaults to ``None`` ($RAY_ADDRESS, else a local instance).
@@ -84,7 +87,15 @@ class JobConfig:
     max_error_rate: float = option(
         0.01,
         type=float,
-        help="largest fraction of failed scans that still exits 0 (default %(default)s); above it, exit 3",
+        help="largest fraction of failed scans that still exits 0 (default %(default)s); above it, exit 3. "
+        "The fraction is of the scans attempted: scans skipped as done or known bad do not count",
+    )
+    retry_failed: bool = option(
+        False,
+        action="store_true",
+        help="also retry known-bad scans. Without it, a scan whose last error was at validate, decode or "
+        "preprocess is skipped (counted as skipped_known_bad) while its file is unchanged: same path, size "
+        "and mtime. Failures at read (missing file, storage), at infer or by a worker's death are always retried",
     )
     run_id: str | None = option(None, help="name of this run in the results and runs/ (default: time + random)")
     model_sha256: str | None = option(None, help="refuse the model unless its sha256 is this")

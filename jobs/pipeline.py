@@ -21,7 +21,7 @@ import pyarrow as pa
 from jobs.config import JobError
 from jobs.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.scorer import Scorer
-from jobs.sink import DECODE_PROVENANCE
+from jobs.sink import DECODE_PROVENANCE, PERMANENT_STAGES, source_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,11 @@ def _empty_provenance(count):
 
 
 def decode_batch(batch, spec, ledger_name=None, before_attempt=None):
-    """CPU stage: read, validate, decode and preprocess each scan; failures become error rows."""
+    """CPU stage: read, validate, decode and preprocess each scan; failures become error rows.
+
+    Each file is stat'ed just before it is read (its fingerprint, kept in error rows): a file replaced after the
+    stat has another fingerprint at the next run, so it is never taken for the bad file it replaced.
+    """
     from jobs.volumes import ScanError, load_volume
 
     count = len(batch["scan_id"])
@@ -79,6 +83,9 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None):
         "volume": np.full(count, b"", dtype=object),
         "error": np.full(count, "", dtype=object),
         "stage": np.full(count, "", dtype=object),
+        "permanent": np.zeros(count, dtype=bool),
+        "source_size": np.full(count, -1, dtype=np.int64),  # the fingerprint; -1: unknown
+        "source_mtime": np.full(count, -1, dtype=np.int64),
         **_empty_provenance(count),
     }
 
@@ -89,9 +96,13 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None):
         for i in rows:
             path = str(batch["path"][i])
             try:
+                fingerprint = source_fingerprint(path)  # before the read: see above
+                if fingerprint is not None:
+                    out["source_size"][i], out["source_mtime"][i] = fingerprint
                 tensor, provenance = load_volume(path, spec)
             except ScanError as e:
                 out["error"][i], out["stage"][i] = str(e), e.stage
+                out["permanent"][i] = e.stage in PERMANENT_STAGES
                 continue
             except Exception as e:  # a bug or an unforeseen file: still one error row, never a failed job
                 fail(i, f"{type(e).__name__}: {e}")

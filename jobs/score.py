@@ -3,9 +3,9 @@
 One run: read the manifest → verify the model → claim the output (:class:`jobs.sink.ResultSink`) → run the
 Ray pipeline (:func:`jobs.pipeline.scoring_pipeline`) into the sink → write the run report.
 
-Exit codes: 0 finished within the error budget; 3 finished over it; 2 nothing scored because of a usage,
-manifest, model or output problem (the message says which); 1 the pipeline broke mid-run (what was scored is
-committed; rerun the same command).
+Exit codes: 0 finished within the error budget (failed / attempted: scans skipped as done or known bad are not
+attempted); 3 finished over it; 2 nothing scored because of a usage, manifest, model or output problem (the
+message says which); 1 the pipeline broke mid-run (what was scored is committed; rerun the same command).
 """
 
 import dataclasses
@@ -120,7 +120,7 @@ def run(manifest, model, output, *, hooks=None, **options):
 
     >>> report = run("manifest.csv", "model.keras", "out/", device="cpu")  # doctest: +SKIP
     >>> report["counts"]  # doctest: +SKIP
-    {'manifest': 41, 'skipped_done': 0, 'ok': 40, 'error': 1}
+    {'manifest': 41, 'skipped_done': 0, 'skipped_known_bad': 0, 'ok': 40, 'error': 1}
     """
     return run_job(JobConfig(manifest, model, output, **options), hooks=hooks)
 
@@ -145,24 +145,50 @@ def run_job(config, hooks=None):
     except OutputError as e:
         raise JobError(f"output problem: {e}") from e
     try:
-        pending = [
-            {"scan_id": s, "path": p}
-            for s, p in zip(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist(), strict=True)
-            if s not in done
-        ]
+        paths = dict(zip(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist(), strict=True))
+        known_bad = _known_bad(sink, {s: p for s, p in paths.items() if s not in done}, config.retry_failed)
+        pending = [{"scan_id": s, "path": p} for s, p in paths.items() if s not in done and s not in known_bad]
+        skipped_done = len(done & paths.keys())
         logger.info(
-            "%d scans in the manifest, %d already done, %d to score", manifest.num_rows, len(done), len(pending)
+            "%d scans in the manifest, %d already done, %d known bad, %d to score",
+            manifest.num_rows,
+            skipped_done,
+            len(known_bad),
+            len(pending),
         )
         scored = {"loads": {}, "plan": {"device": config.device, "workers": config.workers}, "first_result_at": None}
         if pending:
             scored = _score(pending, config, spec, info, sink, hooks)
         files = sink.complete()  # (already committed after scoring: this only lists the files)
-        counts = {"manifest": manifest.num_rows, "skipped_done": manifest.num_rows - len(pending), **sink.counts}
+        counts = {
+            "manifest": manifest.num_rows,
+            "skipped_done": skipped_done,
+            "skipped_known_bad": len(known_bad),
+            **sink.counts,
+        }
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
         report["report_path"] = sink.write_report(report)
         return report
     finally:
         sink.release()
+
+
+def _known_bad(sink, candidates, retry_failed):
+    """The scan_ids of ``candidates`` (not done) that are skipped as known bad: none with ``--retry-failed``."""
+    if retry_failed or not candidates:
+        return set()
+    try:
+        known_bad = sink.known_bad(candidates)
+    except OutputError as e:
+        raise JobError(f"output problem: {e}") from e
+    if known_bad:
+        logger.info(
+            "skipping %d known-bad scans (their last error judged the file, which is unchanged since; "
+            "--retry-failed tries them again): %s",
+            len(known_bad),
+            ", ".join(sorted(known_bad)[:5]) + (", …" if len(known_bad) > 5 else ""),
+        )
+    return known_bad
 
 
 def _score(pending, config, spec, info, sink, hooks):
@@ -217,7 +243,8 @@ def summary(report):
         [
             f"run {report['run_id']}: {report['status']}",
             f"  manifest {c['manifest']} scans: {c['skipped_done']} already done (skipped), "
-            f"{c['ok']} scored, {c['error']} failed (error rate {report['error_rate']:.2%})",
+            f"{c['skipped_known_bad']} known bad (skipped: unchanged since they failed), "
+            f"{c['ok']} scored, {c['error']} failed (error rate {report['error_rate']:.2%} of attempted)",
             f"  {report['wall_s']:.1f} s, {report['throughput_scans_per_s'] or 0:.2f} scans/s, "
             f"model {report['model']['sha256'][:12]}, loads per worker {report['model']['loads_per_worker']}",
             f"  results: {out}/results/   errors: {out}/errors/   report: {report['report_path']}",
@@ -232,8 +259,11 @@ def build_parser():
     return parser(
         prog="python -m jobs.score",
         description="Score every scan of a manifest with a verified vit3d model; results land in Parquet.",
-        epilog="Exit codes: 0 done within the error budget; 3 done but over it; 2 nothing scored (usage, "
-        "manifest, model or output problem); 1 the run broke mid-way (scored scans are kept: rerun to resume).",
+        epilog="Reruns skip scans already scored, and known-bad scans: those whose last error was at validate, "
+        "decode or preprocess and whose file (path, size and mtime) is unchanged since; other failures (storage, "
+        "a worker's death, inference) are retried. Exit codes: 0 done within the error budget (failed / "
+        "attempted); 3 done but over it; 2 nothing scored (usage, manifest, model or output problem); 1 the run "
+        "broke mid-way (scored scans are kept: rerun to resume).",
     )
 
 

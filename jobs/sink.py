@@ -5,7 +5,9 @@ Exactly once per (scan_id, model_sha256), for any number of reruns of any manife
 1. **One writer.** The driver is the only process that writes the output, and only while it holds the
    output's lock (``_lock.json``, with a heartbeat; a stale lock of a dead run is taken over).
 2. **Skip what is done.** Under the lock, :meth:`ResultSink.claim` reads the scan_ids already in ``results/``
-   for this model's sha256; the run scores only the others. Failed scans are never marked done.
+   for this model's sha256; the run scores only the others. Failed scans are never marked done, but a scan known
+   to be bad is skipped: :meth:`ResultSink.known_bad` (its last error judged the file's bytes, and the file is
+   unchanged since).
 3. **No duplicates within a run.** :meth:`ResultSink.write` drops rows of scans it has already seen: Ray
    repeats a task's rows when it retries the task after a worker died.
 4. **Whole files only.** Rows are committed as complete Parquet files through
@@ -92,8 +94,17 @@ ERROR_SCHEMA = pa.schema(
         pa.field("stage", pa.string()),  # read, validate, decode, preprocess, infer
         pa.field("error", pa.string()),  # names the file and the reason
         pa.field("failed_at", UTC_TIME),
+        # True: a verdict on the file's bytes (a validate, decode or preprocess ScanError), not retried while the
+        # file's fingerprint is unchanged. False: storage, a worker's death, inference or an unforeseen error.
+        pa.field("permanent", pa.bool_()),
+        # The file's fingerprint, stat'ed before it was read (null: it could not be stat'ed). In pipeline batches
+        # these are int64 (bytes; microseconds since the epoch) with -1 for unknown.
+        pa.field("source_size", pa.int64()),
+        pa.field("source_mtime", UTC_TIME),
     ]
 )
+FINGERPRINT_COLUMNS = ("source_size", "source_mtime")
+PERMANENT_STAGES = frozenset({"validate", "decode", "preprocess"})
 # Manifest columns are carried into the results, so they must not take a result column's name.
 RESERVED_COLUMNS = frozenset(KEY_SCHEMA.names + SCORE_SCHEMA.names + EMBED_SCHEMA.names + PROVENANCE_SCHEMA.names)
 
@@ -115,6 +126,19 @@ def _column(values, field):
     if pa.types.is_string(kind):
         return pa.array(np.asarray(values).astype(str), kind)
     return pa.array(np.asarray(values).astype(kind.to_pandas_dtype()), kind)
+
+
+def source_fingerprint(uri):
+    """``(size, mtime)`` of the scan at ``uri`` (bytes, microseconds since the epoch), from one stat (a HEAD on
+    object storage); None when it cannot be stat'ed (missing, not a file, no mtime, unreachable)."""
+    try:
+        filesystem, path = storage.resolve(uri)
+        info = filesystem.get_file_info(path)
+    except (OSError, ValueError):  # ValueError: pyarrow's ArrowInvalid for a URI it does not understand
+        return None
+    if info.type != pafs.FileType.File or info.size is None or info.mtime_ns is None:
+        return None
+    return int(info.size), int(info.mtime_ns) // 1000
 
 
 class OutputError(Exception):
@@ -168,6 +192,28 @@ class ResultSink:
         except (OutputError, OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
             self.release()
             raise OutputError(str(e)) from e
+
+    def known_bad(self, pending):
+        """The scan_ids of ``pending`` (scan_id -> path, not done) to skip as known bad. Call after :meth:`claim`.
+
+        A scan is known bad when its latest error row for this model (by ``failed_at``) is ``permanent`` and
+        names the same path, and the file's fingerprint (size, mtime) now equals the one recorded. One stat per
+        such scan; every other scan (transient or unknown failures, old rows without a fingerprint, a file
+        that is missing now) is retried.
+        """
+        try:
+            latest = self.store.latest_errors(self.model_sha256, pending)
+        except (OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
+            raise OutputError(f"{self.uri}: cannot read errors/: {e}") from e
+        skip = set()
+        for scan_id, row in latest.items():
+            if not row["permanent"] or row["path"] != pending[scan_id]:
+                continue
+            if row["source_size"] is None or row["source_mtime"] is None:
+                continue
+            if source_fingerprint(pending[scan_id]) == (row["source_size"], row["source_mtime"]):
+                skip.add(scan_id)
+        return skip
 
     def write(self, batch):
         """Take one batch of pipeline rows (NumPy columns): buffer the new ones, commit full files."""
@@ -244,10 +290,15 @@ class ResultSink:
             "model_sha256": [self.model_sha256] * count,
             "failed_at": [dt.datetime.now(dt.timezone.utc)] * count,
         }
-        columns = [
-            pa.array(constants[f.name], f.type) if f.name in constants else _column(batch[f.name][rows], f)
-            for f in ERROR_SCHEMA
-        ]
+        columns = []
+        for f in ERROR_SCHEMA:
+            if f.name in constants:
+                columns.append(pa.array(constants[f.name], f.type))
+            elif f.name in FINGERPRINT_COLUMNS:  # -1: unknown
+                values = np.asarray(batch[f.name][rows], np.int64)
+                columns.append(pa.array(values, pa.int64(), mask=values < 0).cast(f.type))
+            else:
+                columns.append(_column(batch[f.name][rows], f))
         return pa.Table.from_arrays(columns, schema=ERROR_SCHEMA)
 
 
@@ -419,6 +470,28 @@ class OutputStore:
         dataset = pads.dataset(results, format="parquet", filesystem=self.filesystem)
         table = dataset.to_table(columns=["scan_id"], filter=pads.field("model_sha256") == model_sha256)
         return set(table.column("scan_id").to_pylist())
+
+    def latest_errors(self, model_sha256, scan_ids):
+        """scan_id -> its latest error row (dict) for this model, for the scans in ``scan_ids``.
+
+        Files written before a column existed read it as null (the dataset is read with ERROR_SCHEMA);
+        ``source_mtime`` comes as microseconds since the epoch, as :func:`source_fingerprint` gives it.
+        """
+        errors = f"{self.root}/errors"
+        if not scan_ids or not self._exists(errors):
+            return {}
+        dataset = pads.dataset(errors, schema=ERROR_SCHEMA, format="parquet", filesystem=self.filesystem)
+        table = dataset.to_table(
+            columns=["scan_id", "path", "failed_at", "permanent", *FINGERPRINT_COLUMNS],
+            filter=pads.field("model_sha256") == model_sha256,
+        )
+        mtime = table.schema.get_field_index("source_mtime")
+        table = table.set_column(mtime, "source_mtime", table.column(mtime).cast(pa.int64()))
+        latest = {}
+        for row in table.sort_by("failed_at").to_pylist():
+            if row["scan_id"] in scan_ids:
+                latest[row["scan_id"]] = row
+        return latest
 
     def commit(self, kind, table, run_id):
         """Write ``table`` as one complete Parquet file under ``kind`` (results or errors)."""

@@ -32,12 +32,13 @@ def test_every_flag_reaches_the_config():
     argv = REQUIRED + ["--mode", "embed", "--batch-size", "3", "--device", "cpu", "--workers", "2",
                        "--max-error-rate", "0.5", "--run-id", "night-1", "--model-sha256", "ab",
                        "--ray-address", "127.0.0.1:1", "--wait-for-gpus", "5", "--rows-per-file", "9",
-                       "--precision", "mixed_bfloat16", "--quiet", "--log-format", "json"]  # fmt: skip
+                       "--precision", "mixed_bfloat16", "--quiet", "--log-format", "json",
+                       "--retry-failed"]  # fmt: skip
     config = JobConfig.from_args(parser().parse_args(argv))
     assert config == JobConfig(
         "m.csv", "m.keras", "out", mode="embed", batch_size=3, device="cpu", workers=2, max_error_rate=0.5,
         run_id="night-1", model_sha256="ab", ray_address="127.0.0.1:1", wait_for_gpus=5.0, rows_per_file=9,
-        precision="mixed_bfloat16", progress=False, log_format="json",
+        precision="mixed_bfloat16", progress=False, log_format="json", retry_failed=True,
     )  # fmt: skip
 
 

@@ -138,7 +138,13 @@ def test_every_bad_scan_gives_one_error_row_and_its_batch_is_scored(ray_cluster,
     report = run(
         manifest, model_path, str(tmp_path / "out"), device="cpu", batch_size=4, max_error_rate=1.0, progress=False
     )
-    assert report["counts"] == {"manifest": len(rows), "skipped_done": 0, "ok": 8, "error": len(expected)}
+    assert report["counts"] == {
+        "manifest": len(rows),
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 8,
+        "error": len(expected),
+    }
     errors = pads.dataset(str(tmp_path / "out" / "errors"), format="parquet").to_table().to_pylist()
     assert sorted(e["scan_id"] for e in errors) == sorted(expected), "exactly one error row per bad scan"
     paths = {r["scan_id"]: str(folder / r["path"]) for r in rows}
@@ -150,6 +156,9 @@ def test_every_bad_scan_gives_one_error_row_and_its_batch_is_scored(ray_cluster,
         else:
             assert e["stage"] in ("validate", "decode"), e
         assert words.lower() in e["error"].lower(), e
+        assert e["permanent"] == (e["stage"] != "read"), e  # a verdict on the bytes; read failures are retried
+        fingerprint = None if e["stage"] == "read" else os.path.getsize(e["path"])
+        assert e["source_size"] == fingerprint and (e["source_mtime"] is None) == (fingerprint is None), e
     results = pads.dataset(str(tmp_path / "out" / "results"), format="parquet").to_table(columns=["scan_id"])
     assert sorted(results["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in good)
 
@@ -241,7 +250,7 @@ def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_pa
     assert not worker.is_alive(), "the run did not finish in 900 s"
     assert "error" not in outcome, repr(outcome.get("error"))
     report = outcome["report"]
-    assert report["counts"] == {"manifest": 16, "skipped_done": 0, "ok": 16, "error": 0}
+    assert report["counts"] == {"manifest": 16, "skipped_done": 0, "skipped_known_bad": 0, "ok": 16, "error": 0}
     ids = results_of(output)["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows), "every scan exactly once"
     loads = report["model"]["loads_per_worker"]
@@ -259,12 +268,13 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
     report = run(
         manifest, model_path, output, device="cpu", batch_size=4, max_error_rate=0.2, progress=False, hooks=hooks
     )
-    assert report["counts"] == {"manifest": 16, "skipped_done": 0, "ok": 14, "error": 2}
+    assert report["counts"] == {"manifest": 16, "skipped_done": 0, "skipped_known_bad": 0, "ok": 14, "error": 2}
     errors = {e["scan_id"]: e for e in pads.dataset(os.path.join(output, "errors")).to_table().to_pylist()}
     assert sorted(errors) == ["s005", "s010"]
     assert errors["s005"]["stage"] == "infer" and errors["s010"]["stage"] == "decode"
     for e in errors.values():
         assert f"died {MAX_CRASHES} times" in e["error"] and e["path"] in e["error"]
+        assert e["permanent"] is False  # a worker's death is not a verdict on the file: the next run retries it
     ids = results_of(str(tmp_path / "out"))["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows if r["scan_id"] not in errors)
 

@@ -53,7 +53,7 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
     output = tmp_path / "out"
     report = run(manifest, model_path, str(output), device="cpu", batch_size=3, max_error_rate=0.2, progress=False)
 
-    assert report["counts"] == {"manifest": 9, "skipped_done": 0, "ok": 8, "error": 1}
+    assert report["counts"] == {"manifest": 9, "skipped_done": 0, "skipped_known_bad": 0, "ok": 8, "error": 1}
     assert report["exit_code"] == 0
     assert set(report["model"]["loads_per_worker"].values()) == {1}
     assert json.loads((output / "runs" / f"{report['run_id']}.json").read_text())["counts"]["ok"] == 8
@@ -115,20 +115,21 @@ def test_rerun_is_incremental_and_retries_failures(ray_cluster, tiny_model, arch
     assert first["counts"]["ok"] == 8
 
     again = run(manifest, model_path, output, device="cpu", max_error_rate=0.2, progress=False)
-    assert again["counts"] == {"manifest": 9, "skipped_done": 8, "ok": 0, "error": 1}  # the failure is retried
+    # The broken file failed validation and is unchanged: skipped as known bad, not attempted.
+    assert again["counts"] == {"manifest": 9, "skipped_done": 8, "skipped_known_bad": 1, "ok": 0, "error": 0}
 
     # The night after: the archive grew by 3 scans and the broken one was re-sent intact.
     rows += write_archive(str(folder / "archive"), 3, seed=5, start=8, prefix="archive/")
     shutil.copy(folder / rows[0]["path"], folder / "archive" / "broken.nii.gz")
     write_csv(manifest, rows)
     grown = run(manifest, model_path, output, device="cpu", progress=False)
-    assert grown["counts"] == {"manifest": 12, "skipped_done": 8, "ok": 4, "error": 0}
+    assert grown["counts"] == {"manifest": 12, "skipped_done": 8, "skipped_known_bad": 0, "ok": 4, "error": 0}
 
     results = pads.dataset(output + "/results", format="parquet").to_table(columns=["scan_id"])
     ids = results["scan_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 12, "each scan exactly once"
     errors = pads.dataset(output + "/errors", format="parquet").to_table(columns=["scan_id", "run_id"])
-    assert errors.num_rows == 2  # one row per failed attempt
+    assert errors.num_rows == 1  # one row per failed attempt
 
 
 def test_gpu_actors_are_pinned_one_per_gpu(ray_cluster, tiny_model, archive, tmp_path):
@@ -218,6 +219,7 @@ CLI_FLAGS = [
     "--precision",
     "--rows-per-file",
     "--wait-for-gpus",
+    "--retry-failed",
 ]
 
 
@@ -283,11 +285,12 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
         model_sha256=info.sha256,
         progress=False,
     )
-    assert report["counts"] == {"manifest": 9, "skipped_done": 0, "ok": 8, "error": 1}
+    assert report["counts"] == {"manifest": 9, "skipped_done": 0, "skipped_known_bad": 0, "ok": 8, "error": 1}
     rerun = run(
         f"s3://{bucket}/nightly/manifest.csv", info.path, output, device="cpu", max_error_rate=0.2, progress=False
     )
     assert rerun["counts"]["skipped_done"] == 8 and rerun["counts"]["ok"] == 0
+    assert rerun["counts"]["skipped_known_bad"] == 1  # fingerprinted by the object's size and LastModified
 
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="scores/")["Contents"]]
     assert sum(k.startswith("scores/results/") and k.endswith(".parquet") for k in keys) == 1
