@@ -16,10 +16,24 @@ MAX_CRASHES = 2
 
 @ray.remote(num_cpus=0, max_restarts=0)
 class CrashLedger:
-    """scan_id -> number of begun attempts that never ended (crashes while in flight)."""
+    """scan_id -> number of begun attempts that never ended (crashes while in flight).
+
+    Also counts scoring actor starts (a restarted actor starts again), for the run report. The driver
+    pins it to its own node: a lost worker node must not take the run's crash accounting with it.
+    """
 
     def __init__(self):
         self.in_flight = {}
+        self.scoring_starts = []
+
+    def scoring_started(self, node_id, pid):
+        self.scoring_starts.append((node_id, pid))
+
+    def starts(self):
+        return list(self.scoring_starts)
+
+    def node(self):
+        return ray.get_runtime_context().get_node_id()
 
     def crashes(self, scan_ids):
         return {s: self.in_flight.get(s, 0) for s in scan_ids}

@@ -20,7 +20,7 @@ import pyarrow as pa
 
 from jobs.config import JobError
 from jobs.ledger import CrashLedger, process_guarded, retry_budget
-from jobs.scorer import Scorer
+from jobs.scorer import Scorer, node_id
 from jobs.sink import DECODE_PROVENANCE, PERMANENT_STAGES, source_fingerprint
 
 logger = logging.getLogger(__name__)
@@ -50,6 +50,33 @@ class WorkerPlan:
     workers: int
     cpus_per_worker: int
     threads: int | None
+
+
+@dataclasses.dataclass
+class PipelineRun:
+    """A running pipeline: its worker plan, its scored batches, and what the cluster did meanwhile."""
+
+    plan: WorkerPlan
+    batches: object  # iterator of NumPy batches
+    ledger: object  # the CrashLedger actor
+
+    def scoring_actor_starts(self):
+        """(node_id, pid) of every scoring actor start so far; restarts included."""
+        import ray
+
+        return ray.get(self.ledger.starts.remote())
+
+    def crash_ledger_node(self):
+        import ray
+
+        return ray.get(self.ledger.node.remote())
+
+    @staticmethod
+    def node_states():
+        """node_id -> {"address", "alive"} for every node the cluster knows, dead ones included."""
+        import ray
+
+        return {n["NodeID"]: {"address": n["NodeManagerAddress"], "alive": bool(n["Alive"])} for n in ray.nodes()}
 
 
 # --- the CPU stage --------------------------------------------------------------------------------------------
@@ -112,6 +139,7 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None):
                 out[name][i] = provenance[name]
 
     process_guarded(ledger_name, batch["scan_id"], list(range(count)), process, fail, "decode", before_attempt)
+    out["decode_node"] = np.full(count, node_id(), dtype=object)  # for the report, not a result column
     return out
 
 
@@ -230,19 +258,23 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
         # CPU scoring actors must not grab a GPU the node happens to have.
         runtime_env={"env_vars": QUIET_TF if plan.device == "gpu" else CPU_STAGE_ENV["env_vars"]},
         max_restarts=-1,  # a dead scoring actor comes back (and reloads the model)...
-        max_task_retries=retry_budget(config.batch_size),  # ...but a batch is not retried forever
+        # ...and its batches wait for it. Unbounded: an actor lost with its node is "unavailable" until the GCS
+        # notices the node is gone, and every call in that window fails at once and uses a retry (a budget of
+        # 5 went in under a second, measured). Poison scans are bounded by the crash ledger (MAX_CRASHES).
+        max_task_retries=-1,
         **resources,
     )
 
 
 @contextlib.contextmanager
 def scoring_pipeline(items, config, *, spec, model_sha256, hooks=None):
-    """Join (or start) Ray, plan the workers, and yield ``(plan, batches)``: scored rows as NumPy batches.
+    """Join (or start) Ray, plan the workers, and yield a :class:`PipelineRun`: scored rows as NumPy batches.
 
     On exit: the crash ledger is ended, a GPU request to the autoscaler withdrawn, and a Ray instance this
     function started is shut down.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     local_cores = connect_ray(config.ray_address, config.workers or 1)
     ledger = None
@@ -251,11 +283,13 @@ def scoring_pipeline(items, config, *, spec, model_sha256, hooks=None):
         logger.debug("worker plan: %s", plan)
         ray.data.DataContext.get_current().enable_progress_bars = False
         ledger_name = f"vit3d-crash-ledger-{config.run_id}-{uuid.uuid4().hex[:8]}"
-        ledger = CrashLedger.options(name=ledger_name).remote()
+        # On the driver's node: a lost worker node must not take the crash accounting (and the run) with it.
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        ledger = CrashLedger.options(name=ledger_name, scheduling_strategy=here).remote()
         dataset = build_dataset(
             items, config, plan, spec=spec, model_sha256=model_sha256, ledger_name=ledger_name, hooks=hooks
         )
-        yield plan, dataset.iter_batches(batch_size=None, batch_format="numpy")
+        yield PipelineRun(plan, dataset.iter_batches(batch_size=None, batch_format="numpy"), ledger)
     finally:
         if ledger is not None:
             ray.kill(ledger)

@@ -156,7 +156,12 @@ def run_job(config, hooks=None):
             len(known_bad),
             len(pending),
         )
-        scored = {"loads": {}, "plan": {"device": config.device, "workers": config.workers}, "first_result_at": None}
+        scored = {
+            "loads": {},
+            "plan": {"device": config.device, "workers": config.workers},
+            "first_result_at": None,
+            "cluster": {"nodes": {}, "crash_ledger_node": None, "scoring_actors": [], "actor_restarts": 0},
+        }
         if pending:
             scored = _score(pending, config, spec, info, sink, hooks)
         files = sink.complete()  # (already committed after scoring: this only lists the files)
@@ -193,24 +198,42 @@ def _known_bad(sink, candidates, retry_failed):
 
 def _score(pending, config, spec, info, sink, hooks):
     """Stream the pipeline's batches into ``sink``; returns what the report needs."""
-    loads, first_result_at = {}, None
-    with scoring_pipeline(pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks) as (plan, batches):
+    loads, nodes, first_result_at = {}, {}, None
+    with scoring_pipeline(pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks) as run:
         progress = Progress(len(pending), config.progress)
         try:
-            for batch in batches:
+            for batch in run.batches:
                 first_result_at = first_result_at or time.monotonic()
-                sink.write(batch)
+                fresh = sink.write(batch)
                 for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
                     loads[str(pid)] = max(loads.get(str(pid), 0), n)
+                for column, key in (("decode_node", "decoded"), ("scoring_node", "scored")):
+                    for node in batch[column][fresh].tolist():
+                        counts = nodes.setdefault(node, {"decoded": 0, "scored": 0})
+                        counts[key] += 1
                 progress.update(sink.counts)
             sink.complete()  # the last files too: a storage failure here is also a JobFailed
         except Exception as e:
             sink.fail(e)  # raises JobFailed
         progress.update(sink.counts, final=True)
-    return {"loads": loads, "plan": dataclasses.asdict(plan), "first_result_at": first_result_at}
+        starts = run.scoring_actor_starts()
+        states = run.node_states()
+        cluster = {
+            "nodes": {node: {**states.get(node, {}), **counts} for node, counts in nodes.items()},
+            "crash_ledger_node": run.crash_ledger_node(),
+            "scoring_actors": [{"node_id": node, "pid": pid} for node, pid in starts],
+            # Every start beyond one per planned actor is a restart (a dead actor's replacement).
+            "actor_restarts": max(0, len(starts) - run.plan.workers),
+        }
+    return {
+        "loads": loads,
+        "plan": dataclasses.asdict(run.plan),
+        "first_result_at": first_result_at,
+        "cluster": cluster,
+    }
 
 
-def _report(config, spec, info, uri, counts, files, started, started_at, *, loads, plan, first_result_at):
+def _report(config, spec, info, uri, counts, files, started, started_at, *, loads, plan, first_result_at, cluster):
     """The run report (runs/<run_id>.json)."""
     wall_s = time.monotonic() - started
     attempted = counts["ok"] + counts["error"]
@@ -231,6 +254,8 @@ def _report(config, spec, info, uri, counts, files, started, started_at, *, load
         "startup_s": round(first_result_at - started, 3) if first_result_at else None,
         "model": {"uri": config.model, "sha256": info.sha256, "class": info.class_name, "loads_per_worker": loads},
         "output": {"uri": uri, **files},
+        # Which Ray nodes decoded and scored how many scans, and how often a scoring actor had to restart.
+        "cluster": cluster,
         "config": {**options, "preprocessing": spec, **plan},
     }
 
@@ -247,6 +272,8 @@ def summary(report):
             f"{c['ok']} scored, {c['error']} failed (error rate {report['error_rate']:.2%} of attempted)",
             f"  {report['wall_s']:.1f} s, {report['throughput_scans_per_s'] or 0:.2f} scans/s, "
             f"model {report['model']['sha256'][:12]}, loads per worker {report['model']['loads_per_worker']}",
+            f"  {len(report['cluster']['nodes'])} node(s), {report['cluster']['actor_restarts']} scoring actor "
+            "restart(s)",
             f"  results: {out}/results/   errors: {out}/errors/   report: {report['report_path']}",
         ]
     )

@@ -84,6 +84,11 @@ class Scorer:
         self.model, self.info = vit3d.load_with_info(model_uri, expected_sha256=model_sha256, dtype_policy=precision)
         LOADS_PER_PROCESS["count"] += 1
         self.load_s = time.perf_counter() - started
+        self.node_id = node_id()
+        if ledger_name is not None:
+            import ray
+
+            ray.get(ray.get_actor(ledger_name).scoring_started.remote(self.node_id, os.getpid()))
         logger.info("loaded and verified %s in %.1f s", model_uri, self.load_s)
         self.mode = mode
         self.ledger_name = ledger_name
@@ -174,7 +179,18 @@ class Scorer:
         out["worker_pid"] = np.full(count, os.getpid(), np.int64)
         out["device"] = np.full(count, self.device, dtype=object)
         out["model_loads"] = np.full(count, LOADS_PER_PROCESS["count"], np.int64)
+        out["scoring_node"] = np.full(count, self.node_id, dtype=object)  # for the report, not a result column
         return out
+
+
+def node_id():
+    """The Ray node this process runs on ("" outside Ray)."""
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else ""
+    except Exception:  # no Ray at all: a bench or a notebook using Scorer directly
+        return ""
 
 
 def _rows(outputs):

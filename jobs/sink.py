@@ -216,7 +216,10 @@ class ResultSink:
         return skip
 
     def write(self, batch):
-        """Take one batch of pipeline rows (NumPy columns): buffer the new ones, commit full files."""
+        """Take one batch of pipeline rows (NumPy columns): buffer the new ones, commit full files.
+
+        Returns which rows were new (a boolean mask): the others repeat rows of a retried task.
+        """
         scan_ids = batch["scan_id"]
         fresh = np.array([s not in self._seen for s in scan_ids], dtype=bool)  # retried tasks repeat rows
         self._seen.update(scan_ids.tolist())
@@ -230,6 +233,7 @@ class ResultSink:
         self._buffers["errors"].flush_if_due()
         self.counts["ok"] += len(ok_rows)
         self.counts["error"] += len(error_rows)
+        return fresh
 
     def complete(self):
         """Commit everything buffered; returns ``{"results_files": [...], "errors_files": [...]}``."""
