@@ -52,6 +52,8 @@ class JobConfig:
         wait_for_gpus: float. Seconds to wait for the autoscaler's GPUs with ``device="gpu"``. Defaults to ``0.0``.
         rows_per_file: int. Rows gathered into one Parquet file. Defaults to ``50_000``.
         flush_seconds: float. A file is also committed this often. Defaults to ``300.0``.
+        storage_retry_s: float. How long one scan read or one file commit retries transient storage errors
+            (unreachable, reset, timeout, 5xx) before giving up. Defaults to ``60.0``.
         precision: str. ``"float32"`` or ``"mixed_bfloat16"`` (GPUs). Defaults to ``"float32"``.
         progress: bool. Log progress while running. Defaults to ``True`` (``--quiet`` turns it off).
         log_format: str. ``"text"`` or ``"json"`` log lines (command line only). Defaults to ``"text"``.
@@ -116,6 +118,14 @@ class JobConfig:
         "also committed every 5 minutes, so a killed run loses little)",
     )
     flush_seconds: float = option(300.0, flag=False, help="a file is committed at least this often")
+    storage_retry_s: float = option(
+        60.0,
+        type=float,
+        metavar="SECONDS",
+        help="retry each scan read and each output write for up to SECONDS while storage is unreachable "
+        "(connection refused/reset, timeouts, 5xx) before giving up (default %(default)s); then the run "
+        "exits 1 with what was scored committed, and a rerun resumes",
+    )
     precision: str = option(
         "float32",
         choices=PRECISIONS,
@@ -142,6 +152,8 @@ class JobConfig:
             raise JobError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
         if self.wait_for_gpus < 0 or self.flush_seconds <= 0:
             raise JobError("--wait-for-gpus must be at least 0 (and flush_seconds above 0)")
+        if self.storage_retry_s < 0:
+            raise JobError(f"--storage-retry-s must be at least 0, got {self.storage_retry_s}")
         if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
             raise JobError(
                 f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (and not start with '.')"

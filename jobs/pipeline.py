@@ -95,13 +95,17 @@ def _empty_provenance(count):
     return columns
 
 
-def decode_batch(batch, spec, ledger_name=None, before_attempt=None):
+def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_s=None):
     """CPU stage: read, validate, decode and preprocess each scan; failures become error rows.
 
     Each file is stat'ed just before it is read (its fingerprint, kept in error rows): a file replaced after the
     stat has another fingerprint at the next run, so it is never taken for the bad file it replaced.
+
+    A read that fails transiently is retried for up to ``read_retry_s`` seconds (None: vit3d.storage's
+    default). Once one has spent that budget, the batch's later reads get a single attempt each: storage is
+    down, and waiting the whole budget per scan would only delay the run's end.
     """
-    from jobs.volumes import ScanError, load_volume
+    from jobs.volumes import TRANSIENT_STAGES, ScanError, load_volume
 
     count = len(batch["scan_id"])
     out = {
@@ -119,6 +123,8 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None):
     def fail(i, reason, stage="decode"):
         out["error"][i], out["stage"][i] = f"{batch['path'][i]}: {reason}", stage
 
+    retry_s = [read_retry_s]
+
     def process(rows):
         for i in rows:
             path = str(batch["path"][i])
@@ -126,10 +132,12 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None):
                 fingerprint = source_fingerprint(path)  # before the read: see above
                 if fingerprint is not None:
                     out["source_size"][i], out["source_mtime"][i] = fingerprint
-                tensor, provenance = load_volume(path, spec)
+                tensor, provenance = load_volume(path, spec, retry_s[0])
             except ScanError as e:
                 out["error"][i], out["stage"][i] = str(e), e.stage
                 out["permanent"][i] = e.stage in PERMANENT_STAGES
+                if e.stage in TRANSIENT_STAGES:
+                    retry_s[0] = 0.0
                 continue
             except Exception as e:  # a bug or an unforeseen file: still one error row, never a failed job
                 fail(i, f"{type(e).__name__}: {e}")
@@ -232,7 +240,12 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
     ds = ds.map_batches(
         decode_batch,
-        fn_kwargs={"spec": spec, "ledger_name": ledger_name, "before_attempt": hooks.decode},
+        fn_kwargs={
+            "spec": spec,
+            "ledger_name": ledger_name,
+            "before_attempt": hooks.decode,
+            "read_retry_s": config.storage_retry_s,
+        },
         batch_size=rows_per_block,
         batch_format="numpy",
         num_cpus=1,

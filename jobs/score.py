@@ -23,6 +23,7 @@ from jobs.manifest import ManifestError, read_manifest
 from jobs.pipeline import scoring_pipeline
 from jobs.scorer import configure_tensorflow
 from jobs.sink import RESERVED_COLUMNS, OutputError, ResultSink
+from vit3d.storage import StorageUnreachable
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_OVER_BUDGET", "EXIT_USAGE", "JobConfig", "JobError", "JobFailed", "run"]
 
@@ -139,6 +140,7 @@ def run_job(config, hooks=None):
         manifest=manifest,
         rows_per_file=config.rows_per_file,
         flush_seconds=config.flush_seconds,
+        retry_s=config.storage_retry_s,
     )
     try:
         done = sink.claim()
@@ -213,6 +215,11 @@ def _score(pending, config, spec, info, sink, hooks):
                         counts[key] += 1
                 progress.update(sink.counts)
             sink.complete()  # the last files too: a storage failure here is also a JobFailed
+            if sink.unreachable:  # not bad files: the run is incomplete, and the rerun reads them again
+                raise StorageUnreachable(
+                    f"{sink.unreachable} scans could not be read: storage stayed unreachable for "
+                    f"--storage-retry-s {config.storage_retry_s:g} s (their errors/ rows have stage read-transient)"
+                )
         except Exception as e:
             sink.fail(e)  # raises JobFailed
         progress.update(sink.counts, final=True)

@@ -13,7 +13,9 @@ Exactly once per (scan_id, model_sha256), for any number of reruns of any manife
 4. **Whole files only.** Rows are committed as complete Parquet files through
    :func:`vit3d.storage.write_bytes`: written under a hidden staging name, then moved into place (a rename
    locally, a server-side copy on object stores), so a killed run leaves only complete files, and readers
-   skip hidden names. The next claim sweeps staging leftovers.
+   skip hidden names. The next claim sweeps staging leftovers. A commit that fails is tried again under the
+   same file name (storage retries transient errors within ``retry_s``, and :meth:`ResultSink.fail` tries once
+   more), so a commit whose reply was lost but which did land cannot show up twice.
 
 A killed run therefore leaves complete files only, and rerunning the same command scores just what is missing.
 The columns of every file are declared here, once.
@@ -37,6 +39,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from jobs.config import JobFailed
+from jobs.volumes import TRANSIENT_STAGES
 from vit3d import storage
 
 logger = logging.getLogger(__name__)
@@ -91,7 +94,7 @@ ERROR_SCHEMA = pa.schema(
         pa.field("path", pa.string()),
         pa.field("run_id", pa.string()),
         pa.field("model_sha256", pa.string()),
-        pa.field("stage", pa.string()),  # read, validate, decode, preprocess, infer
+        pa.field("stage", pa.string()),  # read, read-transient, validate, decode, preprocess, infer
         pa.field("error", pa.string()),  # names the file and the reason
         pa.field("failed_at", UTC_TIME),
         # True: a verdict on the file's bytes (a validate, decode or preprocess ScanError), not retried while the
@@ -159,10 +162,12 @@ class ResultSink:
         manifest: pyarrow.Table. The manifest; its columns beyond scan_id and path are carried into results.
         rows_per_file: int. Rows gathered into one file. Defaults to ``50_000``.
         flush_seconds: float. A file is also committed this often. Defaults to ``300.0``.
+        retry_s: float or None. How long each write retries transient storage errors. Defaults to ``None``
+            (``vit3d.storage.RETRY_S``).
     """
 
-    def __init__(self, uri, *, mode, run_id, model, manifest, rows_per_file=50_000, flush_seconds=300.0):
-        self.store = OutputStore(uri)
+    def __init__(self, uri, *, mode, run_id, model, manifest, rows_per_file=50_000, flush_seconds=300.0, retry_s=None):
+        self.store = OutputStore(uri, retry_s)
         self.mode, self.run_id, self.model_sha256 = mode, run_id, model.sha256
         self._manifest_extra = manifest.drop_columns(["scan_id", "path"])
         self._manifest_row = {s: i for i, s in enumerate(manifest.column("scan_id").to_pylist())}
@@ -173,6 +178,7 @@ class ResultSink:
         self._seen = set()
         self._lock = None
         self.counts = {"ok": 0, "error": 0}
+        self.unreachable = 0  # error rows of scans whose storage was unreachable (read-transient): not bad files
 
     @property
     def uri(self):
@@ -231,8 +237,10 @@ class ResultSink:
             self._buffers["errors"].add(self._error_table(batch, error_rows))
         self._buffers["results"].flush_if_due()
         self._buffers["errors"].flush_if_due()
+        transient = sum(str(batch["stage"][i]) in TRANSIENT_STAGES for i in error_rows)
         self.counts["ok"] += len(ok_rows)
-        self.counts["error"] += len(error_rows)
+        self.counts["error"] += len(error_rows) - transient
+        self.unreachable += transient
         return fresh
 
     def complete(self):
@@ -258,7 +266,7 @@ class ResultSink:
     def write_report(self, report):
         """Write ``runs/<run_id>.json`` (what makes the run id finished); returns its URI."""
         uri = self.store.child("runs", f"{self.run_id}.json")
-        storage.write_bytes(uri, json.dumps(report, indent=2).encode())
+        storage.write_bytes(uri, json.dumps(report, indent=2).encode(), self.store.retry_s)
         return uri
 
     def release(self):
@@ -313,6 +321,7 @@ class _Buffer:
         self.store, self.kind, self.run_id, self.metadata = store, kind, run_id, metadata
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
         self.tables, self.rows, self.since, self.files = [], 0, time.monotonic(), []
+        self.name = None  # the file name of the rows being committed: kept until a commit succeeds
 
     def add(self, table):
         self.tables.append(table)
@@ -326,9 +335,10 @@ class _Buffer:
         if self.rows:
             table = pa.concat_tables(self.tables)
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
-            self.files.append(self.store.commit(self.kind, table, self.run_id))
+            self.name = self.name or part_name(self.run_id)
+            self.files.append(self.store.commit(self.kind, table, self.name))
             logger.debug("committed %d %s rows to %s", self.rows, self.kind, self.files[-1])
-        self.tables, self.rows, self.since = [], 0, time.monotonic()
+        self.tables, self.rows, self.since, self.name = [], 0, time.monotonic(), None
 
 
 class OutputLock:
@@ -354,7 +364,7 @@ class OutputLock:
 
     def _read(self):
         try:
-            return json.loads(storage.read_bytes(self.store.child(self.NAME)))
+            return json.loads(storage.read_bytes(self.store.child(self.NAME), self.store.retry_s))
         except FileNotFoundError:
             return None
         except ValueError:  # a torn or foreign lock file: treat as stale
@@ -368,7 +378,7 @@ class OutputLock:
             "pid": self.pid,
             "heartbeat": time.time(),
         }
-        storage.write_bytes(self.store.child(self.NAME), json.dumps(claim).encode())
+        storage.write_bytes(self.store.child(self.NAME), json.dumps(claim).encode(), self.store.retry_s)
 
     def _is_stale(self, lock):
         if not lock or "heartbeat" not in lock:
@@ -417,8 +427,9 @@ class OutputLock:
 class OutputStore:
     """The files of an output location; knows nothing of runs' rows (that is ResultSink's job)."""
 
-    def __init__(self, uri):
+    def __init__(self, uri, retry_s=None):
         self.uri = str(uri).rstrip("/")
+        self.retry_s = retry_s  # for transient storage errors; None: vit3d.storage.RETRY_S
         self.filesystem, self.root = storage.resolve(self.uri)
 
     def child(self, *parts):
@@ -436,7 +447,7 @@ class OutputStore:
             raise OutputError(f"{self.uri} is a file; --output must be a folder or prefix")
         if self._exists(marker_path):
             try:
-                marker = json.loads(storage.read_bytes(self.child(MARKER)))
+                marker = json.loads(storage.read_bytes(self.child(MARKER), self.retry_s))
             except ValueError as e:
                 raise OutputError(f"{self.uri}: {MARKER} is not readable JSON ({e}); is this our output?") from e
             if marker.get("mode") != mode:
@@ -452,7 +463,7 @@ class OutputStore:
                         "choose an empty or new location"
                     )
             marker = {"tool": "vit3d-batch", "format_version": FORMAT_VERSION, "mode": mode}
-            storage.write_bytes(self.child(MARKER), json.dumps(marker).encode())
+            storage.write_bytes(self.child(MARKER), json.dumps(marker).encode(), self.retry_s)
         if self._exists(f"{self.root}/runs/{run_id}.json"):
             raise OutputError(f"run id {run_id!r} already finished in {self.uri}: choose another --run-id")
 
@@ -497,13 +508,17 @@ class OutputStore:
                 latest[row["scan_id"]] = row
         return latest
 
-    def commit(self, kind, table, run_id):
-        """Write ``table`` as one complete Parquet file under ``kind`` (results or errors)."""
+    def commit(self, kind, table, name):
+        """Write ``table`` as one complete Parquet file ``name`` (see :func:`part_name`) under ``kind``."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        name = f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
-        storage.write_bytes(self.child(kind, name), buf.getvalue())
+        storage.write_bytes(self.child(kind, name), buf.getvalue(), self.retry_s)
         return self.child(kind, name)
+
+
+def part_name(run_id):
+    """A new results/errors file name of run ``run_id``."""
+    return f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
 
 
 def schema_metadata(info, mode):

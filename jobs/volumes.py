@@ -2,7 +2,9 @@
 
 Stages (``ScanError.stage``):
 
-- ``read``: the whole object through :func:`vit3d.storage.read_bytes`.
+- ``read``: the whole object through :func:`vit3d.storage.read_bytes` (missing, unreadable: a bad file).
+- ``read-transient``: storage stayed unreachable for the whole retry budget (``vit3d.storage``). Not a bad file:
+  the run ends with exit 1 and the next run reads the scan again.
 - ``validate``: a header-only pre-check. Only the first ~544 bytes are inflated, and everything that could make
   decoding fail or allocate absurd amounts of memory is rejected here (sizes, datatype, dims, pixdim, affine,
   the gzip ISIZE trailer / the plain file size).
@@ -26,7 +28,8 @@ from nibabel import orientations
 
 from vit3d import storage
 
-STAGES = ("read", "validate", "decode", "preprocess")
+STAGES = ("read", "read-transient", "validate", "decode", "preprocess")
+TRANSIENT_STAGES = frozenset({"read-transient"})  # not the file's fault: retried by the next run
 
 MAX_VOXEL_BYTES = 2 * 1024**3  # largest stored body (voxels x itemsize) accepted, checked from the header
 
@@ -74,11 +77,12 @@ class Volume:
     path: str = ""  # the file it came from, for error messages
 
 
-def read_scan(path: str) -> bytes:
-    """The whole file or object at ``path`` (local path or URI)."""
+def read_scan(path: str, retry_s: float | None = None) -> bytes:
+    """The whole file or object at ``path`` (local path or URI); transient storage errors are retried for up to
+    ``retry_s`` seconds (None: ``vit3d.storage.RETRY_S``), then raise ScanError("read-transient")."""
 
     try:
-        return storage.read_bytes(path)
+        return storage.read_bytes(path, retry_s)
     except FileNotFoundError:
         raise ScanError("read", path, "file not found") from None
     except PermissionError:
@@ -86,6 +90,8 @@ def read_scan(path: str) -> bytes:
     except IsADirectoryError:
         raise ScanError("read", path, "is a directory, not a file") from None
     except OSError as e:
+        if storage.is_transient(e):
+            raise ScanError("read-transient", path, f"storage unreachable: {e}") from e
         raise ScanError("read", path, f"cannot read: {e}") from e
     except ValueError as e:  # pyarrow.ArrowInvalid: a URI pyarrow does not understand
         raise ScanError("read", path, f"invalid path or URI: {e}") from e
@@ -382,13 +388,14 @@ def _all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def load_volume(path: str, spec: dict) -> tuple[np.ndarray, dict]:
+def load_volume(path: str, spec: dict, read_retry_s: float | None = None) -> tuple[np.ndarray, dict]:
     """read -> decode -> preprocess: (model input, provenance). Raises ScanError naming the failing stage.
 
     The provenance keys are the decode-stage columns of the results (``jobs.sink.DECODE_PROVENANCE``).
+    ``read_retry_s`` bounds the retries of a read that fails transiently (see :func:`read_scan`).
     """
     t0 = time.perf_counter()
-    data = read_scan(path)
+    data = read_scan(path, read_retry_s)
     t1 = time.perf_counter()
     volume = decode_nifti(data, path)
     t2 = time.perf_counter()
