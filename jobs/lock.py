@@ -8,8 +8,9 @@ to it is conditional on the exact version last seen, so of two runs that race, e
   S3: ``PutObject`` with ``If-None-Match: *`` (boto3: pyarrow cannot send it).
 - **replace** (take over a stale lock, heartbeat): only if the lock is still the version read. S3: ``PutObject``
   with ``If-Match: <ETag>``. Local disks: read, compare and ``rename`` over it while holding an exclusive
-  ``flock`` on ``._lock.json.guard`` (never deleted; the kernel drops the flock of a process that dies, so the
-  guard cannot go stale the way a marker file would). The version of a local lock is the sha256 of its bytes.
+  ``flock`` on ``._lock.json.guard`` (the kernel drops the flock of a process that dies, so the guard cannot go
+  stale the way a marker file would; its holder removes it when done). The version of a local lock is the
+  sha256 of its bytes.
 - **delete** (release): only if the lock is still ours, the same way.
 
 A lock is stale (may be taken over) when its process is gone from this host, or when its heartbeat is older than
@@ -233,23 +234,40 @@ class LocalLockFile:
 
     @contextlib.contextmanager
     def _guard(self):
-        fd = os.open(self.guard_path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            deadline = time.monotonic() + self.GUARD_WAIT_S
-            while True:
+        """Hold an exclusive flock on the guard file; the holder removes it when done, so none is left behind.
+
+        A process that waited on a guard file its holder then removed finds the name gone or another file: it
+        tries again on the file now there (the usual lock-file-that-is-deleted protocol).
+        """
+        deadline = time.monotonic() + self.GUARD_WAIT_S
+        while True:
+            fd = os.open(self.guard_path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                while True:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() > deadline:
+                            raise OutputError(
+                                f"{self.guard_path} stayed locked for {self.GUARD_WAIT_S:.0f} s (is a process holding "
+                                "it stopped?)"
+                            ) from None
+                        time.sleep(0.01)
                 try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        raise OutputError(
-                            f"{self.guard_path} stayed locked for {self.GUARD_WAIT_S:.0f} s (a process holding it "
-                            "is stopped?)"
-                        ) from None
-                    time.sleep(0.01)
-            yield
-        finally:
-            os.close(fd)  # drops the flock
+                    current = os.stat(self.guard_path)
+                except FileNotFoundError:
+                    continue
+                mine = os.fstat(fd)
+                if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                    continue
+                try:
+                    yield
+                finally:
+                    os.unlink(self.guard_path)  # still holding it: a waiter on this file tries again
+                return
+            finally:
+                os.close(fd)  # drops the flock
 
     def create(self, data):
         staged = self._staged(data)
