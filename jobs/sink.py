@@ -3,7 +3,9 @@
 Exactly once per (scan_id, model_sha256), for any number of reruns of any manifest:
 
 1. **One writer.** The driver is the only process that writes the output, and only while it holds the
-   output's lock (``_lock.json``, with a heartbeat; a stale lock of a dead run is taken over).
+   output's lock (:mod:`jobs.lock`: ``_lock.json``, created atomically, with a heartbeat; a stale lock of a dead
+   run is taken over atomically). Before every commit the sink renews the lock; a run whose lock was taken over
+   stops (:class:`jobs.lock.LockLost`, exit 1) without committing anything more.
 2. **Skip what is done.** Under the lock, :meth:`ResultSink.claim` reads the scan_ids already in ``results/``
    for this model's sha256; the run scores only the others. Failed scans are never marked done, but a scan known
    to be bad is skipped: :meth:`ResultSink.known_bad` (its last error judged the file's bytes, and the file is
@@ -21,14 +23,10 @@ A killed run therefore leaves complete files only, and rerunning the same comman
 The columns of every file are declared here, once.
 """
 
-import contextlib
 import datetime as dt
 import io
 import json
 import logging
-import os
-import socket
-import threading
 import time
 import uuid
 
@@ -39,6 +37,7 @@ import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from jobs.config import JobFailed
+from jobs.lock import LockLost, OutputError, OutputLock
 from jobs.volumes import TRANSIENT_STAGES
 from vit3d import storage
 
@@ -144,10 +143,6 @@ def source_fingerprint(uri):
     return int(info.size), int(info.mtime_ns) // 1000
 
 
-class OutputError(Exception):
-    """The output location cannot be used for this run."""
-
-
 class ResultSink:
     """One run's output from start to end; the only writer, and where exactly-once holds (see the module).
 
@@ -173,7 +168,8 @@ class ResultSink:
         self._manifest_row = {s: i for i, s in enumerate(manifest.column("scan_id").to_pylist())}
         metadata = {**schema_metadata(model, mode), b"vit3d.run_id": run_id.encode()}
         self._buffers = {
-            kind: _Buffer(self.store, kind, run_id, metadata, rows_per_file, flush_seconds) for kind in KINDS
+            kind: _Buffer(self.store, kind, run_id, metadata, rows_per_file, flush_seconds, self._ensure_held)
+            for kind in KINDS
         }
         self._seen = set()
         self._lock = None
@@ -250,7 +246,13 @@ class ResultSink:
         return {f"{kind}_files": list(buffer.files) for kind, buffer in self._buffers.items()}
 
     def fail(self, error):
-        """The pipeline broke: commit what is buffered, as far as storage allows, and raise JobFailed."""
+        """The pipeline broke: commit what is buffered, as far as storage allows, and raise JobFailed.
+
+        If the lock was lost, nothing more is committed: LockLost (a JobFailed) names the run that took over.
+        """
+        if isinstance(error, LockLost):
+            dropped = sum(buffer.rows for buffer in self._buffers.values())
+            raise LockLost(f"{error} ({dropped} buffered rows of this run dropped)") from error
         unsaved = 0
         for buffer in self._buffers.values():
             try:
@@ -266,11 +268,17 @@ class ResultSink:
     def write_report(self, report):
         """Write ``runs/<run_id>.json`` (what makes the run id finished); returns its URI."""
         uri = self.store.child("runs", f"{self.run_id}.json")
+        self._ensure_held()
         storage.write_bytes(uri, json.dumps(report, indent=2).encode(), self.store.retry_s)
         return uri
 
+    def _ensure_held(self):
+        """Before each commit: renew the lock, or raise LockLost (another run took the output over)."""
+        if self._lock is not None:
+            self._lock.ensure_held()
+
     def release(self):
-        """Give the output back (stop the heartbeat, remove our lock). Safe to call more than once."""
+        """Give the output back (stop the heartbeat, remove our lock if still ours). Safe to call more than once."""
         if self._lock is not None:
             self._lock.release()
             self._lock = None
@@ -317,8 +325,9 @@ class ResultSink:
 class _Buffer:
     """Rows waiting to become one Parquet file of a sensible size."""
 
-    def __init__(self, store, kind, run_id, metadata, rows_per_file, flush_seconds):
+    def __init__(self, store, kind, run_id, metadata, rows_per_file, flush_seconds, before_commit):
         self.store, self.kind, self.run_id, self.metadata = store, kind, run_id, metadata
+        self.before_commit = before_commit
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
         self.tables, self.rows, self.since, self.files = [], 0, time.monotonic(), []
         self.name = None  # the file name of the rows being committed: kept until a commit succeeds
@@ -336,92 +345,10 @@ class _Buffer:
             table = pa.concat_tables(self.tables)
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
             self.name = self.name or part_name(self.run_id)
+            self.before_commit()
             self.files.append(self.store.commit(self.kind, table, self.name))
             logger.debug("committed %d %s rows to %s", self.rows, self.kind, self.files[-1])
         self.tables, self.rows, self.since, self.name = [], 0, time.monotonic(), None
-
-
-class OutputLock:
-    """One writer per output at a time: ``_lock.json`` with a heartbeat.
-
-    Object stores have no atomic create, so a claim is written, then read back
-    after a pause: of two racing claims, only the last writer sees its own. A
-    lock is stale (taken over) when its process is gone from this host, or when
-    its heartbeat is older than STALE_AFTER_S (a driver on another host died).
-    """
-
-    NAME = "_lock.json"
-    HEARTBEAT_S = 30.0
-    STALE_AFTER_S = 120.0
-    SETTLE_S = 0.5
-
-    def __init__(self, store, run_id):
-        self.store, self.run_id = store, run_id
-        self.token = uuid.uuid4().hex
-        self.host, self.pid = socket.gethostname(), os.getpid()
-        self._stop = threading.Event()
-        self._thread = None
-
-    def _read(self):
-        try:
-            return json.loads(storage.read_bytes(self.store.child(self.NAME), self.store.retry_s))
-        except FileNotFoundError:
-            return None
-        except ValueError:  # a torn or foreign lock file: treat as stale
-            return {}
-
-    def _write(self):
-        claim = {
-            "run_id": self.run_id,
-            "token": self.token,
-            "host": self.host,
-            "pid": self.pid,
-            "heartbeat": time.time(),
-        }
-        storage.write_bytes(self.store.child(self.NAME), json.dumps(claim).encode(), self.store.retry_s)
-
-    def _is_stale(self, lock):
-        if not lock or "heartbeat" not in lock:
-            return True
-        if lock.get("host") == self.host:
-            try:
-                os.kill(int(lock["pid"]), 0)
-            except ProcessLookupError:
-                return True
-            except PermissionError:
-                pass
-        return time.time() - float(lock["heartbeat"]) > self.STALE_AFTER_S
-
-    def acquire(self):
-        held = self._read()
-        if held is not None and not self._is_stale(held):
-            age = time.time() - float(held["heartbeat"])
-            raise OutputError(
-                f"{self.store.uri} is being written by run {held.get('run_id')!r} (pid {held.get('pid')} on "
-                f"{held.get('host')}, heartbeat {age:.0f} s ago): wait for it, or use another --output"
-            )
-        self._write()
-        time.sleep(self.SETTLE_S)
-        held = self._read()
-        if not held or held.get("token") != self.token:
-            raise OutputError(f"{self.store.uri}: another run claimed this output at the same moment ({held})")
-        self._thread = threading.Thread(target=self._beat, name="output-lock-heartbeat", daemon=True)
-        self._thread.start()
-        return self
-
-    def _beat(self):
-        while not self._stop.wait(self.HEARTBEAT_S):
-            with contextlib.suppress(OSError, ValueError):
-                if (self._read() or {}).get("token") == self.token:
-                    self._write()
-
-    def release(self):
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-        with contextlib.suppress(OSError, ValueError):
-            if (self._read() or {}).get("token") == self.token:
-                storage.delete(self.store.child(self.NAME))
 
 
 class OutputStore:
@@ -457,7 +384,7 @@ class OutputStore:
         else:
             if info.type == pafs.FileType.Directory:
                 entries = self.filesystem.get_file_info(pafs.FileSelector(self.root, recursive=False))
-                if entries:
+                if [e for e in entries if not storage.is_staging_name(e.base_name)]:  # another run's marker, staged
                     raise OutputError(
                         f"{self.uri} is not empty and is not a vit3d-batch output (no {MARKER}): "
                         "choose an empty or new location"

@@ -69,12 +69,30 @@ def hooks(decode=None, scoring=None):
     return AttemptHooks(decode=fault(decode), scoring=fault(scoring))
 
 
+def before_claim(fault):
+    """Run ``fault`` (a :class:`Fault`) in this process just before the output lock is taken: with a rendezvous,
+    several drivers then race for the lock at the same instant."""
+    from jobs.lock import OutputLock
+
+    acquire = OutputLock.acquire
+
+    def delayed_acquire(self):
+        fault([])
+        return acquire(self)
+
+    OutputLock.acquire = delayed_acquire
+
+
 def main(argv=None):
-    """``python -m jobs.testing FAULTS_JSON [jobs.score flags...]``."""
+    """``python -m jobs.testing FAULTS_JSON [jobs.score flags...]``; FAULTS_JSON has ``decode`` and ``scoring``
+    (see :func:`hooks`) and ``claim`` (see :func:`before_claim`), each a dict of :class:`Fault`'s arguments."""
     from jobs.score import main as score_main
 
     argv = sys.argv[1:] if argv is None else argv
-    return score_main(argv[1:], hooks=hooks(**json.loads(argv[0])))
+    faults = json.loads(argv[0])
+    if "claim" in faults:
+        before_claim(Fault(**faults.pop("claim")))
+    return score_main(argv[1:], hooks=hooks(**faults))
 
 
 if __name__ == "__main__":
