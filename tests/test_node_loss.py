@@ -1,7 +1,9 @@
 """A node is lost: a real multi-node Ray cluster on this machine, one worker node SIGKILLed mid-run.
 
-Head (no CPUs: no work lands on it, as in cluster.yaml) plus two worker nodes, each a `ray start` process group
-of this test's own; the job joins with --ray-address as its own process. The worker node hosting a scoring actor
+Head (no CPUs: no work lands on it, as in cluster.yaml) plus two worker nodes of 3 CPUs, each a `ray start` process
+group of this test's own (the survivor must fit both scoring actors, 1 CPU each, and a decode task: with 2 CPUs it
+would run only the actors and the last decode task would wait for a CPU that never comes); the job joins with
+--ray-address as its own process. The worker node hosting a scoring actor
 that has already committed rows is killed whole (raylet, workers, agents) while a held scan guarantees work
 remains. The run must finish with every scan exactly once, a replacement actor, and the crash ledger untouched
 on the driver's node.
@@ -35,7 +37,7 @@ def test_worker_node_lost_mid_run(tiny_model, tmp_path):
     held = rows[-1]["scan_id"]
     # The held scan's decode waits until the kill is done: the run cannot finish before the node is lost.
     faults = {"scoring": {"sleep_s": 0.3}, "decode": {"hold_on_scan": held, "release_file": str(release)}}
-    with ray_cluster_of(0, 2, 2) as (head, *workers), open(log_path, "w") as log:
+    with ray_cluster_of(0, 3, 3) as (head, *workers), open(log_path, "w") as log:
         env = {**head.env, "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR])}
         args = ["--manifest", manifest, "--model", model_path, "--output", output, "--device", "cpu",
                 "--workers", "2", "--batch-size", "1", "--rows-per-file", "1", "--run-id", "node-loss",
