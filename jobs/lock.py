@@ -150,8 +150,12 @@ class OutputLock:
         )
 
     def ensure_held(self):
-        """Call right before a commit: renews the lock, or raises LockLost if another run has taken it."""
-        if not self._renew():
+        """Call right before a commit: renews the lock, or raises LockLost if another run has taken it.
+
+        Transient storage errors are retried within the run's storage budget (then StorageUnreachable), as
+        every other write of the run is.
+        """
+        if not storage.retrying(self._renew, f"{self.store.uri}: renewing the output lock", self.store.retry_s):
             raise LockLost(self._lost_message())
 
     def _beat(self):
@@ -335,6 +339,9 @@ class S3LockObject:
             if e.response.get("ResponseMetadata", {}).get("HTTPStatusCode") in refused:
                 return None
             raise OSError(f"{self.uri}: {e}") from e
+        except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as e:
+            # refused, reset, closed, timed out: transient for vit3d.storage.retrying
+            raise ConnectionError(f"{self.uri}: {e}") from e
         except botocore.exceptions.BotoCoreError as e:
             raise OSError(f"{self.uri}: {e}") from e
 
