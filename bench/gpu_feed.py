@@ -63,7 +63,8 @@ def inference_rate(size, batch_size, batches):
         np.asarray(infer(x))
     rate = batches * batch_size / (time.perf_counter() - start)
     gpus = tf.config.list_logical_devices("GPU")
-    device = f"GPU ({gpus[0].name})" if gpus else f"CPU ({os.cpu_count()} cores, TensorFlow; no GPU on this machine)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = f"GPU ({gpus[0].name})" if gpus else f"CPU ({cores} cores, TensorFlow; no GPU on this machine)"
     return rate, device
 
 
@@ -106,12 +107,10 @@ def main(argv=None):
     print(f"{'  ms per scan':52s} {cost['old'] * 1e3:12.1f} {cost['new'] * 1e3:8.1f}")
     print(f"{'  scans/s per core':52s} {1 / cost['old']:12.1f} {1 / cost['new']:8.1f}")
     print(f"inference: {rate:.2f} scans/s measured on {device}")
-    rows = [(f"measured, {device.split(' (')[0]}", rate)] + [(f"given --infer-rate {r:g}", r) for r in args.infer_rate]
+    rows = [(f"{rate:.2f} scans/s measured here", rate)] + [(f"{r:g} scans/s given", r) for r in args.infer_rate]
+    print("cores to keep one accelerator busy = inference rate x CPU s per scan:")
     for label, r in rows:
-        print(
-            f"{'  cores per accelerator at ' + f'{r:g} scans/s (' + label + ')':52s} "
-            f"{r * cost['old']:12.2f} {r * cost['new']:8.2f}"
-        )
+        print(f"{'  at ' + label:52s} {r * cost['old']:12.2f} {r * cost['new']:8.2f}")
     print(f"speed-up of the CPU stages: {cost['old'] / cost['new']:.2f}x")
     return 0
 
