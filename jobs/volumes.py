@@ -10,7 +10,8 @@ Stages (``ScanError.stage``):
   the gzip ISIZE trailer / the plain file size).
 - ``decode``: one bounded decompression (python-isal) and ``np.frombuffer`` on it: no copy of the body.
 - ``preprocess``: scaling, reorientation to RAS, optional resampling to a spacing, resize to the model's size,
-  intensity normalisation.
+  intensity normalisation. Order 1 (the default) runs :mod:`jobs.resample` (float32, one pass over the voxels,
+  the intensity step fused); other orders ``scipy.ndimage.zoom``.
 
 Nothing here imports TensorFlow, Keras or Ray.
 """
