@@ -22,6 +22,8 @@ def add_stage_seconds(totals, batch, fresh):
     """Add the timings of the rows of ``batch`` that go to ``results/`` (``fresh`` and not failed) to ``totals``."""
     rows = np.asarray(fresh, dtype=bool) & np.array([not e for e in batch["error"]], dtype=bool)
     totals["scans"] = totals.get("scans", 0) + int(np.count_nonzero(rows))
+    if not rows.any():  # error-only batches need not carry every timing column
+        return totals
     for column in TIMING_COLUMNS:
         values = np.asarray(batch[column], dtype=np.float64)[rows]
         totals[column] = totals.get(column, 0.0) + float(values.sum())
