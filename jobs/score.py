@@ -18,6 +18,7 @@ import uuid
 import numpy as np
 
 from jobs.config import JobConfig, JobError, JobFailed, parser
+from jobs.cost import add_stage_seconds, per_1k_scans
 from jobs.logs import configure_logging
 from jobs.manifest import ManifestError, read_manifest
 from jobs.pipeline import scoring_pipeline
@@ -173,7 +174,10 @@ def run_job(config, hooks=None):
             "skipped_known_bad": len(known_bad),
             **sink.counts,
         }
+        stage_seconds = scored.pop("stage_seconds", {})
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
+        # Seconds per 1,000 scored scans from the results' timing columns (jobs.cost says which count).
+        report["cost_per_1k_scans"] = per_1k_scans(stage_seconds)
         report["report_path"] = sink.write_report(report)
         return report
     finally:
@@ -200,13 +204,14 @@ def _known_bad(sink, candidates, retry_failed):
 
 def _score(pending, config, spec, info, sink, hooks):
     """Stream the pipeline's batches into ``sink``; returns what the report needs."""
-    loads, nodes, first_result_at = {}, {}, None
+    loads, nodes, first_result_at, stage_seconds = {}, {}, None, {}
     with scoring_pipeline(pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks) as run:
         progress = Progress(len(pending), config.progress)
         try:
             for batch in run.batches:
                 first_result_at = first_result_at or time.monotonic()
                 fresh = sink.write(batch)
+                add_stage_seconds(stage_seconds, batch, fresh)
                 for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
                     loads[str(pid)] = max(loads.get(str(pid), 0), n)
                 for column, key in (("decode_node", "decoded"), ("scoring_node", "scored")):
@@ -237,6 +242,7 @@ def _score(pending, config, spec, info, sink, hooks):
         "plan": dataclasses.asdict(run.plan),
         "first_result_at": first_result_at,
         "cluster": cluster,
+        "stage_seconds": stage_seconds,
     }
 
 
@@ -281,8 +287,19 @@ def summary(report):
             f"model {report['model']['sha256'][:12]}, loads per worker {report['model']['loads_per_worker']}",
             f"  {len(report['cluster']['nodes'])} node(s), {report['cluster']['actor_restarts']} scoring actor "
             "restart(s)",
+            _cost_line(report.get("cost_per_1k_scans") or {}),
             f"  results: {out}/results/   errors: {out}/errors/   report: {report['report_path']}",
         ]
+    )
+
+
+def _cost_line(cost):
+    """The summary's cost line: CPU and accelerator seconds per 1,000 scored scans."""
+    if not cost.get("scans"):
+        return "  CPU s / 1k scans: - (nothing scored)"
+    return (
+        f"  CPU s / 1k scans: {cost['cpu_s']:.1f} (decode + preprocess), accelerator s / 1k scans: "
+        f"{cost['accelerator_s']:.1f} (infer), read s / 1k scans: {cost['read_s']:.1f}"
     )
 
 

@@ -90,6 +90,7 @@ def test_production_modules_never_import_test_code_and_benches_import_cleanly():
         "import jobs.score, jobs.pipeline, jobs.sink, jobs.scorer, jobs.ledger, jobs.manifest, jobs.demo\n"
         "assert 'jobs.testing' not in sys.modules, 'production imported jobs.testing'\n"
         "import bench.pipeline, bench.scale, bench.decode, bench.train_step, bench.cpu\n"
+        "import bench.gpu_feed, bench.reference\n"
         "print(bench.cpu.header('x').splitlines()[1])\n"
     )
     proc = fresh_python(["-c", script], cwd=REPO_ROOT)

@@ -74,6 +74,18 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
         assert len(row.orientation) == 3 and row.decode_s >= 0 and row.infer_s >= 0
     assert str(results.scored_at.dt.tz) == "UTC"
 
+    # The report's cost per 1,000 scans, recomputed from the Parquet rows (jobs.cost: which columns count).
+    cost = report["cost_per_1k_scans"]
+    assert cost["scans"] == len(results) == 8
+    for key, columns in (
+        ("cpu_s", ["decode_s", "preprocess_s"]),
+        ("accelerator_s", ["infer_s"]),
+        ("read_s", ["read_s"]),
+    ):
+        from_rows = results[columns].astype("float64").to_numpy().sum() * 1000 / len(results)
+        assert from_rows > 0 and cost[key] == pytest.approx(from_rows, abs=1e-3), key
+    assert json.loads((output / "runs" / f"{report['run_id']}.json").read_text())["cost_per_1k_scans"] == cost
+
     errors = pads.dataset(str(output / "errors"), format="parquet").to_table().to_pylist()
     assert len(errors) == 1 and errors[0]["scan_id"] == "broken"
     assert errors[0]["stage"] in ("validate", "decode") and "broken.nii.gz" in errors[0]["error"]
@@ -181,6 +193,8 @@ def test_over_error_budget_exits_3(ray_cluster, tiny_model, archive, tmp_path, c
     assert code == 3
     out = capsys.readouterr().out
     assert "over_error_budget" in out and "1 failed" in out and str(tmp_path / "o") in out
+    report = json.loads(next((tmp_path / "o" / "runs").glob("*.json")).read_text())
+    assert f"CPU s / 1k scans: {report['cost_per_1k_scans']['cpu_s']:.1f} (decode + preprocess)" in out
 
 
 def test_model_problems_stop_before_anything_is_written(ray_cluster, tiny_model, archive, tmp_path):
