@@ -198,7 +198,8 @@ class Progress:
     def _refresh_bar(self, f):
         rate = f"{f['rate']:.2f} scans/s" if f["rate"] else "- scans/s"
         eta = format_duration(f["eta_s"]) if f["eta_s"] is not None else "-"
-        self._bar.update(self._task, completed=f["done"], errors=f["errors"], rate=rate, eta=eta)
+        # Redrawn at each commit (commits come a few times a second at most), and by rich's own timer between.
+        self._bar.update(self._task, completed=f["done"], errors=f["errors"], rate=rate, eta=eta, refresh=True)
 
     def _stop_bar(self):
         if self._bar is None:
