@@ -51,10 +51,14 @@ def test_off_a_terminal_progress_lines_follow_the_commits(ray_cluster, tiny_mode
     assert "ETA" not in final
     # The final figures are the committed counts, in the report and in the summary (no ETA there either).
     figures = report["progress"]
-    assert (figures["done"], figures["total"], figures["errors"]) == (6, 6, 1) == (
-        report["counts"]["ok"] + report["counts"]["error"],
-        len(rows),
-        report["counts"]["error"],
+    assert (
+        (figures["done"], figures["total"], figures["errors"])
+        == (6, 6, 1)
+        == (
+            report["counts"]["ok"] + report["counts"]["error"],
+            len(rows),
+            report["counts"]["error"],
+        )
     )
     text = summary(report)
     assert re.search(r"progress: 6/6 scans \(1 error\) in \d+ s, [0-9.]+ scans/s$", text, re.M), text

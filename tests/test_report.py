@@ -7,6 +7,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import duckdb
 import numpy as np
@@ -51,8 +52,8 @@ def test_the_job_writes_the_page_and_its_numbers_match_the_parquet(two_nights):
     output, first, tonight = two_nights
     page_path = os.path.join(output, "runs", "night-2.html")
     assert tonight["report_page"] == page_path
-    assert json.load(open(os.path.join(output, "runs", "night-2.json")))["report_page"] == page_path
-    page = open(page_path).read()
+    assert json.loads(Path(output, "runs", "night-2.json").read_text())["report_page"] == page_path
+    page = Path(page_path).read_text()
     data = read_page_data(page)
     results = f"read_parquet('{output}/results/*.parquet')"
     errors = f"read_parquet('{output}/errors/*.parquet')"
@@ -177,7 +178,7 @@ def test_embed_mode_page_shows_a_projection(ray_cluster, tiny_model, tmp_path):
     rows = write_archive(str(tmp_path / "archive"), 6, prefix="archive/")
     output = str(tmp_path / "emb")
     report = run(write_csv(tmp_path / "m.csv", rows), model_path, output, mode="embed", device="cpu", progress=False)
-    page = open(report["report_page"]).read()
+    page = Path(report["report_page"]).read_text()
     data = read_page_data(page)
     assert re.search(r'<figure class="chart" id="chart-embedding"[^>]*><svg', page)
     projection = data["projection"]
@@ -209,7 +210,7 @@ def test_a_page_that_fails_to_render_does_not_fail_the_run(ray_cluster, tiny_mod
     finally:
         logging.getLogger("jobs.report").removeHandler(handler)
     assert report["exit_code"] == 0 and report["counts"]["ok"] == 2 and report["report_page"] is None
-    saved = json.load(open(tmp_path / "o" / "runs" / "no-page.json"))
+    saved = json.loads((tmp_path / "o" / "runs" / "no-page.json").read_text())
     assert saved["counts"]["ok"] == 2 and saved["report_page"] is None
     assert not (tmp_path / "o" / "runs" / "no-page.html").exists()
     assert any("run report page not written" in w for w in warnings), warnings
