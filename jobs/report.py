@@ -324,6 +324,10 @@ def charts(data):
         twin.plot(edges[1:], np.cumsum(t["counts"]), color="black", linewidth=1.5, label="scans done")
         twin.set_ylabel("scans done")
         twin.set_ylim(bottom=0)
+        if data.get("startup_s"):
+            ax.axvline(data["startup_s"], color="#667085", linestyle="--", linewidth=1)
+            ax.annotate(" first result", (data["startup_s"], 1.0), xycoords=("data", "axes fraction"), va="top",
+                        color="#667085")  # fmt: skip
         out["throughput"] = _svg(fig, "throughput")
     stages = [s for s in STAGES if data["stages"].get(s)]
     if stages:
@@ -376,6 +380,14 @@ def _e(value):
     return html.escape(str(value))
 
 
+def _when(iso):
+    """An ISO 8601 time as 'YYYY-MM-DD HH:MM:SS UTC'."""
+    try:
+        return dt.datetime.fromisoformat(iso).astimezone(dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (TypeError, ValueError):
+        return str(iso)
+
+
 def _fmt_s(seconds):
     if seconds is None:
         return "–"
@@ -394,7 +406,8 @@ def render(report, data, svgs):
         f"<title>vit3d-batch run {_e(data['run_id'])}</title><style>{CSS}</style></head><body><main>",
         f"<h1>Run {_e(data['run_id'])} "
         f'<span class="status {"ok" if ok else "bad"}">{_e(data["status"])} (exit {data["exit_code"]})</span></h1>',
-        f'<p class="muted">{_e(report["started_at"])} → {_e(report["finished_at"])} · {data["mode"]} mode · model '
+        f'<p class="muted">{_e(_when(report["started_at"]))} → {_e(_when(report["finished_at"]))} · '
+        f"{data['mode']} mode · model "
         f"<code>{_e(data['model_sha256'][:12])}</code> ({_e(report['model']['uri'])}) · output "
         f"<code>{_e(report['output']['uri'])}</code></p>",
         '<section id="summary"><h2>Counts and error budget</h2><div class="tiles">',
