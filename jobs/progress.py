@@ -27,7 +27,7 @@ import time
 logger = logging.getLogger(__name__)
 
 RATE_WINDOW_S = 60.0
-_HANDLED_LOGGERS = ("jobs", "vit3d")
+_HANDLED_PACKAGES = ("jobs", "vit3d", "ray")  # loggers whose console lines go above the bar
 
 
 def format_duration(seconds):
@@ -58,12 +58,14 @@ class Progress:
         stream: file or None. Where the bar goes; its being a TTY chooses bar or lines. Defaults to ``None``
             (``sys.stderr``, where the job logs).
         bar: bool or None. Force the bar on or off. Defaults to ``None`` (a bar exactly when ``stream`` is a TTY).
+        clock: callable. Seconds, monotonic. Defaults to ``time.monotonic``.
     """
 
-    def __init__(self, total, *, enabled=True, every_s=10.0, stream=None, bar=None):
+    def __init__(self, total, *, enabled=True, every_s=10.0, stream=None, bar=None, clock=time.monotonic):
         self.total, self.enabled, self.every_s = int(total), enabled, float(every_s)
         self.stream = stream if stream is not None else sys.stderr
-        self.started = time.monotonic()
+        self.clock = clock
+        self.started = clock()
         self.samples = collections.deque()  # (time, done) of recent commits
         self.done = self.errors = 0
         self._bar = self._task = None
@@ -80,27 +82,26 @@ class Progress:
     # --- figures --------------------------------------------------------------------------------------------
 
     def figures(self, now=None):
-        """done, total, errors, elapsed_s, rate (scans/s over the recent window, None before any) and eta_s."""
-        now = time.monotonic() if now is None else now
-        rate = None
+        """done, total, errors, elapsed_s, rate (scans/s) and eta_s; rate and ETA None until two commits.
+
+        The rate is from the oldest commit of the last RATE_WINDOW_S seconds to now: the start-up before the
+        first commit never counts, and while nothing is committed (a stall) the rate falls and the ETA grows.
+        """
+        now = self.clock() if now is None else now
         with self._lock:
-            first, last = (self.samples[0], self.samples[-1]) if self.samples else (None, None)
-        if first is not None:
-            (t0, d0), (t1, d1) = first, last
-            if t1 > t0 and d1 > d0:
-                rate = (d1 - d0) / (t1 - t0)
-            elif self.done:  # one commit so far: the rate since the start
-                rate = self.done / max(now - self.started, 1e-9)
-        remaining = max(0, self.total - self.done)
+            self._prune(now)
+            anchor = self.samples[0] if len(self.samples) >= 2 else None
+            done, errors = self.done, self.errors
+        rate = (done - anchor[1]) / (now - anchor[0]) if anchor and now > anchor[0] and done > anchor[1] else None
+        remaining = max(0, self.total - done)
         eta = remaining / rate if rate else (0.0 if not remaining else None)
-        return {
-            "done": self.done,
-            "total": self.total,
-            "errors": self.errors,
-            "elapsed_s": now - self.started,
-            "rate": rate,
-            "eta_s": eta,
-        }
+        return {"done": done, "total": self.total, "errors": errors, "elapsed_s": now - self.started, "rate": rate,
+                "eta_s": eta}  # fmt: skip
+
+    def _prune(self, now):
+        """Keep the commits of the window and the last one before it (the window's start)."""
+        while len(self.samples) >= 2 and self.samples[1][0] <= now - RATE_WINDOW_S:
+            self.samples.popleft()
 
     @staticmethod
     def line(f, final=False):
@@ -109,8 +110,10 @@ class Progress:
         if final:
             rate = f["done"] / f["elapsed_s"] if f["elapsed_s"] > 0 else 0.0
             return f"{text} in {format_duration(f['elapsed_s'])}, {rate:.2f} scans/s"
-        if f["rate"] is None:
+        if f["rate"] is None and not f["done"]:
             return f"{text}, {format_duration(f['elapsed_s'])} elapsed, waiting for the first results"
+        if f["rate"] is None:
+            return f"{text}, {format_duration(f['elapsed_s'])} elapsed, measuring the rate"
         eta = format_duration(f["eta_s"]) if f["eta_s"] is not None else "?"
         return f"{text}, {f['rate']:.2f} scans/s, ETA {eta}"
 
@@ -118,12 +121,11 @@ class Progress:
 
     def update(self, counts):
         """After a commit: ``counts`` is the sink's ``{"ok": …, "error": …}`` so far."""
-        now = time.monotonic()
+        now = self.clock()
         with self._lock:
             self.done, self.errors = counts["ok"] + counts["error"], counts["error"]
             self.samples.append((now, self.done))
-            while len(self.samples) > 2 and now - self.samples[0][0] > RATE_WINDOW_S:
-                self.samples.popleft()
+            self._prune(now)
         if self._bar is not None:
             self._refresh_bar(self.figures(now))
 
@@ -186,10 +188,12 @@ class Progress:
         )
         self._task = self._bar.add_task("scoring", total=self.total, errors=0, rate="- scans/s", eta="-")
         self._bar.start()
-        # Our loggers hold the stream itself; while the bar is live, write through rich's proxy (which the
-        # bar installed as sys.stderr/sys.stdout) so that each line is printed above the bar.
-        for name in _HANDLED_LOGGERS:
-            for handler in logging.getLogger(name).handlers:
+        # Console handlers hold the stream itself; while the bar is live, they write through rich's proxy (which
+        # the bar installed as sys.stderr/sys.stdout), so that each line is printed above the bar. Ray's
+        # forwarded worker output already goes through sys.stderr/sys.stdout.
+        names = [n for n in list(logging.root.manager.loggerDict) if n.split(".")[0] in _HANDLED_PACKAGES]
+        for logger_ in [logging.getLogger(n) for n in names] + [logging.getLogger()]:
+            for handler in getattr(logger_, "handlers", []):
                 stream = getattr(handler, "stream", None)
                 if stream is not None and stream in (sys.__stderr__, sys.__stdout__, self.stream):
                     proxy = sys.stderr if stream is not sys.__stdout__ else sys.stdout

@@ -6,6 +6,7 @@ import pty
 import re
 import select
 
+import pytest
 from conftest import write_archive, write_csv
 
 from jobs.progress import Progress
@@ -106,10 +107,19 @@ def test_on_a_terminal_a_live_bar_with_the_same_figures(tmp_path):
 
 
 def test_rate_and_eta_come_from_recent_commits():
-    progress = Progress(100, enabled=False)
-    start = progress.started
-    progress.samples.extend([(start + 30.0, 10), (start + 40.0, 30)])  # 2 scans/s over the last 10 s
-    progress.done = 30
-    figures = progress.figures(now=start + 40.0)
-    assert figures["rate"] == 2.0 and figures["eta_s"] == 35.0
+    clock = [1000.0]
+    progress = Progress(100, enabled=False, clock=lambda: clock[0])  # the test's clock, not sleeps
+    clock[0] += 30.0  # 30 s of start-up before the first commit: not in the rate
+    progress.update({"ok": 10, "error": 0})
+    assert progress.figures()["rate"] is None and "measuring the rate" in Progress.line(progress.figures())
+    clock[0] += 10.0
+    progress.update({"ok": 28, "error": 2})  # 20 scans in 10 s
+    figures = progress.figures()
+    assert figures["rate"] == 2.0 and figures["eta_s"] == 35.0 and figures["errors"] == 2
     assert "ETA 35 s" in Progress.line(figures) and "ETA" not in Progress.line(figures, final=True)
+    clock[0] += 10.0  # a stall: no commit for 10 s, the rate falls and the ETA grows
+    assert progress.figures()["rate"] == 1.0 and progress.figures()["eta_s"] == 70.0
+    for i in range(1, 11):  # 2 minutes at 1 scan/s: only the last minute counts
+        clock[0] += 12.0
+        progress.update({"ok": 28 + 12 * i, "error": 2})
+    assert progress.figures()["rate"] == pytest.approx(1.0)
