@@ -63,30 +63,54 @@ class ReportError(Exception):
     """The output holds no such run (or no finished run at all)."""
 
 
-def list_reports(store):
-    """Every finished run's JSON report in the output (``runs/*.json``), oldest first."""
+def _report_files(store):
+    """``runs/*.json`` entries of the output, newest first (by modification time: the report is written last)."""
     folder = f"{store.root}/runs"
     if store.filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
         return []
-    reports = []
-    for entry in store.filesystem.get_file_info(pafs.FileSelector(folder)):
-        if entry.base_name.endswith(".json") and not storage.is_staging_name(entry.base_name):
-            reports.append(json.loads(storage.read_bytes(store.child("runs", entry.base_name), store.retry_s)))
-    return sorted(reports, key=lambda r: r.get("finished_at", ""))
-
-
-def previous_runs(reports, report):
-    """The last PREVIOUS_RUNS finished runs of the same model that finished before ``report``'s run started."""
-    sha, started = report["model"]["sha256"], report["started_at"]
-    earlier = [
-        r
-        for r in reports
-        if r["run_id"] != report["run_id"]
-        and r.get("model", {}).get("sha256") == sha
-        and r.get("finished_at", "") < started
-        and r.get("counts", {}).get("ok", 0) > 0
+    entries = [
+        e
+        for e in store.filesystem.get_file_info(pafs.FileSelector(folder))
+        if e.base_name.endswith(".json") and not storage.is_staging_name(e.base_name)
     ]
-    return earlier[-PREVIOUS_RUNS:]
+    return sorted(entries, key=lambda e: (e.mtime_ns or 0, e.base_name), reverse=True)
+
+
+def _load(store, name):
+    return json.loads(storage.read_bytes(store.child("runs", name), store.retry_s))
+
+
+def load_report(store, run_id=None):
+    """The JSON report of run ``run_id`` (default: the last finished run); ReportError if there is none."""
+    if run_id is not None:
+        try:
+            return _load(store, f"{run_id}.json")
+        except FileNotFoundError as e:
+            raise ReportError(f"{store.uri} has no finished run {run_id!r} (no runs/{run_id}.json)") from e
+    files = _report_files(store)
+    if not files:
+        raise ReportError(f"{store.uri} has no finished run (no runs/*.json): is it a jobs.score --output?")
+    return _load(store, files[0].base_name)
+
+
+def previous_runs(store, report):
+    """The last PREVIOUS_RUNS finished runs of the same model that finished before ``report``'s run started,
+    oldest first. Reads reports newest first and stops when it has them (a year of nights costs a few reads)."""
+    sha, started = report["model"]["sha256"], report["started_at"]
+    found = []
+    for entry in _report_files(store):
+        if entry.base_name == f"{report['run_id']}.json":
+            continue
+        other = _load(store, entry.base_name)
+        if (
+            other.get("model", {}).get("sha256") == sha
+            and other.get("finished_at", "") < started
+            and other.get("counts", {}).get("ok", 0) > 0
+        ):
+            found.append(other)
+        if len(found) == PREVIOUS_RUNS:
+            break
+    return sorted(found, key=lambda r: r["finished_at"])
 
 
 def _read(store, kind, columns, run_ids, model_sha256):
@@ -525,7 +549,7 @@ def build_page(store, report):
     columns = ["scan_id", "path", "scored_at", *outputs, *(f"{s}_s" for s in STAGES)]
     results = _read(store, "results", columns, [report["run_id"]], sha)
     errors = _read(store, "errors", ["scan_id", "path", "stage", "error", "failed_at"], [report["run_id"]], sha)
-    previous = previous_runs(list_reports(store), report)
+    previous = previous_runs(store, report)
     previous_results = _read(store, "results", ["run_id", *outputs], [r["run_id"] for r in previous], sha)
     data = summarize(report, results, errors, previous, previous_results)
     return render(report, data, charts(data))
@@ -568,15 +592,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     try:
         store = OutputStore(args.output)
-        reports = list_reports(store)
-        if args.run_id:
-            report = next((r for r in reports if r["run_id"] == args.run_id), None)
-            if report is None:
-                raise ReportError(f"{store.uri} has no finished run {args.run_id!r} (no runs/{args.run_id}.json)")
-        elif reports:
-            report = reports[-1]
-        else:
-            raise ReportError(f"{store.uri} has no finished run (no runs/*.json): is it a jobs.score --output?")
+        report = load_report(store, args.run_id)
         page = build_page(store, report)
         target = args.out or store.child("runs", f"{report['run_id']}.html")
         storage.write_bytes(target, page.encode())
