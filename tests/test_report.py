@@ -267,3 +267,33 @@ def test_the_page_renders_in_a_headless_browser(two_nights, tmp_path):
         figure = re.search(rf'<figure class="chart" id="chart-{name}".*?</figure>', dom, re.S)
         assert figure and "<svg" in figure.group(0) and "<path" in figure.group(0), name
     assert read_page_data(dom)["run_id"] == "night-2"
+
+
+def test_previous_runs_are_the_last_seven_of_the_same_model(tmp_path):
+    """Run reports as the job leaves them in runs/: 10 nights of model A, 3 of model B, tonight's A run."""
+    import datetime as dt
+
+    from jobs.report import previous_runs
+    from jobs.sink import OutputStore
+
+    (tmp_path / "runs").mkdir()
+    start = dt.datetime(2026, 11, 1, 2, tzinfo=dt.timezone.utc)
+    nights = []
+    for day in range(10):
+        for model in ("a", "b") if day % 4 == 0 else ("a",):
+            finished = (start + dt.timedelta(days=day, hours=1 if model == "a" else 2)).isoformat()
+            ok = 0 if day == 8 else 5  # night 8 scored nothing: no scores to compare with
+            nights.append({"run_id": f"{model}-{day}", "model": {"sha256": model * 64}, "finished_at": finished,
+                           "counts": {"ok": ok}})  # fmt: skip
+    tonight = {
+        "run_id": "a-10",
+        "model": {"sha256": "a" * 64},
+        "started_at": (start + dt.timedelta(days=10)).isoformat(),
+    }
+    for night in [*nights, {**tonight, "finished_at": tonight["started_at"], "counts": {"ok": 5}}]:
+        path = tmp_path / "runs" / f"{night['run_id']}.json"
+        path.write_text(json.dumps(night))
+        when = dt.datetime.fromisoformat(night["finished_at"]).timestamp()
+        os.utime(path, (when, when))  # written when the run finished, as the job does
+    got = [r["run_id"] for r in previous_runs(OutputStore(str(tmp_path)), tonight)]
+    assert got == ["a-2", "a-3", "a-4", "a-5", "a-6", "a-7", "a-9"]
