@@ -350,8 +350,8 @@ def charts(data):
         twin.set_ylim(bottom=0)
         if data.get("startup_s"):
             ax.axvline(data["startup_s"], color="#667085", linestyle="--", linewidth=1)
-            ax.annotate(" first result", (data["startup_s"], 1.0), xycoords=("data", "axes fraction"), va="top",
-                        color="#667085")  # fmt: skip
+            ax.annotate("first result ", (data["startup_s"], 0.98), xycoords=("data", "axes fraction"), va="top",
+                        ha="right", color="#667085")  # fmt: skip
         out["throughput"] = _svg(fig, "throughput")
     stages = [s for s in STAGES if data["stages"].get(s)]
     if stages:
