@@ -58,6 +58,8 @@ class JobConfig:
             this many seconds; 0 waits forever. Defaults to ``1800.0``.
         precision: str. ``"float32"`` or ``"mixed_bfloat16"`` (GPUs). Defaults to ``"float32"``.
         progress: bool. Log progress while running. Defaults to ``True`` (``--quiet`` turns it off).
+        progress_every_s: float. Off a terminal, seconds between two progress lines (on a terminal a live bar
+            is drawn instead). Defaults to ``10.0``.
         log_format: str. ``"text"`` or ``"json"`` log lines (command line only). Defaults to ``"text"``.
 
     Example:
@@ -145,6 +147,14 @@ class JobConfig:
     progress: bool = option(
         True, help="no progress lines; warnings and errors only", flag="--quiet", action="store_false"
     )
+    progress_every_s: float = option(
+        10.0,
+        type=float,
+        metavar="SECONDS",
+        flag="--progress-every",
+        help="off a terminal (log files, ray job logs): a progress line (done/total, errors, rate, ETA) every "
+        "SECONDS (default %(default)s); on a terminal a live bar shows the same figures",
+    )
     log_format: str = option("text", choices=LOG_FORMATS, help="text: one line per event; json: one JSON object")
 
     def __post_init__(self):
@@ -162,6 +172,8 @@ class JobConfig:
             raise JobError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
         if self.wait_for_gpus < 0 or self.flush_seconds <= 0:
             raise JobError("--wait-for-gpus must be at least 0 (and flush_seconds above 0)")
+        if not self.progress_every_s > 0:
+            raise JobError(f"--progress-every must be above 0 seconds, got {self.progress_every_s}")
         for name in ("storage_retry_s", "stall_timeout_s"):
             if getattr(self, name) < 0:
                 raise JobError(f"--{flag_of(name)} must be at least 0, got {getattr(self, name)}")

@@ -20,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
+from jobs import metrics
 from jobs.config import JobError
 from jobs.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.scorer import Scorer, node_id
@@ -149,6 +150,7 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_
                 out[name][i] = provenance[name]
 
     process_guarded(ledger_name, batch["scan_id"], list(range(count)), process, fail, "decode", before_attempt)
+    metrics.observe_stages(out, ("read", "decode", "preprocess"))  # Ray metrics (jobs.metrics)
     out["decode_node"] = np.full(count, node_id(), dtype=object)  # for the report, not a result column
     return out
 

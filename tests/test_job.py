@@ -14,6 +14,7 @@ import pytest
 from conftest import fresh_python, write_archive, write_csv
 
 import vit3d
+from jobs.report import read_page_data
 from jobs.score import JobError, main, run
 from jobs.scorer import scores_from_logits
 from jobs.testing import hooks as fault_hooks
@@ -310,6 +311,13 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
     assert sum(k.startswith("scores/results/") and k.endswith(".parquet") for k in keys) == 1
     assert not [k for k in keys if "/." in k], "staging objects left behind"
     assert f"scores/runs/{report['run_id']}.json" in keys
+    # The run report page of each run, next to its JSON report, on S3 too (jobs.report).
+    for night in (report, rerun):
+        assert night["report_page"] == f"{output}/runs/{night['run_id']}.html"
+        page = client.get_object(Bucket=bucket, Key=f"scores/runs/{night['run_id']}.html")["Body"].read().decode()
+        data = read_page_data(page)
+        assert data["run_id"] == night["run_id"] and data["counts"] == night["counts"]
+    assert read_page_data(page)["previous_runs"] == [report["run_id"]]  # the rerun sees the first night
     fs, path = storage.resolve(output + "/results")
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
     assert sorted(table["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in rows[:8])
