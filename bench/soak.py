@@ -37,9 +37,10 @@ def committed(output, columns=("scan_id", "worker_pid")):
     import pyarrow.dataset as pads
 
     folder = os.path.join(output, "results")
-    if not os.path.isdir(folder):
+    dataset = pads.dataset(folder, format="parquet") if os.path.isdir(folder) else None
+    if dataset is None or not dataset.files:  # the folder appears with a first (hidden) staging file
         return []
-    return pads.dataset(folder, format="parquet").to_table(columns=list(columns)).to_pylist()
+    return dataset.to_table(columns=list(columns)).to_pylist()
 
 
 def exactly_once(ids, expected):

@@ -197,9 +197,10 @@ def results_of(output):
 def committed(output, columns=("scan_id",)):
     """Rows committed so far under output/results (complete files only: staging names are hidden)."""
     folder = os.path.join(output, "results")
-    if not os.path.isdir(folder):
+    dataset = pads.dataset(folder, format="parquet") if os.path.isdir(folder) else None
+    if dataset is None or not dataset.files:  # the folder appears with a first (hidden) staging file
         return []
-    return pads.dataset(folder, format="parquet").to_table(columns=list(columns)).to_pylist()
+    return dataset.to_table(columns=list(columns)).to_pylist()
 
 
 def hold_hook(scan_id, release):
