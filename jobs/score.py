@@ -149,7 +149,14 @@ def run_job(config, hooks=None):
     try:
         paths = dict(zip(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist(), strict=True))
         known_bad = _known_bad(sink, {s: p for s, p in paths.items() if s not in done}, config.retry_failed)
-        pending = [{"scan_id": s, "path": p} for s, p in paths.items() if s not in done and s not in known_bad]
+        has_uids = "series_instance_uid" in manifest.column_names  # picks the series of a DICOM folder
+        uids = manifest.column("series_instance_uid").to_pylist() if has_uids else []
+        series = {s: u or "" for s, u in zip(paths, uids, strict=False)}
+        pending = [
+            {"scan_id": s, "path": p, "series_instance_uid": series.get(s, "")}
+            for s, p in paths.items()
+            if s not in done and s not in known_bad
+        ]
         skipped_done = len(done & paths.keys())
         logger.info(
             "%d scans in the manifest, %d already done, %d known bad, %d to score",
