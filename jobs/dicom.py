@@ -453,7 +453,7 @@ def _summary(uid, headers):
     return f"{uid} ({h.modality or '?'}, {frames} slice(s){description})"
 
 
-def choose_series(path, headers, broken, series_uid=None):
+def choose_series(path, headers, broken, series_uid=None, ignored=0):
     """The headers of the one series to read; raises ScanError('validate') naming the series found."""
 
     def bad(reason):
@@ -473,7 +473,7 @@ def choose_series(path, headers, broken, series_uid=None):
         if broken:
             name, err = broken[0]
             raise bad(f"{name}: {err} (and no readable image series)")
-        raise bad(f"no DICOM image series here ({len(headers)} image files)")
+        raise bad(f"no DICOM image series here ({ignored} file(s), none of them a DICOM image with pixel data)")
     else:
         found = "; ".join(_summary(u, hs) for u, hs in sorted(by_series.items()))
         raise bad(
@@ -514,9 +514,9 @@ def _decoder_for(ts, path, name):
     return decoder
 
 
-def check_series(path, headers, broken, series_uid=None) -> Series:
+def check_series(path, headers, broken, series_uid=None, ignored=0) -> Series:
     """Header-only pre-check of the chosen series; raises ScanError('validate')."""
-    uid, chosen = choose_series(path, headers, broken, series_uid)
+    uid, chosen = choose_series(path, headers, broken, series_uid, ignored)
     frames = []
     for h in chosen:
         try:
@@ -718,13 +718,14 @@ def fetch(path, retry_s=None, threads=FETCH_THREADS):
 
 
 def parse_files(path, files):
-    """(image headers, [(name, BrokenFile)]) of fetched files; non-DICOM and non-image files are left out."""
-    headers, broken = [], []
+    """(image headers, [(name, BrokenFile)], files left out) of fetched files; non-DICOM and non-image files are
+    left out."""
+    headers, broken, ignored = [], [], 0
     for name, data in files:
         try:
             headers.append(read_header(name, data))
         except NotImage:
-            continue
+            ignored += 1
         except BrokenFile as e:
             broken.append((name, e))
-    return headers, broken
+    return headers, broken, ignored

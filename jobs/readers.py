@@ -81,8 +81,8 @@ class DicomReader(Reader):
         return dicom.fetch(path, retry_s)
 
     def check(self, path, raw, options):
-        headers, broken = dicom.parse_files(path, raw)
-        return dicom.check_series(path, headers, broken, options.get("series_instance_uid") or None)
+        headers, broken, ignored = dicom.parse_files(path, raw)
+        return dicom.check_series(path, headers, broken, options.get("series_instance_uid") or None, ignored)
 
     def decode(self, checked):
         return dicom.decode_series(checked)

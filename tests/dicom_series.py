@@ -11,6 +11,7 @@ import random
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
+from pydicom.encaps import encapsulate
 from pydicom.sequence import Sequence
 from pydicom.uid import (
     CTImageStorage,
@@ -23,7 +24,6 @@ from pydicom.uid import (
     RLELossless,
     generate_uid,
 )
-from pydicom.encaps import encapsulate
 
 PHI = {"PatientName": "Zzyzx^Quentavious", "PatientID": "PHI-ID-7741093", "PatientBirthDate": "19230417"}
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
@@ -93,7 +93,11 @@ def jpeg_lossless(pixels: np.ndarray) -> bytes:
     dht = bytes([0x00, *bits, *range(17)])
     segments = [
         b"\xff\xd8",
-        b"\xff\xc3" + (11).to_bytes(2, "big") + bytes([16]) + rows.to_bytes(2, "big") + cols.to_bytes(2, "big")
+        b"\xff\xc3"
+        + (11).to_bytes(2, "big")
+        + bytes([16])
+        + rows.to_bytes(2, "big")
+        + cols.to_bytes(2, "big")
         # 1 component, id 1, sampling 1x1, no quantisation table
         + bytes([1, 1, 0x11, 0]),
         b"\xff\xc4" + (2 + len(dht)).to_bytes(2, "big") + dht,
@@ -118,6 +122,8 @@ def write_series(
     modality="CT",
     seed=0,
     phi=True,
+    prefix="IM",
+    pixel_spacing=None,
 ):
     """One file per slice k = 0..n-1 of ``data`` (stored dtype int16/uint16) into ``folder``; returns the series UID.
 
@@ -140,7 +146,7 @@ def write_series(
         ds = _base(CTImageStorage if modality == "CT" else pydicom.uid.MRImageStorage, series, study, modality, phi)
         ds.ImageOrientationPatient = iop
         ds.ImagePositionPatient = [ds_number(v) for v in positions[k]]
-        ds.PixelSpacing = spacing
+        ds.PixelSpacing = pixel_spacing or spacing
         ds.InstanceNumber = n + 1
         ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
         if slope != 1.0 or inter != 0.0:
@@ -149,9 +155,9 @@ def write_series(
         pixels = np.ascontiguousarray(data[:, :, k].T)
         ds.set_pixel_data(pixels, "MONOCHROME2", 16)
         ds.PixelRepresentation = 1 if signed else 0
-        name = f"IM{n:04d}" if names != "shuffled" else f"x{random.Random(seed * 1000 + n).getrandbits(40):x}.dcm"
+        name = f"{prefix}{n:04d}" if names != "shuffled" else f"x{random.Random(seed * 1000 + n).getrandbits(40):x}.dcm"
         path = os.path.join(folder, name)
-        if syntax == RLELossless or syntax == JPEG2000Lossless:
+        if syntax in (RLELossless, JPEG2000Lossless):
             ds.compress(syntax)
             ds.save_as(path, enforce_file_format=True)
         elif syntax == JPEGLosslessSV1:
@@ -163,6 +169,11 @@ def write_series(
             ds.PixelData = pixels.astype(pixels.dtype.newbyteorder(">")).tobytes()
             ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
             ds.save_as(path, enforce_file_format=True, little_endian=False, implicit_vr=False)
+        elif syntax == "1.2.840.10008.1.2.4.100":  # MPEG2: no decoder exists for it here
+            ds.PixelData = encapsulate([bytes(64)])
+            ds["PixelData"].VR = "OB"
+            ds.file_meta.TransferSyntaxUID = syntax
+            ds.save_as(path, enforce_file_format=True)
         elif syntax == "deflated":
             ds.file_meta.TransferSyntaxUID = pydicom.uid.DeflatedExplicitVRLittleEndian
             ds.save_as(path, enforce_file_format=True)
@@ -217,3 +228,10 @@ def write_report(path, series=None, phi=True):
     ds.ContentDate = "20260101"
     ds.save_as(path, enforce_file_format=True)
 
+
+def edit(path, **attributes):
+    """Rewrite one file with some attributes changed (e.g. a moved ImagePositionPatient)."""
+    ds = pydicom.dcmread(path)
+    for key, value in attributes.items():
+        setattr(ds, key, value)
+    ds.save_as(path, enforce_file_format=True)
