@@ -22,7 +22,7 @@ from jobs.logs import configure_logging
 from jobs.manifest import ManifestError, read_manifest
 from jobs.pipeline import scoring_pipeline
 from jobs.scorer import configure_tensorflow
-from jobs.sink import RESERVED_COLUMNS, OutputError, ResultSink
+from jobs.sink import MANIFEST_SHARED_COLUMNS, RESERVED_COLUMNS, OutputError, ResultSink
 from vit3d.storage import StorageUnreachable
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_OVER_BUDGET", "EXIT_USAGE", "JobConfig", "JobError", "JobFailed", "run"]
@@ -43,7 +43,7 @@ def check_manifest(uri):
         table = read_manifest(uri)
     except ManifestError as e:
         raise JobError(f"manifest problem: {e}") from e
-    clashes = sorted(set(table.column_names[2:]) & RESERVED_COLUMNS)
+    clashes = sorted(set(table.column_names[2:]) & (RESERVED_COLUMNS - MANIFEST_SHARED_COLUMNS))
     if clashes:
         raise JobError(f"manifest problem: {uri}: columns {clashes} have the names of result columns; rename them")
     return table

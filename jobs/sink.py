@@ -127,10 +127,7 @@ PERMANENT_STAGES = frozenset({"validate", "decode", "preprocess"})
 # others: the value read from the files, else the manifest's (so NIfTI rows keep theirs).
 MANIFEST_SHARED_COLUMNS = frozenset(DICOM_PROVENANCE.names) - {"series_note"}
 # Other manifest columns are carried into the results, so they must not take a result column's name.
-RESERVED_COLUMNS = (
-    frozenset(KEY_SCHEMA.names + SCORE_SCHEMA.names + EMBED_SCHEMA.names + PROVENANCE_SCHEMA.names)
-    - MANIFEST_SHARED_COLUMNS
-)
+RESERVED_COLUMNS = frozenset(KEY_SCHEMA.names + SCORE_SCHEMA.names + EMBED_SCHEMA.names + PROVENANCE_SCHEMA.names)
 
 
 def result_schema(mode, manifest_schema, width):
