@@ -33,11 +33,13 @@ import pydicom.filereader
 from nibabel import orientations
 from pyarrow import fs as pafs
 from pydicom import uid as dcm_uid
+from pydicom.tag import BaseTag
 
 from jobs.volumes import MAX_VOXEL_BYTES, ScanError, Volume, read_scan
 from vit3d import storage
 
 FETCH_THREADS = 8  # concurrent GETs per series (per decode task)
+HEAD_BYTES = 64 * 1024  # of a local file, read first: its header (the rest only if the header is longer)
 # A slice may lie this far (3-D distance) from its place on the uniform grid through the first and last slice:
 # the larger of POSITION_TOL_MM and POSITION_TOL_REL x the slice spacing. Covers positions rounded to 0.01 mm.
 POSITION_TOL_MM = 0.02
@@ -94,11 +96,48 @@ class Frame:
 
 
 @dataclasses.dataclass
-class Header:
-    """What one file's header says; ``data`` keeps the file's bytes for the decode."""
+class Source:
+    """One fetched file: all its bytes, or (a local file) only its first HEAD_BYTES, the rest read when needed."""
 
     name: str
+    uri: str
+    size: int
     data: bytes
+
+    @property
+    def complete(self):
+        return len(self.data) >= self.size
+
+    def whole(self) -> bytes:
+        """All the file's bytes (read now if only the head was)."""
+        if not self.complete:
+            try:
+                with open(self.uri, "rb") as f:
+                    f.seek(len(self.data))
+                    self.data += f.read()  # the rest
+            except OSError as e:
+                raise BrokenFile(f"cannot read the rest of the file: {e}") from e
+            self.size = len(self.data)
+        return self.data
+
+    def read_into(self, offset, target: np.ndarray):
+        """Fill ``target`` with the file's bytes from ``offset``: straight from the file into the volume."""
+        view = memoryview(target).cast("B")
+        if self.complete:
+            view[:] = self.data[offset : offset + len(view)]
+            return
+        with open(self.uri, "rb", buffering=0) as f:
+            f.seek(offset)
+            if f.readinto(view) != len(view):
+                raise BrokenFile("truncated while being read")
+
+
+@dataclasses.dataclass
+class Header:
+    """What one file's header says; ``source`` gives the file's bytes for the decode."""
+
+    name: str
+    source: Source
     series_uid: str
     study_uid: str
     modality: str
@@ -162,8 +201,47 @@ def _pixel_element(data, pos, ts):
     return pos + 8, struct.unpack_from(end + "H", data, pos + 6)[0]
 
 
-def read_header(name, data) -> Header:
+def _raw(ds, tag):
+    """An element's value, unconverted where pydicom has not converted it yet (much cheaper than ``ds.get``)."""
+    try:
+        element = ds.get_item(BaseTag(tag))
+    except KeyError:
+        return None
+    return None if element is None else element.value
+
+
+def _text(ds, tag, default=""):
+    value = _raw(ds, tag)
+    if value is None:
+        return default
+    if isinstance(value, bytes | bytearray):
+        return value.decode("latin-1").strip(" \x00")
+    if isinstance(value, list | tuple | pydicom.multival.MultiValue):
+        return "\\".join(str(v) for v in value)
+    return str(value)
+
+
+def _number(ds, tag, little, default=None, text=False):
+    """A US value (Rows, BitsAllocated...), or an IS one with ``text`` (NumberOfFrames)."""
+    value = _raw(ds, tag)
+    if value is None or value == b"":
+        return default
+    if isinstance(value, bytes | bytearray):
+        if text:
+            return int(value.decode("latin-1").strip(" \x00") or default)
+        return int.from_bytes(value[:2], "little" if little else "big")
+    return int(value)
+
+
+def _floats_of(ds, tag):
+    """A DS value as floats; None when absent."""
+    text = _text(ds, tag, None)
+    return None if text is None else [v for v in text.split("\\")]
+
+
+def read_header(source: Source) -> Header:
     """Parse one file's header (never its pixel data). Raises NotImage (leave it out) or BrokenFile."""
+    name, data = source.name, source.data
     if not _has_marker(data):
         if name.lower().endswith(DICOM_SUFFIXES):
             raise BrokenFile("not a DICOM file (named like one, but the 'DICM' marker at byte 128 is missing)")
@@ -172,43 +250,56 @@ def read_header(name, data) -> Header:
     try:
         ds = pydicom.dcmread(fp, stop_before_pixels=True)
     except Exception as e:
+        if not source.complete:  # the header may be longer than what was read: read it all
+            source.whole()
+            return read_header(source)
         raise BrokenFile(f"unreadable DICOM header ({type(e).__name__}: {str(e)[:200]})", _partial_series(data)) from e
-    sop_class = str(ds.get("SOPClassUID", "") or ds.file_meta.get("MediaStorageSOPClassUID", ""))
+    meta = ds.file_meta
+    sop_class = _text(ds, 0x00080016) or str(meta.get("MediaStorageSOPClassUID", ""))
     if any(sop_class == c or sop_class.startswith(c + ".") for c in _NOT_IMAGES):
         raise NotImage(f"not an image (SOP class {sop_class})")
-    ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
-    series = str(ds.get("SeriesInstanceUID", "")) or None
+    ts = str(meta.get("TransferSyntaxUID", ""))
+    little = ts != dcm_uid.ExplicitVRBigEndian
+    series = _text(ds, 0x0020000E) or None
     if ts == dcm_uid.DeflatedExplicitVRLittleEndian:
+        if not source.complete:
+            source.whole()
+            return read_header(source)
         offset, length = -1, 0  # the dataset is deflated: positions in ``data`` mean nothing
         if "PixelData" not in ds and not _deflated_has_pixels(data):
             raise NotImage("no pixel data")
     else:
-        element = _pixel_element(data, fp.tell(), ts)
+        position = fp.tell()
+        element = _pixel_element(data, position, ts)
         if element is None:
-            if fp.tell() < len(data) and ds.get("Rows"):
+            if not source.complete and position + 12 > len(data):
+                source.whole()
+                return read_header(source)
+            if position < len(data) and _raw(ds, 0x00280010) is not None:
                 raise BrokenFile("pixel data element is missing or unreadable", series)
             raise NotImage("no pixel data")
         offset, length = element
     if not series:
         raise BrokenFile("no SeriesInstanceUID")
     try:
+        bits_allocated = _number(ds, 0x00280100, little)
         return Header(
             name=name,
-            data=data,
+            source=source,
             series_uid=series,
-            study_uid=str(ds.get("StudyInstanceUID", "")),
-            modality=str(ds.get("Modality", "")),
-            description=str(ds.get("SeriesDescription", "")),
+            study_uid=_text(ds, 0x0020000D),
+            modality=_text(ds, 0x00080060),
+            description="",
             sop_class=sop_class,
             transfer_syntax=ts,
-            rows=int(ds.Rows),
-            columns=int(ds.Columns),
-            bits_allocated=int(ds.BitsAllocated),
-            bits_stored=int(ds.get("BitsStored", ds.BitsAllocated)),
-            signed=int(ds.get("PixelRepresentation", 0)) == 1,
-            samples=int(ds.get("SamplesPerPixel", 1)),
-            photometric=str(ds.get("PhotometricInterpretation", "")),
-            frames=int(ds.get("NumberOfFrames", 1) or 1),
+            rows=_number(ds, 0x00280010, little),
+            columns=_number(ds, 0x00280011, little),
+            bits_allocated=bits_allocated,
+            bits_stored=_number(ds, 0x00280101, little, bits_allocated),
+            signed=_number(ds, 0x00280103, little, 0) == 1,
+            samples=_number(ds, 0x00280002, little, 1),
+            photometric=_text(ds, 0x00280004),
+            frames=_number(ds, 0x00280008, little, 1, text=True) or 1,
             pixel_offset=offset,
             pixel_length=length,
             dataset=ds,
@@ -241,9 +332,8 @@ def _group(ds, shared, keyword, sequence):
 def frames_of(header: Header) -> list[Frame]:
     """The frames of one file, with their geometry and rescale. Raises BrokenFile when the geometry is absent."""
     ds = header.dataset
-    image_type = [str(v).upper() for v in (ds.get("ImageType") or [])]
-    localizer = "LOCALIZER" in image_type
-    if "PerFrameFunctionalGroupsSequence" in ds:  # enhanced (multi-frame) CT/MR
+    localizer = "LOCALIZER" in _text(ds, 0x00080008).upper().split("\\")
+    if 0x52009230 in ds:  # PerFrameFunctionalGroupsSequence: enhanced (multi-frame) CT/MR
         shared = _item(ds.get("SharedFunctionalGroupsSequence") or [])
         per_frame = ds.PerFrameFunctionalGroupsSequence
         if len(per_frame) != header.frames:
@@ -271,21 +361,27 @@ def frames_of(header: Header) -> list[Frame]:
         return out
     if header.frames != 1:
         raise BrokenFile(f"multi-frame image ({header.frames} frames) without per-frame positions")
-    if "ImagePositionPatient" not in ds or "ImageOrientationPatient" not in ds:
+    position, orientation = _floats_of(ds, 0x00200032), _floats_of(ds, 0x00200037)
+    if position is None or orientation is None:
         raise BrokenFile("no ImagePositionPatient/ImageOrientationPatient: the slice cannot be placed in space")
-    if "PixelSpacing" not in ds:
+    spacing = _floats_of(ds, 0x00280030)
+    if spacing is None:
         raise BrokenFile("no PixelSpacing")
-    slope = ds.get("RescaleSlope", 1.0)
-    inter = ds.get("RescaleIntercept", 0.0)
+    slope = _text(ds, 0x00281053) or "1"
+    inter = _text(ds, 0x00281052) or "0"
+    try:
+        slope, inter = float(slope), float(inter)
+    except ValueError:
+        raise BrokenFile(f"invalid RescaleSlope/RescaleIntercept {slope!r}/{inter!r}") from None
     return [
         Frame(
             header,
             0,
-            _floats(ds.ImagePositionPatient, 3, "ImagePositionPatient"),
-            _floats(ds.ImageOrientationPatient, 6, "ImageOrientationPatient"),
-            tuple(_floats(ds.PixelSpacing, 2, "PixelSpacing")),
-            float(slope if slope not in (None, "") else 1.0),
-            float(inter if inter not in (None, "") else 0.0),
+            _floats(position, 3, "ImagePositionPatient"),
+            _floats(orientation, 6, "ImageOrientationPatient"),
+            tuple(_floats(spacing, 2, "PixelSpacing")),
+            slope,
+            inter,
             localizer,
         )
     ]
@@ -446,10 +542,15 @@ class Series:
         return self.headers[0]
 
 
+def series_description(h: Header) -> str:
+    return str(h.dataset.get("SeriesDescription", "") or "")
+
+
 def _summary(uid, headers):
     h = headers[0]
     frames = sum(x.frames for x in headers)
-    description = f", {h.description!r}" if h.description else ""
+    text = series_description(h)
+    description = f", {text!r}" if text else ""
     return f"{uid} ({h.modality or '?'}, {frames} slice(s){description})"
 
 
@@ -545,7 +646,7 @@ def check_series(path, headers, broken, series_uid=None, ignored=0) -> Series:
     for h in headers:
         if h.transfer_syntax in _NATIVE and h.pixel_offset >= 0:
             need = h.rows * h.columns * h.frames * h.bits_allocated // 8
-            have = min(h.pixel_length, len(h.data) - h.pixel_offset)
+            have = min(h.pixel_length, h.source.size - h.pixel_offset)
             if have < need:
                 raise ScanError(
                     "validate", path, f"{h.name}: truncated: pixel data has {have} of the {need} bytes it needs"
@@ -564,56 +665,86 @@ def _rle_decoder():
     return decode_frame
 
 
+def _single_fragment_frame(data, offset):
+    """The compressed frame of a single-frame file: its fragments after the offset table, joined (one copy)."""
+    pos, pieces = offset, []
+    group, element, length = struct.unpack_from("<HHI", data, pos)
+    if (group, element) != (0xFFFE, 0xE000):
+        raise ValueError("encapsulated pixel data does not start with an item")
+    pos += 8 + length  # the basic offset table
+    while pos + 8 <= len(data):
+        group, element, length = struct.unpack_from("<HHI", data, pos)
+        if (group, element) == (0xFFFE, 0xE0DD):  # sequence delimiter
+            break
+        if (group, element) != (0xFFFE, 0xE000) or pos + 8 + length > len(data):
+            raise ValueError("truncated or damaged encapsulated pixel data")
+        pieces.append((pos + 8, pos + 8 + length))
+        pos += 8 + length
+    if not pieces:
+        raise ValueError("no pixel data fragments")
+    if len(pieces) == 1:
+        return data[pieces[0][0] : pieces[0][1]]
+    return b"".join(data[a:b] for a, b in pieces)
+
+
+def _decode_frame(f: Frame, series: Series, target: np.ndarray, full: dict, rle_decode):
+    """Decode frame ``f`` into ``target`` (rows x columns, the volume's dtype)."""
+    h = f.file
+    rows, cols = h.rows, h.columns
+    stored = series.dtype
+    if h.transfer_syntax in _NATIVE:
+        order = _NATIVE[h.transfer_syntax]
+        frame_bytes = rows * cols * stored.itemsize
+        if h.pixel_offset >= 0 and target.dtype == stored:
+            h.source.read_into(h.pixel_offset + f.index * frame_bytes, target)  # straight into the volume
+            if order != "<":
+                target.byteswap(inplace=True)
+            return
+        if h.pixel_offset < 0:  # deflated: the pixel data comes out of the inflated dataset
+            if h.name not in full:
+                full[h.name] = pydicom.dcmread(io.BytesIO(h.source.whole()))
+            buffer, offset = full[h.name].PixelData, f.index * frame_bytes
+        else:
+            buffer, offset = h.source.whole(), h.pixel_offset + f.index * frame_bytes
+        frame = np.frombuffer(buffer, stored.newbyteorder(order), count=rows * cols, offset=offset)
+    elif h.transfer_syntax == dcm_uid.RLELossless and rle_decode is not None:
+        data = h.source.whole()
+        if h.frames == 1:
+            fragment = _single_fragment_frame(data, h.pixel_offset)
+        else:
+            encapsulated = io.BytesIO(data)  # shares the bytes
+            encapsulated.seek(h.pixel_offset)
+            fragment = pydicom.encaps.get_frame(encapsulated, f.index, number_of_frames=h.frames)
+        frame = np.frombuffer(rle_decode(fragment, rows * cols, h.bits_allocated, "<"), stored.newbyteorder("<"))
+    else:
+        if h.name not in full:
+            full[h.name] = pydicom.dcmread(io.BytesIO(h.source.whole()))
+        decoder = _decoder_for(h.transfer_syntax, series.path, h.name)
+        frame, _ = decoder.as_array(full[h.name], index=f.index, as_rgb=False)
+    frame = frame.reshape(rows, cols)
+    if target.dtype == stored:
+        target[...] = frame
+    else:  # per-slice rescale: float32
+        np.multiply(frame, np.float32(f.slope), out=target, casting="unsafe")
+        target += np.float32(f.inter)
+
+
 def decode_series(series: Series) -> Volume:
     """Decode every frame into one preallocated volume; raises ScanError('decode')."""
     path, frames = series.path, series.geometry.frames
     first = series.first
-    rows, cols = first.rows, first.columns
     rescales = {(f.slope, f.inter) for f in frames}
     per_slice = len(rescales) > 1  # rescale differs per slice: apply it here, into float32
-    volume = np.empty((len(frames), rows, cols), np.float32 if per_slice else series.dtype)
-    full = {}  # file name -> fully parsed dataset, for compressed syntaxes other than RLE
+    volume = np.empty((len(frames), first.rows, first.columns), np.float32 if per_slice else series.dtype)
+    full = {}  # file name -> fully parsed dataset, for syntaxes decoded by pydicom
     rle_decode = _rle_decoder()
     for k, f in enumerate(frames):
-        h = f.file
         try:
-            if h.transfer_syntax in _NATIVE:
-                if h.pixel_offset < 0:  # deflated
-                    if h.name not in full:
-                        full[h.name] = pydicom.dcmread(io.BytesIO(h.data))
-                    buffer, offset = full[h.name].PixelData, 0
-                else:
-                    buffer, offset = h.data, h.pixel_offset
-                size = rows * cols
-                frame = np.frombuffer(
-                    buffer,
-                    series.dtype.newbyteorder(_NATIVE[h.transfer_syntax]),
-                    count=size,
-                    offset=offset + f.index * size * series.dtype.itemsize,
-                ).reshape(rows, cols)
-            elif h.transfer_syntax == dcm_uid.RLELossless and rle_decode is not None:
-                encapsulated = io.BytesIO(h.data)  # shares the bytes, no copy
-                encapsulated.seek(h.pixel_offset)
-                if h.frames == 1:
-                    fragment = next(pydicom.encaps.generate_frames(encapsulated, number_of_frames=1))
-                else:
-                    fragment = pydicom.encaps.get_frame(encapsulated, f.index, number_of_frames=h.frames)
-                raw = rle_decode(fragment, rows * cols, h.bits_allocated, "<")
-                frame = np.frombuffer(raw, series.dtype.newbyteorder("<")).reshape(rows, cols)
-            else:
-                if h.name not in full:
-                    full[h.name] = pydicom.dcmread(io.BytesIO(h.data))
-                decoder = _decoder_for(h.transfer_syntax, path, h.name)
-                frame, _ = decoder.as_array(full[h.name], index=f.index, as_rgb=False)
-                frame = frame.reshape(rows, cols)
-            if per_slice:
-                volume[k] = frame * np.float32(f.slope) + np.float32(f.inter)
-            else:
-                volume[k] = frame
+            _decode_frame(f, series, volume[k], full, rle_decode)
         except ScanError:
             raise
         except Exception as e:
-            label = dcm_uid.UID(h.transfer_syntax).name
+            label = dcm_uid.UID(f.file.transfer_syntax).name
             raise ScanError("decode", path, f"{_where(f)}: cannot decode {label} pixel data: {str(e)[:200]}") from e
     if first.bits_stored < first.bits_allocated and first.signed and not per_slice:
         shift = first.bits_allocated - first.bits_stored  # sign-extend the stored bits
@@ -659,7 +790,7 @@ def is_series_path(path: str) -> bool:
 
 
 def _list_folder(path, retry_s):
-    """[(name, uri)] of the files directly in the folder ``path``."""
+    """[(name, uri, size)] of the files directly in the folder ``path``."""
     try:
         filesystem, base = storage.resolve(path)
         base = base.rstrip("/")
@@ -677,55 +808,81 @@ def _list_folder(path, retry_s):
         raise ScanError(stage, path, f"cannot list the folder: {e}") from e
     except ValueError as e:
         raise ScanError("read", path, f"invalid path or URI: {e}") from e
-    files = sorted(i.base_name for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith("."))
+    files = sorted(
+        (i.base_name, i.size or 0) for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".")
+    )
     if not files:
         raise ScanError("read", path, "folder not found or holds no files")
     if "://" in path:
-        return [(name, storage.join(path, name)) for name in files]
-    return [(name, os.path.join(path, name)) for name in files]
+        return [(name, storage.join(path, name), size) for name, size in files]
+    return [(name, os.path.join(path, name), size) for name, size in files]
 
 
-def fetch(path, retry_s=None, threads=FETCH_THREADS):
-    """[(name, bytes)] of every file of the series at ``path`` (folder, .zip or one file), each read once."""
+def _read_head(path, name, uri, size):
+    """A local file's first HEAD_BYTES (all of it if smaller): the header, without the pixel data."""
+    try:
+        with open(uri, "rb", buffering=0) as f:
+            data = f.read(min(size, HEAD_BYTES) if size > HEAD_BYTES else -1)
+    except FileNotFoundError:
+        raise ScanError("read", path, f"{name}: file not found (removed while reading the folder?)") from None
+    except PermissionError:
+        raise ScanError("read", path, f"{name}: permission denied") from None
+    except OSError as e:
+        raise ScanError("read", path, f"{name}: cannot read: {e}") from e
+    return Source(name, uri, size if len(data) < size else len(data), data)
+
+
+def fetch(path, retry_s=None, threads=FETCH_THREADS) -> list[Source]:
+    """The files of the series at ``path`` (folder, .zip or one file), each read once.
+
+    Object storage: every object whole, one GET each, at most ``threads`` at a time. A local folder: each file's
+    first HEAD_BYTES now, in turn (the page cache serves threads no faster); its pixel data later, straight into
+    the volume (:meth:`Source.read_into`).
+    """
     base = path.partition("?")[0] if "://" in path else path
     if base.lower().endswith(".zip"):
         data = read_scan(path, retry_s)
         try:
             with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                return [
+                members = [
                     (info.filename, archive.read(info))
                     for info in archive.infolist()
                     if not info.is_dir() and not os.path.basename(info.filename).startswith(".")
                 ]
         except (zipfile.BadZipFile, OSError, EOFError) as e:
             raise ScanError("validate", path, f"not a readable zip file: {e}") from e
+        return [Source(name, f"{path}!{name}", len(data), data) for name, data in members]
     if not is_series_path(path):
-        return [(storage.name_of(path), read_scan(path, retry_s))]
+        data = read_scan(path, retry_s)
+        return [Source(storage.name_of(path), path, len(data), data)]
     listing = _list_folder(path, retry_s)
+    if "://" not in path:
+        return [_read_head(path, *item) for item in listing]
     budget = [retry_s]
 
     def one(item):
-        name, uri = item
+        name, uri, _ = item
         try:
-            return name, read_scan(uri, budget[0])
+            data = read_scan(uri, budget[0])
         except ScanError as e:
             if e.stage == "read-transient":
                 budget[0] = 0.0  # storage is down: the other files get one attempt each
             raise ScanError(e.stage, path, f"{name}: {e.reason}") from e
+        return Source(name, uri, len(data), data)
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(threads, len(listing)))) as pool:
         return list(pool.map(one, listing))
 
 
-def parse_files(path, files):
+def parse_files(path, sources):
     """(image headers, [(name, BrokenFile)], files left out) of fetched files; non-DICOM and non-image files are
     left out."""
     headers, broken, ignored = [], [], 0
-    for name, data in files:
+    for source in sources:
         try:
-            headers.append(read_header(name, data))
+            headers.append(read_header(source))
         except NotImage:
             ignored += 1
         except BrokenFile as e:
-            broken.append((name, e))
+            broken.append((source.name, e))
     return headers, broken, ignored

@@ -303,10 +303,10 @@ def _series_of(filesystem, path, name):
     head = storage.retrying(lambda: _read_head(filesystem, path), f"reading {name}")
     for attempt in ("head", "whole"):
         try:
-            h = dicom.read_header(name, head)
+            h = dicom.read_header(dicom.Source(name, path, len(head), head))
             if h.transfer_syntax == dicom.dcm_uid.DeflatedExplicitVRLittleEndian and attempt == "head":
                 raise dicom.BrokenFile("deflated: needs the whole file")
-            return h.series_uid, h.study_uid, h.modality, h.description, h.frames
+            return h.series_uid, h.study_uid, h.modality, dicom.series_description(h), h.frames
         except dicom.NotImage:
             if len(head) < HEADER_BYTES or attempt == "whole":
                 return None

@@ -77,7 +77,7 @@ class DicomReader(Reader):
 
     def fetch(self, path, retry_s, first=None):
         if first is not None:
-            return [(path.partition("?")[0].rstrip("/").rsplit("/", 1)[-1], first)]
+            return [dicom.Source(path.partition("?")[0].rstrip("/").rsplit("/", 1)[-1], path, len(first), first)]
         return dicom.fetch(path, retry_s)
 
     def check(self, path, raw, options):
