@@ -657,12 +657,33 @@ def check_series(path, headers, broken, series_uid=None, ignored=0) -> Series:
 # ---------------------------------------------------------------------------------------------------- decode
 
 
-def _rle_decoder():
+def rle_decoders() -> dict:
+    """name -> ``decode(fragment, target)`` for each RLE decoder installed, fastest first.
+
+    imagecodecs decodes straight into the volume; pylibjpeg-rle returns a new buffer that is copied in. With
+    neither, pydicom's own decoder is used.
+    """
+    decoders = {}
+    try:
+        from imagecodecs import dicomrle_decode
+
+        def decode_imagecodecs(fragment, target):
+            dicomrle_decode(fragment, "<" + target.dtype.str[1:], out=target.reshape(-1).view(np.uint8))
+
+        decoders["imagecodecs"] = decode_imagecodecs
+    except ImportError:
+        pass
     try:
         from rle.rle import decode_frame
-    except ImportError:  # pylibjpeg-rle missing: pydicom's own decoders
-        return None
-    return decode_frame
+
+        def decode_pylibjpeg_rle(fragment, target):
+            raw = decode_frame(fragment, target.size, target.dtype.itemsize * 8, "<")
+            target[...] = np.frombuffer(raw, target.dtype.newbyteorder("<")).reshape(target.shape)
+
+        decoders["pylibjpeg-rle"] = decode_pylibjpeg_rle
+    except ImportError:
+        pass
+    return decoders
 
 
 def _single_fragment_frame(data, offset):
@@ -715,7 +736,11 @@ def _decode_frame(f: Frame, series: Series, target: np.ndarray, full: dict, rle_
             encapsulated = io.BytesIO(data)  # shares the bytes
             encapsulated.seek(h.pixel_offset)
             fragment = pydicom.encaps.get_frame(encapsulated, f.index, number_of_frames=h.frames)
-        frame = np.frombuffer(rle_decode(fragment, rows * cols, h.bits_allocated, "<"), stored.newbyteorder("<"))
+        if target.dtype == stored:
+            rle_decode(fragment, target)  # straight into the volume
+            return
+        frame = np.empty((rows, cols), stored)
+        rle_decode(fragment, frame)
     else:
         if h.name not in full:
             full[h.name] = pydicom.dcmread(io.BytesIO(h.source.whole()))
@@ -729,15 +754,19 @@ def _decode_frame(f: Frame, series: Series, target: np.ndarray, full: dict, rle_
         target += np.float32(f.inter)
 
 
-def decode_series(series: Series) -> Volume:
-    """Decode every frame into one preallocated volume; raises ScanError('decode')."""
+def decode_series(series: Series, rle: str | None = None) -> Volume:
+    """Decode every frame into one preallocated volume; raises ScanError('decode').
+
+    ``rle`` names the RLE decoder (a key of :func:`rle_decoders`); None: the fastest installed.
+    """
     path, frames = series.path, series.geometry.frames
     first = series.first
     rescales = {(f.slope, f.inter) for f in frames}
     per_slice = len(rescales) > 1  # rescale differs per slice: apply it here, into float32
     volume = np.empty((len(frames), first.rows, first.columns), np.float32 if per_slice else series.dtype)
     full = {}  # file name -> fully parsed dataset, for syntaxes decoded by pydicom
-    rle_decode = _rle_decoder()
+    decoders = rle_decoders()
+    rle_decode = decoders[rle] if rle else next(iter(decoders.values()), None)
     for k, f in enumerate(frames):
         try:
             _decode_frame(f, series, volume[k], full, rle_decode)

@@ -128,6 +128,16 @@ def test_series_match_simpleitk_and_the_same_volume_as_nifti(tmp_path, orientati
             np.testing.assert_allclose(vol.affine, affine, atol=1e-6)
 
 
+def test_every_installed_rle_decoder_gives_the_same_voxels(tmp_path):
+    data = volume(11)
+    write_series(tmp_path / "rle", data, AFFINES["axial"], syntax=uid.RLELossless, names="shuffled")
+    series, _ = read_series(str(tmp_path / "rle"))
+    decoders = dicom.rle_decoders()
+    assert {"imagecodecs", "pylibjpeg-rle"} <= set(decoders)  # both are dependencies
+    for name in decoders:
+        np.testing.assert_array_equal(np.asarray(dicom.decode_series(series, rle=name).data), data, err_msg=name)
+
+
 def test_enhanced_multiframe_uses_per_frame_functional_groups(tmp_path):
     data = volume(2)
     affine = AFFINES["oblique"]
@@ -417,6 +427,15 @@ def test_score_dicom_beside_nifti_end_to_end(ray_cluster, tiny_model, tmp_path):
     assert results["real-ct5n"]["original_shape"] == [16, 16, 5]
     assert "missing slice" in errors["real-ct2"]["error"]
     assert_no_phi(output)
+
+    again = run(str(manifest), model_path, output, device="cpu", batch_size=8, max_error_rate=0.5, progress=False)
+    counts = again["counts"]  # folders are fingerprinted by a listing: bad series are known bad while unchanged
+    assert (counts["skipped_done"], counts["skipped_known_bad"], counts["ok"], counts["error"]) == (
+        len(results),
+        len(bad),
+        0,
+        0,
+    )
 
 
 def test_dicom_archive_on_s3_listed_then_scored(ray_cluster, tiny_model, tmp_path, s3_bucket, s3_env):
