@@ -160,7 +160,7 @@ class Header:
 # --------------------------------------------------------------------------------------------------- headers
 
 
-def _has_marker(data) -> bool:
+def has_marker(data) -> bool:
     return len(data) >= 132 and bytes(data[128:132]) == b"DICM"
 
 
@@ -242,7 +242,7 @@ def _floats_of(ds, tag):
 def read_header(source: Source) -> Header:
     """Parse one file's header (never its pixel data). Raises NotImage (leave it out) or BrokenFile."""
     name, data = source.name, source.data
-    if not _has_marker(data):
+    if not has_marker(data):
         if name.lower().endswith(DICOM_SUFFIXES):
             raise BrokenFile("not a DICOM file (named like one, but the 'DICM' marker at byte 128 is missing)")
         raise NotImage("not a DICOM file")

@@ -73,7 +73,7 @@ class DicomReader(Reader):
         return dicom.is_series_path(path)
 
     def sniff(self, path, data):
-        return dicom._has_marker(data) or path.partition("?")[0].lower().endswith(dicom.DICOM_SUFFIXES)
+        return dicom.has_marker(data) or path.partition("?")[0].lower().endswith(dicom.DICOM_SUFFIXES)
 
     def fetch(self, path, retry_s, first=None):
         if first is not None:

@@ -138,6 +138,23 @@ def test_every_installed_rle_decoder_gives_the_same_voxels(tmp_path):
         np.testing.assert_array_equal(np.asarray(dicom.decode_series(series, rle=name).data), data, err_msg=name)
 
 
+def test_rescale_that_differs_per_slice(tmp_path):
+    """Slices with their own RescaleSlope/Intercept: applied per slice (float32), same tensor as a float NIfTI."""
+    data = volume(12)
+    write_series(tmp_path / "s", data, AFFINES["coronal"], slope=1.0, inter=-1024.0)
+    for k, name in ((1, "IM0001"), (4, "IM0004")):
+        edit(tmp_path / "s" / name, RescaleSlope=0.5 * (k + 1), RescaleIntercept=-1000.0 + k)
+    expected = data.astype(np.float32) - 1024.0
+    expected[:, :, 1] = data[:, :, 1] * 1.0 - 999.0
+    expected[:, :, 4] = data[:, :, 4] * 2.5 - 996.0
+    _, vol = read_series(str(tmp_path / "s"))
+    assert vol.data.dtype == np.float32 and (vol.slope, vol.inter) == (1.0, 0.0)
+    np.testing.assert_array_equal(np.asarray(vol.data), expected)
+    tensor, _ = readers.load_scan(str(tmp_path / "s"), spec())
+    twin, _ = V.load_volume(write_nifti(tmp_path / "twin.nii", expected, AFFINES["coronal"]), spec())
+    np.testing.assert_allclose(tensor, twin, atol=1e-6)
+
+
 def test_enhanced_multiframe_uses_per_frame_functional_groups(tmp_path):
     data = volume(2)
     affine = AFFINES["oblique"]
