@@ -221,11 +221,21 @@ def write_enhanced(path, data, affine, *, slope=1.0, inter=0.0, series=None, phi
     return series
 
 
-def write_report(path, series=None, phi=True):
-    """A structured report (no pixel data) to sit in a series folder."""
-    ds = _base("1.2.840.10008.5.1.4.1.1.88.11", series or generate_uid(), generate_uid(), "SR", phi)
+SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+RT_STRUCTURE_SET = "1.2.840.10008.5.1.4.1.1.481.3"
+BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
+
+
+def write_report(path, series=None, phi=True, sop_class=BASIC_TEXT_SR, modality="SR"):
+    """A non-image object (a report by default; a SEG gets pixel data, as real ones have) for a series folder."""
+    ds = _base(sop_class, series or generate_uid(), generate_uid(), modality, phi)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
     ds.ContentDate = "20260101"
+    if sop_class == SEGMENTATION:
+        ds.set_pixel_data(np.ones((2, 16, 16), np.uint8), "MONOCHROME2", 8)
+        ds.ImageOrientationPatient = [0, 1, 0, 0, 0, 1]
+        ds.ImagePositionPatient = [0, 0, 0]
+        ds.PixelSpacing = [1, 1]
     ds.save_as(path, enforce_file_format=True)
 
 

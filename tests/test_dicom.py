@@ -17,7 +17,15 @@ import pydicom.data
 import pytest
 import scipy.ndimage
 import SimpleITK as sitk
-from dicom_series import PHI, edit, write_enhanced, write_report, write_series
+from dicom_series import (
+    PHI,
+    RT_STRUCTURE_SET,
+    SEGMENTATION,
+    edit,
+    write_enhanced,
+    write_report,
+    write_series,
+)
 from pydicom import uid
 
 import vit3d
@@ -319,9 +327,14 @@ ZOO = {  # name: (builder(folder), words in the reason); each one error row, sta
 
 
 def _scout(d):
-    """A good series with a localizer of another orientation in it (same SeriesInstanceUID)."""
+    """A good series with a localizer of another orientation in it (same SeriesInstanceUID), and beside it a
+    report, a segmentation and a structure set of the same series UID and a text file, all to be left out."""
     uid_ = _series(d, seed=9)
     write_series(d, volume(10, (34, 32, 1)), AFFINES["sagittal"], series=uid_, prefix="SCOUT")
+    write_report(d / "sr.dcm", series=uid_)
+    write_report(d / "seg.dcm", series=uid_, sop_class=SEGMENTATION, modality="SEG")
+    write_report(d / "rtstruct.dcm", series=uid_, sop_class=RT_STRUCTURE_SET, modality="RTSTRUCT")
+    (d / "notes.txt").write_text("exported by the PACS")
 
 
 def build_zoo(root):
