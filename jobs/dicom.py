@@ -120,6 +120,23 @@ class Source:
             self.size = len(self.data)
         return self.data
 
+    def view(self, scratch: dict) -> memoryview:
+        """All the file's bytes as a view, for decoding one file after another: a local file whose head only was
+        read is read into ``scratch``'s one reusable buffer (no fresh allocation per file)."""
+        if self.complete:
+            return memoryview(self.data)
+        if scratch.get("uri") != self.uri:
+            buffer = scratch.get("buffer")
+            if buffer is None or len(buffer) < self.size:
+                buffer = scratch["buffer"] = bytearray(max(self.size, 2 * len(buffer or b"")))
+            try:
+                with open(self.uri, "rb", buffering=0) as f:
+                    count = f.readinto(memoryview(buffer)[: self.size])
+            except OSError as e:
+                raise BrokenFile(f"cannot read the file: {e}") from e
+            scratch.update(uri=self.uri, count=count)
+        return memoryview(scratch["buffer"])[: scratch["count"]]
+
     def read_into(self, offset, target: np.ndarray):
         """Fill ``target`` with the file's bytes from ``offset``: straight from the file into the volume."""
         view = memoryview(target).cast("B")
@@ -677,7 +694,7 @@ def rle_decoders() -> dict:
         from rle.rle import decode_frame
 
         def decode_pylibjpeg_rle(fragment, target):
-            raw = decode_frame(fragment, target.size, target.dtype.itemsize * 8, "<")
+            raw = decode_frame(bytes(fragment), target.size, target.dtype.itemsize * 8, "<")
             target[...] = np.frombuffer(raw, target.dtype.newbyteorder("<")).reshape(target.shape)
 
         decoders["pylibjpeg-rle"] = decode_pylibjpeg_rle
@@ -687,7 +704,7 @@ def rle_decoders() -> dict:
 
 
 def _single_fragment_frame(data, offset):
-    """The compressed frame of a single-frame file: its fragments after the offset table, joined (one copy)."""
+    """The compressed frame of a single-frame file: its fragments after the offset table (a view if one)."""
     pos, pieces = offset, []
     group, element, length = struct.unpack_from("<HHI", data, pos)
     if (group, element) != (0xFFFE, 0xE000):
@@ -704,11 +721,11 @@ def _single_fragment_frame(data, offset):
     if not pieces:
         raise ValueError("no pixel data fragments")
     if len(pieces) == 1:
-        return data[pieces[0][0] : pieces[0][1]]
+        return memoryview(data)[pieces[0][0] : pieces[0][1]]  # no copy
     return b"".join(data[a:b] for a, b in pieces)
 
 
-def _decode_frame(f: Frame, series: Series, target: np.ndarray, full: dict, rle_decode):
+def _decode_frame(f: Frame, series: Series, target: np.ndarray, full: dict, rle_decode, scratch: dict):
     """Decode frame ``f`` into ``target`` (rows x columns, the volume's dtype)."""
     h = f.file
     rows, cols = h.rows, h.columns
@@ -729,11 +746,11 @@ def _decode_frame(f: Frame, series: Series, target: np.ndarray, full: dict, rle_
             buffer, offset = h.source.whole(), h.pixel_offset + f.index * frame_bytes
         frame = np.frombuffer(buffer, stored.newbyteorder(order), count=rows * cols, offset=offset)
     elif h.transfer_syntax == dcm_uid.RLELossless and rle_decode is not None:
-        data = h.source.whole()
+        data = h.source.view(scratch)
         if h.frames == 1:
             fragment = _single_fragment_frame(data, h.pixel_offset)
         else:
-            encapsulated = io.BytesIO(data)  # shares the bytes
+            encapsulated = io.BytesIO(data)  # a copy: multi-frame RLE files are rare
             encapsulated.seek(h.pixel_offset)
             fragment = pydicom.encaps.get_frame(encapsulated, f.index, number_of_frames=h.frames)
         if target.dtype == stored:
@@ -765,11 +782,12 @@ def decode_series(series: Series, rle: str | None = None) -> Volume:
     per_slice = len(rescales) > 1  # rescale differs per slice: apply it here, into float32
     volume = np.empty((len(frames), first.rows, first.columns), np.float32 if per_slice else series.dtype)
     full = {}  # file name -> fully parsed dataset, for syntaxes decoded by pydicom
+    scratch = {}  # one buffer for the compressed bytes of local files, reused file after file
     decoders = rle_decoders()
     rle_decode = decoders[rle] if rle else next(iter(decoders.values()), None)
     for k, f in enumerate(frames):
         try:
-            _decode_frame(f, series, volume[k], full, rle_decode)
+            _decode_frame(f, series, volume[k], full, rle_decode, scratch)
         except ScanError:
             raise
         except Exception as e:

@@ -183,7 +183,7 @@ def write_series(
     return series
 
 
-def write_enhanced(path, data, affine, *, slope=1.0, inter=0.0, series=None, phi=True):
+def write_enhanced(path, data, affine, *, slope=1.0, inter=0.0, series=None, phi=True, syntax=None):
     """One enhanced CT file (multi-frame, per-frame functional groups) of ``data`` (int16), frames shuffled."""
     series = series or generate_uid()
     nk = data.shape[2]
@@ -217,6 +217,8 @@ def write_enhanced(path, data, affine, *, slope=1.0, inter=0.0, series=None, phi
     ds.set_pixel_data(np.ascontiguousarray(frames), "MONOCHROME2", 16)
     ds.PixelRepresentation = 1
     ds.ImageType = ["ORIGINAL", "PRIMARY", "VOLUME", "NONE"]
+    if syntax is not None:
+        ds.compress(syntax)
     ds.save_as(path, enforce_file_format=True)
     return series
 

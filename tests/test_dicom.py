@@ -163,11 +163,12 @@ def test_rescale_that_differs_per_slice(tmp_path):
     np.testing.assert_allclose(tensor, twin, atol=1e-6)
 
 
-def test_enhanced_multiframe_uses_per_frame_functional_groups(tmp_path):
+@pytest.mark.parametrize("syntax", [None, uid.RLELossless, uid.JPEG2000Lossless])
+def test_enhanced_multiframe_uses_per_frame_functional_groups(tmp_path, syntax):
     data = volume(2)
     affine = AFFINES["oblique"]
     path = tmp_path / "enhanced.dcm"
-    write_enhanced(path, data, affine, slope=1.5, inter=-1000.0)
+    write_enhanced(path, data, affine, slope=1.5, inter=-1000.0, syntax=syntax)
     series, vol = read_series(str(path))
     np.testing.assert_array_equal(np.asarray(vol.data), data)  # frames were stored shuffled
     np.testing.assert_allclose(vol.affine, affine, atol=1e-6)
