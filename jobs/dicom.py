@@ -61,6 +61,7 @@ _NOT_IMAGES = (
     "1.2.840.10008.5.1.4.1.1.9",  # waveforms
     "1.2.840.10008.1.3.10",  # DICOMDIR
 )
+_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1."  # storage SOP classes; the non-images among them are in _NOT_IMAGES
 _NATIVE = {
     dcm_uid.ImplicitVRLittleEndian: "<",
     dcm_uid.ExplicitVRLittleEndian: "<",
@@ -370,6 +371,8 @@ def read_header(source: Source, fast: bool = True) -> Header:
                 return read_header(source, fast)
             if position < len(data) and _raw(ds, 0x00280010) is not None:
                 raise BrokenFile("pixel data element is missing or unreadable", series)
+            if sop_class.startswith(_IMAGE_STORAGE):  # an image object with no pixels: cut short
+                raise BrokenFile(f"truncated: the file ends before its pixel data ({len(data)} bytes)", series)
             raise NotImage("no pixel data")
         offset, length = element
     if not series:

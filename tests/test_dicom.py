@@ -330,6 +330,12 @@ def _truncated(d):
     (d / "IM0003").write_bytes(data[: len(data) - 700])
 
 
+def _truncated_header(d):
+    _series(d)
+    data = (d / "IM0003").read_bytes()
+    (d / "IM0003").write_bytes(data[:300])
+
+
 def _not_dicom(d):
     _series(d)
     (d / "IM0099.dcm").write_bytes(random.Random(1).randbytes(3000))
@@ -360,6 +366,7 @@ ZOO = {  # name: (builder(folder), words in the reason); each one error row, sta
     "single": (_single, ["single-slice series"]),
     "duplicate": (_duplicate, ["duplicate slice positions", "IM0002"]),
     "truncated": (_truncated, ["IM0003", "truncated"]),
+    "truncated_header": (_truncated_header, ["IM0003", "truncated: the file ends before its pixel data"]),
     "not_dicom": (_not_dicom, ["IM0099.dcm", "not a DICOM file"]),
     "no_decoder": (_no_decoder, ["MPEG2", "1.2.840.10008.1.2.4.100"]),
     "two_series": (_two_series, ["2 image series", "series_instance_uid"]),
