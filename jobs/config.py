@@ -54,8 +54,12 @@ class JobConfig:
         flush_seconds: float. A file is also committed this often. Defaults to ``300.0``.
         storage_retry_s: float. How long one scan read or one file commit retries transient storage errors
             (unreachable, reset, timeout, 5xx) before giving up. Defaults to ``60.0``.
+        stall_timeout_s: float. Stop the run (exit 1, scored scans committed) when no scan has been scored for
+            this many seconds; 0 waits forever. Defaults to ``1800.0``.
         precision: str. ``"float32"`` or ``"mixed_bfloat16"`` (GPUs). Defaults to ``"float32"``.
         progress: bool. Log progress while running. Defaults to ``True`` (``--quiet`` turns it off).
+        progress_every_s: float. Off a terminal, seconds between two progress lines (on a terminal a live bar
+            is drawn instead). Defaults to ``10.0``.
         log_format: str. ``"text"`` or ``"json"`` log lines (command line only). Defaults to ``"text"``.
 
     Example:
@@ -126,6 +130,14 @@ class JobConfig:
         "(connection refused/reset, timeouts, 5xx) before giving up (default %(default)s); then the run "
         "exits 1 with what was scored committed, and a rerun resumes",
     )
+    stall_timeout_s: float = option(
+        1800.0,
+        type=float,
+        metavar="SECONDS",
+        help="stop with exit 1 (what was scored is committed) when no scan has been scored for SECONDS, e.g. "
+        "a cluster that lost a node and has no CPU left to decode; 0 waits forever (default %(default)s, which "
+        "includes the first result's wait for model loads)",
+    )
     precision: str = option(
         "float32",
         choices=PRECISIONS,
@@ -134,6 +146,14 @@ class JobConfig:
     )
     progress: bool = option(
         True, help="no progress lines; warnings and errors only", flag="--quiet", action="store_false"
+    )
+    progress_every_s: float = option(
+        10.0,
+        type=float,
+        metavar="SECONDS",
+        flag="--progress-every",
+        help="off a terminal (log files, ray job logs): a progress line (done/total, errors, rate, ETA) every "
+        "SECONDS (default %(default)s); on a terminal a live bar shows the same figures",
     )
     log_format: str = option("text", choices=LOG_FORMATS, help="text: one line per event; json: one JSON object")
 
@@ -152,8 +172,11 @@ class JobConfig:
             raise JobError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
         if self.wait_for_gpus < 0 or self.flush_seconds <= 0:
             raise JobError("--wait-for-gpus must be at least 0 (and flush_seconds above 0)")
-        if self.storage_retry_s < 0:
-            raise JobError(f"--storage-retry-s must be at least 0, got {self.storage_retry_s}")
+        if not self.progress_every_s > 0:
+            raise JobError(f"--progress-every must be above 0 seconds, got {self.progress_every_s}")
+        for name in ("storage_retry_s", "stall_timeout_s"):
+            if getattr(self, name) < 0:
+                raise JobError(f"--{flag_of(name)} must be at least 0, got {getattr(self, name)}")
         if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
             raise JobError(
                 f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (and not start with '.')"

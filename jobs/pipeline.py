@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import math
 import os
+import queue
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
+from jobs import metrics
 from jobs.config import JobError
 from jobs.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.scorer import Scorer, node_id
@@ -149,6 +152,7 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_
                 out[name][i] = provenance[name]
 
     process_guarded(ledger_name, batch["scan_id"], list(range(count)), process, fail, "decode", before_attempt)
+    metrics.observe_stages(out, ("read", "decode", "preprocess"))  # Ray metrics (jobs.metrics)
     out["decode_node"] = np.full(count, node_id(), dtype=object)  # for the report, not a result column
     return out
 
@@ -281,6 +285,63 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
     )
 
 
+class PipelineStalled(RuntimeError):
+    """No scored batch arrived for the stall timeout: the run stops (exit 1) instead of waiting forever."""
+
+
+def cluster_capacity():
+    """One line on what Ray has and has free, for a stalled run's message."""
+    import ray
+
+    def fmt(resources):
+        return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU"))
+
+    try:
+        alive = sum(1 for n in ray.nodes() if n["Alive"])
+        return f"{alive} node(s) alive; total {fmt(ray.cluster_resources())}; free {fmt(ray.available_resources())}"
+    except Exception as e:  # the message must not fail for want of a detail
+        return f"cluster state unknown ({type(e).__name__}: {e})"
+
+
+def watch_for_stall(batches, stall_s):
+    """Yield ``batches``; raise :class:`PipelineStalled` when none arrives for ``stall_s`` seconds (0: never).
+
+    A pipeline can wait forever without failing: a lost node whose replacement actor leaves no CPU for decode
+    tasks, a read that hangs on a dead mount. The batches are pulled in a thread and handed over through a
+    one-slot queue (the same back-pressure as iterating directly); the caller waits on the queue with a timeout.
+    """
+    if not stall_s:
+        yield from batches
+        return
+    handoff = queue.Queue(maxsize=1)
+    end = object()
+
+    def pull():
+        try:
+            for batch in batches:
+                handoff.put((batch, None))
+            handoff.put((end, None))
+        except BaseException as e:  # re-raised in the caller's thread
+            handoff.put((end, e))
+
+    threading.Thread(target=pull, name="vit3d-batches", daemon=True).start()
+    while True:
+        try:
+            batch, error = handoff.get(timeout=stall_s)
+        except queue.Empty:
+            raise PipelineStalled(
+                f"no scan was scored for {stall_s:g} s (--stall-timeout-s): the pipeline is stuck. "
+                f"{cluster_capacity()}. "
+                "A scoring actor holds its CPUs while waiting for input, so a cluster that lost a node may have no "
+                "CPU left for decoding: add capacity (or lower --workers) and rerun to resume"
+            ) from None
+        if error is not None:
+            raise error
+        if batch is end:
+            return
+        yield batch
+
+
 @contextlib.contextmanager
 def scoring_pipeline(items, config, *, spec, model_sha256, hooks=None):
     """Join (or start) Ray, plan the workers, and yield a :class:`PipelineRun`: scored rows as NumPy batches.
@@ -304,7 +365,8 @@ def scoring_pipeline(items, config, *, spec, model_sha256, hooks=None):
         dataset = build_dataset(
             items, config, plan, spec=spec, model_sha256=model_sha256, ledger_name=ledger_name, hooks=hooks
         )
-        yield PipelineRun(plan, dataset.iter_batches(batch_size=None, batch_format="numpy"), ledger)
+        batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
+        yield PipelineRun(plan, watch_for_stall(batches, config.stall_timeout_s), ledger)
     finally:
         if ledger is not None:
             ray.kill(ledger)

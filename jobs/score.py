@@ -17,10 +17,14 @@ import uuid
 
 import numpy as np
 
+from jobs import metrics
 from jobs.config import JobConfig, JobError, JobFailed, parser
+from jobs.cost import add_stage_seconds, per_1k_scans
 from jobs.logs import configure_logging
 from jobs.manifest import ManifestError, read_manifest
 from jobs.pipeline import scoring_pipeline
+from jobs.progress import Progress
+from jobs.report import write_page
 from jobs.scorer import configure_tensorflow
 from jobs.sink import MANIFEST_SHARED_COLUMNS, RESERVED_COLUMNS, OutputError, ResultSink
 from vit3d.storage import StorageUnreachable
@@ -30,7 +34,6 @@ __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_OVER_BUDGET", "EXIT_USAGE", "JobConfi
 logger = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 1, 2, 3
-PROGRESS_EVERY_S = 2.0
 
 
 def new_run_id():
@@ -83,22 +86,6 @@ def check_model(model_uri, model_sha256, mode):
         raise JobError(f"model problem: preprocessing size {spec['size']} does not match the model input {shape}")
     logger.info("model %s verified (sha256 %s)", model_uri, info.sha256[:12])
     return info, spec
-
-
-class Progress:
-    """Logs done/total, errors and rate every PROGRESS_EVERY_S seconds (and once at the end)."""
-
-    def __init__(self, total, enabled):
-        self.total, self.enabled, self.started, self.last = total, enabled, time.monotonic(), 0.0
-
-    def update(self, counts, final=False):
-        now = time.monotonic()
-        if not self.enabled or (not final and now - self.last < PROGRESS_EVERY_S):
-            return
-        self.last = now
-        done = counts["ok"] + counts["error"]
-        rate = done / max(now - self.started, 1e-9)
-        logger.info("%d/%d scans (%d errors), %.1f scans/s", done, self.total, counts["error"], rate)
 
 
 def run(manifest, model, output, *, hooks=None, **options):
@@ -170,6 +157,7 @@ def run_job(config, hooks=None):
             "plan": {"device": config.device, "workers": config.workers},
             "first_result_at": None,
             "cluster": {"nodes": {}, "crash_ledger_node": None, "scoring_actors": [], "actor_restarts": 0},
+            "progress": Progress(0, enabled=False).close(),
         }
         if pending:
             scored = _score(pending, config, spec, info, sink, hooks)
@@ -180,7 +168,11 @@ def run_job(config, hooks=None):
             "skipped_known_bad": len(known_bad),
             **sink.counts,
         }
+        stage_seconds = scored.pop("stage_seconds", {})
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
+        # Seconds per 1,000 scored scans from the results' timing columns (jobs.cost says which count).
+        report["cost_per_1k_scans"] = per_1k_scans(stage_seconds)
+        report["report_page"] = write_page(sink, report)  # jobs.report; None (and a warning) if it failed
         report["report_path"] = sink.write_report(report)
         return report
     finally:
@@ -207,13 +199,22 @@ def _known_bad(sink, candidates, retry_failed):
 
 def _score(pending, config, spec, info, sink, hooks):
     """Stream the pipeline's batches into ``sink``; returns what the report needs."""
-    loads, nodes, first_result_at = {}, {}, None
-    with scoring_pipeline(pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks) as run:
-        progress = Progress(len(pending), config.progress)
+    loads, nodes, first_result_at, stage_seconds = {}, {}, None, {}
+    with (
+        scoring_pipeline(pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks) as run,
+        Progress(
+            len(pending),
+            enabled=config.progress,
+            every_s=config.progress_every_s,
+            bar=None if config.log_format == "text" else False,  # JSON logs: lines only
+        ) as progress,
+    ):
         try:
             for batch in run.batches:
                 first_result_at = first_result_at or time.monotonic()
                 fresh = sink.write(batch)
+                add_stage_seconds(stage_seconds, batch, fresh)
+                metrics.committed(batch, fresh, config.mode, info.sha256)  # Ray metrics (jobs.metrics)
                 for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
                     loads[str(pid)] = max(loads.get(str(pid), 0), n)
                 for column, key in (("decode_node", "decoded"), ("scoring_node", "scored")):
@@ -229,7 +230,7 @@ def _score(pending, config, spec, info, sink, hooks):
                 )
         except Exception as e:
             sink.fail(e)  # raises JobFailed
-        progress.update(sink.counts, final=True)
+        final_progress = progress.close(sink.counts)
         starts = run.scoring_actor_starts()
         states = run.node_states()
         cluster = {
@@ -244,10 +245,14 @@ def _score(pending, config, spec, info, sink, hooks):
         "plan": dataclasses.asdict(run.plan),
         "first_result_at": first_result_at,
         "cluster": cluster,
+        "stage_seconds": stage_seconds,
+        "progress": final_progress,
     }
 
 
-def _report(config, spec, info, uri, counts, files, started, started_at, *, loads, plan, first_result_at, cluster):
+def _report(
+    config, spec, info, uri, counts, files, started, started_at, *, loads, plan, first_result_at, cluster, progress
+):
     """The run report (runs/<run_id>.json)."""
     wall_s = time.monotonic() - started
     attempted = counts["ok"] + counts["error"]
@@ -270,6 +275,8 @@ def _report(config, spec, info, uri, counts, files, started, started_at, *, load
         "output": {"uri": uri, **files},
         # Which Ray nodes decoded and scored how many scans, and how often a scoring actor had to restart.
         "cluster": cluster,
+        # The progress's final figures: scans attempted this run, their errors, scoring time and rate (no ETA).
+        "progress": progress,
         "config": {**options, "preprocessing": spec, **plan},
     }
 
@@ -288,9 +295,27 @@ def summary(report):
             f"model {report['model']['sha256'][:12]}, loads per worker {report['model']['loads_per_worker']}",
             f"  {len(report['cluster']['nodes'])} node(s), {report['cluster']['actor_restarts']} scoring actor "
             "restart(s)",
+            _cost_line(report.get("cost_per_1k_scans") or {}),
+            f"  progress: {Progress.line(_final_figures(report['progress']), final=True)}",
             f"  results: {out}/results/   errors: {out}/errors/   report: {report['report_path']}",
+            f"  page: {report.get('report_page') or 'not written (see the warning above)'}",
         ]
     )
+
+
+def _cost_line(cost):
+    """The summary's cost line: CPU and accelerator seconds per 1,000 scored scans."""
+    if not cost.get("scans"):
+        return "  CPU s / 1k scans: - (nothing scored)"
+    return (
+        f"  CPU s / 1k scans: {cost['cpu_s']:.1f} (decode + preprocess), accelerator s / 1k scans: "
+        f"{cost['accelerator_s']:.1f} (infer), read s / 1k scans: {cost['read_s']:.1f}"
+    )
+
+
+def _final_figures(progress):
+    """The report's progress figures in the shape Progress.line reads."""
+    return {**progress, "rate": progress["rate_scans_per_s"], "eta_s": None}
 
 
 # --- command line -----------------------------------------------------------------------------------------------

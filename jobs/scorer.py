@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 
+from jobs import metrics
 from jobs.ledger import process_guarded
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class Scorer:
         self.batch_size = int(batch_size)
         self.input_shape = tuple(self.info.input_shape[1:])
         self.device = "gpu:" + os.environ["CUDA_VISIBLE_DEVICES"] if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
+        metrics.model_loaded(self.device, self.info.sha256)  # Ray metrics (jobs.metrics)
         model_fn = self.model.embed if mode == "embed" else (lambda x: self.model(x, training=False))
 
         def forward(x):
@@ -180,6 +182,7 @@ class Scorer:
         out["device"] = np.full(count, self.device, dtype=object)
         out["model_loads"] = np.full(count, LOADS_PER_PROCESS["count"], np.int64)
         out["scoring_node"] = np.full(count, self.node_id, dtype=object)  # for the report, not a result column
+        metrics.observe_stages(out, ("infer",))  # Ray metrics (jobs.metrics)
         return out
 
 

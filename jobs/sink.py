@@ -321,6 +321,13 @@ class ResultSink:
         storage.write_bytes(uri, json.dumps(report, indent=2).encode(), self.store.retry_s)
         return uri
 
+    def write_page(self, html):
+        """Write the run's HTML page ``runs/<run_id>.html`` (:mod:`jobs.report`); returns its URI."""
+        uri = self.store.child("runs", f"{self.run_id}.html")
+        self._ensure_held()
+        storage.write_bytes(uri, html.encode(), self.store.retry_s)
+        return uri
+
     def _ensure_held(self):
         """Before each commit: renew the lock, or raise LockLost (another run took the output over)."""
         if self._lock is not None:

@@ -10,7 +10,8 @@ Stages (``ScanError.stage``):
   the gzip ISIZE trailer / the plain file size).
 - ``decode``: one bounded decompression (python-isal) and ``np.frombuffer`` on it: no copy of the body.
 - ``preprocess``: scaling, reorientation to RAS, optional resampling to a spacing, resize to the model's size,
-  intensity normalisation.
+  intensity normalisation. Order 1 (the default) runs :mod:`jobs.resample` (float32, one pass over the voxels,
+  the intensity step fused); other orders ``scipy.ndimage.zoom``.
 
 Nothing here imports TensorFlow, Keras or Ray.
 """
@@ -26,6 +27,7 @@ import scipy.ndimage
 from isal import isal_zlib
 from nibabel import orientations
 
+from jobs import resample
 from vit3d import storage
 
 STAGES = ("read", "read-transient", "validate", "decode", "preprocess")
@@ -313,10 +315,13 @@ def zoom_factors(shape, target):
 def zoom(array: np.ndarray, target, order: int) -> np.ndarray:
     """``scipy.ndimage.zoom`` to exactly ``target`` shape, float32 output.
 
-    Zooms a transposed view whose axes run from largest to smallest stride (for nibabel's Fortran-ordered
-    arrays that is ``array.T``): same output as zooming ``array`` itself, several times faster.
+    Order 1 runs :func:`jobs.resample.resize` (same coordinates and values, float32, one pass over the
+    voxels). Other orders zoom a transposed view whose axes run from largest to smallest stride (for nibabel's
+    Fortran-ordered arrays that is ``array.T``): same output as zooming ``array`` itself, several times faster.
     """
     target = tuple(int(t) for t in target)
+    if order == 1:
+        return resample.resize(array, target)
     perm = sorted(range(array.ndim), key=lambda ax: -abs(array.strides[ax]))
     view = array.transpose(perm)
     factors = zoom_factors(view.shape, [target[ax] for ax in perm])
@@ -331,7 +336,7 @@ def preprocess(volume: Volume, spec: dict) -> np.ndarray:
     """The model input for ``volume``: float32, C-contiguous, (D, H, W, 1) with (D, H, W) the (x, y, z) axes."""
     path = volume.path or "<volume>"
     array = volume.data
-    if array.dtype.kind == "f" and not _all_finite(array):
+    if array.dtype.kind == "f" and not resample.all_finite(array):
         raise ScanError("preprocess", path, "contains NaN or Inf voxels")
     zooms = np.asarray(volume.zooms, dtype=np.float64)
 
@@ -353,13 +358,22 @@ def preprocess(volume: Volume, spec: dict) -> np.ndarray:
             raise ScanError("preprocess", path, reason)
         array = zoom(array, shape, order)
 
-    out = zoom(array, spec["size"], order)
-    out = np.ascontiguousarray(out, dtype=np.float32)  # the small resized volume only; a fresh array
-    if volume.slope != 1.0 or volume.inter != 0.0:
-        out *= np.float32(volume.slope)
-        out += np.float32(volume.inter)
-
     intensity = spec.get("intensity") or {"kind": "zscore"}
+    if order == 1:  # resize, scaling, normalisation and the finite check fused (jobs.resample)
+        out, finite = resample.resize_intensity(array, spec["size"], volume.slope, volume.inter, intensity)
+    else:
+        out = np.ascontiguousarray(zoom(array, spec["size"], order), dtype=np.float32)  # a fresh small array
+        finite = _scale_and_normalize(out, volume.slope, volume.inter, intensity)
+    if not finite:
+        raise ScanError("preprocess", path, "preprocessing produced NaN or Inf values")
+    return out[..., np.newaxis]
+
+
+def _scale_and_normalize(out, slope, inter, intensity):
+    """Slope/intercept and intensity normalisation in place (orders other than 1); True if all finite."""
+    if slope != 1.0 or inter != 0.0:
+        out *= np.float32(slope)
+        out += np.float32(inter)
     if intensity["kind"] == "zscore":
         mean = out.mean(dtype=np.float64)
         std = out.std(dtype=np.float64)
@@ -375,17 +389,7 @@ def preprocess(volume: Volume, spec: dict) -> np.ndarray:
         out /= np.float32(hi - lo)
     else:
         raise ValueError(f"unknown intensity kind {intensity['kind']!r}")
-    if not np.isfinite(out).all():
-        raise ScanError("preprocess", path, "preprocessing produced NaN or Inf values")
-    return out[..., np.newaxis]
-
-
-def _all_finite(array: np.ndarray) -> bool:
-    """True when no voxel is NaN or Inf: one float64 sum, an exact check only when the sum is not finite."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        if math.isfinite(float(np.sum(array, dtype=np.float64))):
-            return True
-    return bool(np.isfinite(array).all())
+    return bool(np.isfinite(out).all())
 
 
 def load_volume(path: str, spec: dict, read_retry_s: float | None = None) -> tuple[np.ndarray, dict]:

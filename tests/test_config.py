@@ -33,12 +33,12 @@ def test_every_flag_reaches_the_config():
                        "--max-error-rate", "0.5", "--run-id", "night-1", "--model-sha256", "ab",
                        "--ray-address", "127.0.0.1:1", "--wait-for-gpus", "5", "--rows-per-file", "9",
                        "--precision", "mixed_bfloat16", "--quiet", "--log-format", "json",
-                       "--retry-failed"]  # fmt: skip
+                       "--retry-failed", "--progress-every", "30"]  # fmt: skip
     config = JobConfig.from_args(parser().parse_args(argv))
     assert config == JobConfig(
         "m.csv", "m.keras", "out", mode="embed", batch_size=3, device="cpu", workers=2, max_error_rate=0.5,
         run_id="night-1", model_sha256="ab", ray_address="127.0.0.1:1", wait_for_gpus=5.0, rows_per_file=9,
-        precision="mixed_bfloat16", progress=False, log_format="json", retry_failed=True,
+        precision="mixed_bfloat16", progress=False, log_format="json", retry_failed=True, progress_every_s=30.0,
     )  # fmt: skip
 
 
@@ -53,6 +53,7 @@ def test_every_flag_reaches_the_config():
         ({"precision": "float16"}, "--precision"),
         ({"run_id": "../escape"}, "--run-id '../escape'"),
         ({"wait_for_gpus": -1}, "--wait-for-gpus"),
+        ({"progress_every_s": 0}, "--progress-every must be above 0"),
     ],
 )
 def test_config_validates_itself(options, message):
@@ -90,6 +91,7 @@ def test_production_modules_never_import_test_code_and_benches_import_cleanly():
         "import jobs.score, jobs.pipeline, jobs.sink, jobs.scorer, jobs.ledger, jobs.manifest, jobs.demo\n"
         "assert 'jobs.testing' not in sys.modules, 'production imported jobs.testing'\n"
         "import bench.pipeline, bench.scale, bench.decode, bench.train_step, bench.cpu\n"
+        "import bench.gpu_feed, bench.reference\n"
         "print(bench.cpu.header('x').splitlines()[1])\n"
     )
     proc = fresh_python(["-c", script], cwd=REPO_ROOT)

@@ -20,3 +20,10 @@ def test_demo_trains_scores_and_separates_planted_anomalies(tmp_path, monkeypatc
     assert [e["scan_id"] for e in errors] == ["scan_broken"] and "scan_broken.nii.gz" in errors[0]["error"]
     results = pads.dataset(str(run_dir / "output" / "results"), format="parquet").to_table()
     assert set(results["stored_orientation"].to_pylist()) == {"RAS", "LPS", "LAS", "RPI", "ASR", "SLP"}
+    # The summary's final progress figures (no ETA), and last the run report page.
+    assert re.search(r"^  progress: 41/41 scans \(1 error\) in \d+ s, [0-9.]+ scans/s$", proc.stdout, re.M), proc.stdout
+    assert "ETA" not in proc.stdout
+    last = proc.stdout.strip().splitlines()[-1]
+    (report_id,) = [p.stem for p in (run_dir / "output" / "runs").glob("*.json")]
+    assert last == f"[demo] run report: {run_dir / 'output' / 'runs' / report_id}.html", last
+    assert "<svg" in (run_dir / "output" / "runs" / f"{report_id}.html").read_text()

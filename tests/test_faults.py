@@ -279,7 +279,7 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
     assert sorted(ids) == sorted(r["scan_id"] for r in rows if r["scan_id"] not in errors)
 
 
-def start_driver(manifest, model, output, gcs_address, hooks, log, run_id="nightly"):
+def start_driver(manifest, model, output, gcs_address, hooks, log, run_id="nightly", extra=()):
     """`jobs.score`'s command line as its own process (through ``python -m jobs.testing FAULTS``, which plants
     ``hooks``), joined to the session's Ray instance; output to ``log`` (a file, not a pipe nobody reads while it
     runs: a full pipe would stall the driver)."""
@@ -307,6 +307,7 @@ def start_driver(manifest, model, output, gcs_address, hooks, log, run_id="night
             "--ray-address",
             gcs_address,
             "--quiet",
+            *extra,
         ],
         env=env,
         stdout=log,
@@ -383,6 +384,38 @@ def test_driver_killed_then_rerun_and_concurrent_runs(ray_cluster, tiny_model, a
     assert not os.path.exists(os.path.join(output, "_lock.json"))
     with pytest.raises(JobError, match="run id 'nightly' already finished"):
         run(manifest, model_path, output, device="cpu", run_id="nightly", progress=False)
+
+
+def test_stalled_pipeline_exits_1_and_rerun_completes(ray_cluster, tiny_model, archive16, tmp_path):
+    """A pipeline that stops producing (here: one scan's read hangs) ends with exit 1 after --stall-timeout-s,
+    what was scored committed, instead of waiting forever; the rerun scores the rest exactly once."""
+    model_path, _ = tiny_model
+    rows, manifest = archive16
+    output, release, log_path = str(tmp_path / "out"), tmp_path / "release", tmp_path / "driver.log"
+    held = rows[-1]["scan_id"]
+    with open(log_path, "w") as log:
+        driver = start_driver(
+            manifest, model_path, output, ray_cluster.get_runtime_context().gcs_address,
+            {"decode": hold_hook(held, release)}, log, run_id="stalled", extra=["--stall-timeout-s", "15"],
+        )  # fmt: skip
+        try:
+            code = driver.wait(timeout=600)
+        finally:
+            release.touch()
+            if driver.poll() is None:
+                driver.kill()
+                driver.wait()
+    text = log_path.read_text()
+    assert code == 1, text[-4000:]
+    assert "no scan was scored for 15 s (--stall-timeout-s)" in text and "node(s) alive; total CPU" in text, text
+    done = results_of(output)["scan_id"].to_pylist()
+    assert held not in done and len(set(done)) == len(done)
+    assert not os.path.exists(os.path.join(output, "_lock.json")), "the stalled run released its lock"
+
+    report = run(manifest, model_path, output, device="cpu", run_id="rerun", progress=False)
+    assert report["counts"]["skipped_done"] == len(done) and report["counts"]["ok"] == 16 - len(done)
+    ids = results_of(output)["scan_id"].to_pylist()
+    assert sorted(ids) == sorted(r["scan_id"] for r in rows), "exactly one row per scan after the rerun"
 
 
 def save_lambda_model(path):

@@ -14,6 +14,7 @@ import pytest
 from conftest import fresh_python, write_archive, write_csv
 
 import vit3d
+from jobs.report import read_page_data
 from jobs.score import JobError, main, run
 from jobs.scorer import scores_from_logits
 from jobs.testing import hooks as fault_hooks
@@ -73,6 +74,18 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
         assert len(row.original_shape) == 3 and all(s > 0 for s in row.voxel_spacing)
         assert len(row.orientation) == 3 and row.decode_s >= 0 and row.infer_s >= 0
     assert str(results.scored_at.dt.tz) == "UTC"
+
+    # The report's cost per 1,000 scans, recomputed from the Parquet rows (jobs.cost: which columns count).
+    cost = report["cost_per_1k_scans"]
+    assert cost["scans"] == len(results) == 8
+    for key, columns in (
+        ("cpu_s", ["decode_s", "preprocess_s"]),
+        ("accelerator_s", ["infer_s"]),
+        ("read_s", ["read_s"]),
+    ):
+        from_rows = results[columns].astype("float64").to_numpy().sum() * 1000 / len(results)
+        assert from_rows > 0 and cost[key] == pytest.approx(from_rows, abs=1e-3), key
+    assert json.loads((output / "runs" / f"{report['run_id']}.json").read_text())["cost_per_1k_scans"] == cost
 
     errors = pads.dataset(str(output / "errors"), format="parquet").to_table().to_pylist()
     assert len(errors) == 1 and errors[0]["scan_id"] == "broken"
@@ -181,6 +194,8 @@ def test_over_error_budget_exits_3(ray_cluster, tiny_model, archive, tmp_path, c
     assert code == 3
     out = capsys.readouterr().out
     assert "over_error_budget" in out and "1 failed" in out and str(tmp_path / "o") in out
+    report = json.loads(next((tmp_path / "o" / "runs").glob("*.json")).read_text())
+    assert f"CPU s / 1k scans: {report['cost_per_1k_scans']['cpu_s']:.1f} (decode + preprocess)" in out
 
 
 def test_model_problems_stop_before_anything_is_written(ray_cluster, tiny_model, archive, tmp_path):
@@ -296,6 +311,13 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
     assert sum(k.startswith("scores/results/") and k.endswith(".parquet") for k in keys) == 1
     assert not [k for k in keys if "/." in k], "staging objects left behind"
     assert f"scores/runs/{report['run_id']}.json" in keys
+    # The run report page of each run, next to its JSON report, on S3 too (jobs.report).
+    for night in (report, rerun):
+        assert night["report_page"] == f"{output}/runs/{night['run_id']}.html"
+        page = client.get_object(Bucket=bucket, Key=f"scores/runs/{night['run_id']}.html")["Body"].read().decode()
+        data = read_page_data(page)
+        assert data["run_id"] == night["run_id"] and data["counts"] == night["counts"]
+    assert read_page_data(page)["previous_runs"] == [report["run_id"]]  # the rerun sees the first night
     fs, path = storage.resolve(output + "/results")
     table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
     assert sorted(table["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in rows[:8])

@@ -198,7 +198,7 @@ def test_eight_runs_started_at_once_exactly_one_scores(ray_cluster, tiny_model, 
     assert report["counts"] == {"manifest": 6, "skipped_done": 0, "skipped_known_bad": 0, "ok": 6, "error": 0}
     # Nothing by the seven others: only the marker and the winner's files.
     for name in listing(output):
-        assert name in ("_vit3d_output.json", f"runs/{winner}.json") or (
+        assert name in ("_vit3d_output.json", f"runs/{winner}.json", f"runs/{winner}.html") or (
             name.startswith(f"results/part-{winner}-") and name.endswith(".parquet")
         ), name
 
