@@ -14,12 +14,20 @@ the manifest's folder: ``/data/m.csv`` + ``a/x.nii.gz`` -> ``/data/a/x.nii.gz``;
 ``a/x.nii.gz`` -> ``s3://bkt/dir/a/x.nii.gz`` (a query string on the manifest URI, such as ``?endpoint_override=…``,
 is carried over to each resolved path).
 
-CLI: ``python -m jobs.manifest --root DIR_OR_URI --out manifest.parquet`` lists ``**/*.nii.gz`` under the root.
+CLI: ``python -m jobs.manifest --root DIR_OR_URI --out manifest.parquet`` lists ``**/*.nii.gz`` under the root;
+with ``--dicom`` it lists one row per (folder, SeriesInstanceUID) of DICOM image files instead
+(:func:`list_dicom_archive`): ``scan_id`` = the SeriesInstanceUID, ``path`` = the folder.
+
+DICOM rows: ``path`` may name a folder holding one series (a local folder, or a URI prefix ending in ``/``), a
+``.zip`` of one series, or one multi-frame file; an optional ``series_instance_uid`` column picks the series of a
+folder that holds several. The DICOM columns of :data:`DICOM_LISTING_SCHEMA` are cast to their types when a
+manifest has them (the results merge them with what is read: ``jobs.sink.MANIFEST_SHARED_COLUMNS``).
 
 This module imports neither TensorFlow, Keras nor Ray: it runs on the driver and in small tools.
 """
 
 import argparse
+import concurrent.futures
 import datetime as dt
 import fnmatch
 import io
@@ -51,6 +59,20 @@ LISTING_SCHEMA = pa.schema(
         ("modified_at", pa.timestamp("us", tz="UTC")),
     ]
 )
+DICOM_LISTING_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),  # the SeriesInstanceUID (with "@folder" added if it is in several folders)
+        ("path", pa.string()),  # the folder: a local path, or a URI prefix ending in '/'
+        ("series_instance_uid", pa.string()),
+        ("study_instance_uid", pa.string()),
+        ("modality", pa.string()),
+        ("slices", pa.int32()),  # image frames of the series in that folder
+        ("series_description", pa.string()),
+    ]
+)
+DICOM_COLUMNS = {f.name: f.type for f in DICOM_LISTING_SCHEMA if f.name not in ("scan_id", "path")}
+HEADER_BYTES = 64 * 1024  # read this much of each file to list it; the whole file only if its header is longer
+LIST_THREADS = 16
 _FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
 _SHOW = 10  # offending ids/rows named in a message before "... (N in all)"
 
@@ -85,7 +107,8 @@ def _parse(uri, fmt, data):
     source = pa.BufferReader(data)
     if fmt == "csv":
         # Ids and paths as text (no "007" -> 7); other columns inferred. column_types may name absent columns.
-        convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in REQUIRED})
+        text = (*REQUIRED, "series_instance_uid", "study_instance_uid")  # UIDs look like numbers ("1.2")
+        convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in text})
         return pacsv.read_csv(source, convert_options=convert)
     if fmt == "parquet":
         return pq.read_table(source)
@@ -178,10 +201,18 @@ def read_manifest(uri) -> pa.Table:
 
     resolved = pa.array(_resolve_paths(uri, columns["path"].to_pylist()), pa.string())
     others = [name for name in table.column_names if name not in REQUIRED]
-    return pa.table(
-        [columns["scan_id"], resolved, *(table.column(name) for name in others)],
-        names=[*REQUIRED, *others],
-    )
+    values = []
+    for name in others:
+        column = table.column(name)
+        if name in DICOM_COLUMNS and column.type != DICOM_COLUMNS[name]:
+            try:
+                column = column.cast(DICOM_COLUMNS[name])
+            except (pa.ArrowException, ValueError) as e:
+                raise ManifestError(
+                    f"manifest {uri}: column {name} has type {column.type}, not {DICOM_COLUMNS[name]}: {e}"
+                ) from e
+        values.append(column)
+    return pa.table([columns["scan_id"], resolved, *values], names=[*REQUIRED, *others])
 
 
 def _match_parts(pattern, parts):
@@ -260,6 +291,96 @@ def list_archive(root, glob=DEFAULT_GLOB) -> pa.Table:
     )
 
 
+def _read_head(filesystem, path, whole=False):
+    with filesystem.open_input_file(path) as f:
+        return f.read() if whole else f.read(HEADER_BYTES)
+
+
+def _series_of(filesystem, path, name):
+    """(series uid, study uid, modality, description, frames) of one file; None if not a DICOM image."""
+    from jobs import dicom
+
+    head = storage.retrying(lambda: _read_head(filesystem, path), f"reading {name}")
+    for attempt in ("head", "whole"):
+        try:
+            h = dicom.read_header(dicom.Source(name, path, len(head), head))
+            if h.transfer_syntax == dicom.dcm_uid.DeflatedExplicitVRLittleEndian and attempt == "head":
+                raise dicom.BrokenFile("deflated: needs the whole file")
+            return h.series_uid, h.study_uid, h.modality, dicom.series_description(h), h.frames
+        except dicom.NotImage:
+            if len(head) < HEADER_BYTES or attempt == "whole":
+                return None
+        except dicom.BrokenFile as e:
+            if len(head) < HEADER_BYTES or attempt == "whole":
+                logger.warning("%s: left out of the listing: %s", path, e)  # scoring names it again
+                return None
+        head = storage.retrying(lambda: _read_head(filesystem, path, whole=True), f"reading {name}")
+    return None
+
+
+def list_dicom_archive(root) -> pa.Table:
+    """One row per (folder, SeriesInstanceUID) of DICOM image files under ``root`` (columns:
+    :data:`DICOM_LISTING_SCHEMA`), sorted by path then series. Each file's header is read (its first
+    HEADER_BYTES), never its pixel data; non-DICOM files and non-image objects (SR, RTSTRUCT, SEG, ...) are left
+    out. No patient name, ID or birth date is read into the listing."""
+    root = os.fspath(root)
+    try:
+        filesystem, base = storage.resolve(root)
+        base = base.rstrip("/") or "/"
+        kind = filesystem.get_file_info(base).type
+        if kind == pafs.FileType.NotFound:
+            raise ManifestError(f"archive root {root}: does not exist")
+        if kind != pafs.FileType.Directory:
+            raise ManifestError(f"archive root {root}: is not a folder")
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"archive root {root}: cannot list: {e}") from e
+    files = [i for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".")]
+    strip = len(base.rstrip("/")) + 1
+
+    def one(info):
+        return info, _series_of(filesystem, info.path, info.base_name)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(LIST_THREADS) as pool:
+            found = [(info, s) for info, s in pool.map(one, files) if s is not None]
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"archive root {root}: cannot read: {e}") from e
+
+    series = {}
+    for info, (uid, study, modality, description, frames) in found:
+        folder = posixpath.dirname(info.path[strip:]) if len(info.path) > strip else ""
+        entry = series.setdefault((folder, uid), {"study": study, "modality": modality, "desc": description, "n": 0})
+        entry["n"] += frames
+    if _is_uri(root):
+        parts = urlsplit(root)
+        query = f"?{parts.query}" if parts.query else ""
+        prefix = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
+
+        def folder_path(rel):
+            return f"{prefix}{rel + '/' if rel else ''}{query}"
+
+    else:
+
+        def folder_path(rel):
+            return os.path.join(base, rel) if rel else base
+
+    folders_of = {}
+    for folder, uid in series:
+        folders_of.setdefault(uid, []).append(folder)
+    rows = []
+    for (folder, uid), entry in sorted(series.items()):
+        scan_id = uid if len(folders_of[uid]) == 1 else f"{uid}@{folder or '.'}"
+        rows.append((scan_id, folder_path(folder), uid, entry["study"], entry["modality"], entry["n"], entry["desc"]))
+    split = sorted(uid for uid, folders in folders_of.items() if len(folders) > 1)
+    if split:
+        logger.warning("series in more than one folder (their scan_ids get '@folder'): %s", _some(split))
+    return pa.table(
+        [pa.array([r[i] for r in rows], field.type) for i, field in enumerate(DICOM_LISTING_SCHEMA)],
+        schema=DICOM_LISTING_SCHEMA,
+    )
+
+
 def _jsonable(value):
     return value.isoformat() if isinstance(value, dt.datetime | dt.date) else value
 
@@ -304,6 +425,13 @@ def _parser():
         "of folders, including none (default: %(default)s)",
     )
     parser.add_argument(
+        "--dicom",
+        action="store_true",
+        help="list DICOM series instead of files: one row per (folder, SeriesInstanceUID) with image pixel data "
+        "(scan_id = the SeriesInstanceUID, path = the folder, plus series_instance_uid, study_instance_uid, "
+        "modality, slices, series_description); every file's header is read, --glob is not used",
+    )
+    parser.add_argument(
         "--out",
         required=True,
         help="manifest to write, local path or URI; the format follows the extension: .parquet/.pq, .csv, "
@@ -317,7 +445,7 @@ def main(argv=None) -> int:
     try:
         args = _parser().parse_args(argv)
         _format_of(args.out)  # fail on a bad --out before listing a large archive
-        table = list_archive(args.root, args.glob)
+        table = list_dicom_archive(args.root) if args.dicom else list_archive(args.root, args.glob)
         data = encode_table(table, args.out)
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
@@ -329,7 +457,7 @@ def main(argv=None) -> int:
     except (OSError, ValueError) as e:
         logger.error("error: cannot write %s: %s", args.out, e)
         return 1
-    print(f"{table.num_rows} scans listed from {args.root} into {args.out}")
+    print(f"{table.num_rows} {'series' if args.dicom else 'scans'} listed from {args.root} into {args.out}")
     return 0
 
 

@@ -24,7 +24,7 @@ from jobs import metrics
 from jobs.config import JobError
 from jobs.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.scorer import Scorer, node_id
-from jobs.sink import DECODE_PROVENANCE, PERMANENT_STAGES, source_fingerprint
+from jobs.sink import PERMANENT_STAGES, SOURCE_PROVENANCE, source_fingerprint
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +86,9 @@ class PipelineRun:
 
 
 def _empty_provenance(count):
-    """Zeroed NumPy columns for DECODE_PROVENANCE, typed from the schema."""
+    """Zeroed NumPy columns for SOURCE_PROVENANCE, typed from the schema."""
     columns = {}
-    for field in DECODE_PROVENANCE:
+    for field in SOURCE_PROVENANCE:
         if pa.types.is_string(field.type):
             columns[field.name] = np.full(count, "", dtype=object)
         elif pa.types.is_list(field.type):  # one value per spatial axis
@@ -108,7 +108,8 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_
     default). Once one has spent that budget, the batch's later reads get a single attempt each: storage is
     down, and waiting the whole budget per scan would only delay the run's end.
     """
-    from jobs.volumes import TRANSIENT_STAGES, ScanError, load_volume
+    from jobs.readers import load_scan
+    from jobs.volumes import TRANSIENT_STAGES, ScanError
 
     count = len(batch["scan_id"])
     out = {
@@ -135,7 +136,8 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_
                 fingerprint = source_fingerprint(path)  # before the read: see above
                 if fingerprint is not None:
                     out["source_size"][i], out["source_mtime"][i] = fingerprint
-                tensor, provenance = load_volume(path, spec, retry_s[0])
+                series = str(batch["series_instance_uid"][i]) if "series_instance_uid" in batch else ""
+                tensor, provenance = load_scan(path, spec, retry_s[0], series_instance_uid=series)
             except ScanError as e:
                 out["error"][i], out["stage"][i] = str(e), e.stage
                 out["permanent"][i] = e.stage in PERMANENT_STAGES
@@ -146,7 +148,7 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_
                 fail(i, f"{type(e).__name__}: {e}")
                 continue
             out["volume"][i] = tensor.tobytes()
-            for name in DECODE_PROVENANCE.names:
+            for name in SOURCE_PROVENANCE.names:
                 out[name][i] = provenance[name]
 
     process_guarded(ledger_name, batch["scan_id"], list(range(count)), process, fail, "decode", before_attempt)

@@ -26,7 +26,7 @@ from jobs.pipeline import scoring_pipeline
 from jobs.progress import Progress
 from jobs.report import write_page
 from jobs.scorer import configure_tensorflow
-from jobs.sink import RESERVED_COLUMNS, OutputError, ResultSink
+from jobs.sink import MANIFEST_SHARED_COLUMNS, RESERVED_COLUMNS, OutputError, ResultSink
 from vit3d.storage import StorageUnreachable
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_OVER_BUDGET", "EXIT_USAGE", "JobConfig", "JobError", "JobFailed", "run"]
@@ -46,7 +46,7 @@ def check_manifest(uri):
         table = read_manifest(uri)
     except ManifestError as e:
         raise JobError(f"manifest problem: {e}") from e
-    clashes = sorted(set(table.column_names[2:]) & RESERVED_COLUMNS)
+    clashes = sorted(set(table.column_names[2:]) & (RESERVED_COLUMNS - MANIFEST_SHARED_COLUMNS))
     if clashes:
         raise JobError(f"manifest problem: {uri}: columns {clashes} have the names of result columns; rename them")
     return table
@@ -136,7 +136,14 @@ def run_job(config, hooks=None):
     try:
         paths = dict(zip(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist(), strict=True))
         known_bad = _known_bad(sink, {s: p for s, p in paths.items() if s not in done}, config.retry_failed)
-        pending = [{"scan_id": s, "path": p} for s, p in paths.items() if s not in done and s not in known_bad]
+        has_uids = "series_instance_uid" in manifest.column_names  # picks the series of a DICOM folder
+        uids = manifest.column("series_instance_uid").to_pylist() if has_uids else []
+        series = {s: u or "" for s, u in zip(paths, uids, strict=False)}
+        pending = [
+            {"scan_id": s, "path": p, "series_instance_uid": series.get(s, "")}
+            for s, p in paths.items()
+            if s not in done and s not in known_bad
+        ]
         skipped_done = len(done & paths.keys())
         logger.info(
             "%d scans in the manifest, %d already done, %d known bad, %d to score",

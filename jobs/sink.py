@@ -32,6 +32,7 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
@@ -79,6 +80,19 @@ DECODE_PROVENANCE = pa.schema(
         pa.field("preprocess_s", pa.float32()),
     ]
 )
+# DICOM rows (jobs.dicom); null on NIfTI rows. In pipeline batches "" and 0 stand for null. A manifest may carry
+# these columns too (``jobs.manifest --dicom`` writes the first five): they are merged, not clashed (see
+# MANIFEST_SHARED_COLUMNS).
+DICOM_PROVENANCE = pa.schema(
+    [
+        pa.field("series_instance_uid", pa.string()),  # the manifest's when it has one, else the one read
+        pa.field("study_instance_uid", pa.string()),
+        pa.field("modality", pa.string()),
+        pa.field("transfer_syntax", pa.string()),  # UID(s), comma-separated if the files differ
+        pa.field("slices", pa.int32()),  # frames in the volume (scouts left out)
+        pa.field("series_note", pa.string()),  # what was left out of the series (localizers), else null
+    ]
+)
 SCORING_PROVENANCE = pa.schema(
     [
         pa.field("infer_s", pa.float32()),
@@ -86,7 +100,8 @@ SCORING_PROVENANCE = pa.schema(
         pa.field("worker_pid", pa.int64()),
     ]
 )
-PROVENANCE_SCHEMA = pa.schema([*DECODE_PROVENANCE, *SCORING_PROVENANCE])
+SOURCE_PROVENANCE = pa.schema([*DECODE_PROVENANCE, *DICOM_PROVENANCE])  # what the CPU stage measures
+PROVENANCE_SCHEMA = pa.schema([*SOURCE_PROVENANCE, *SCORING_PROVENANCE])
 ERROR_SCHEMA = pa.schema(
     [
         pa.field("scan_id", pa.string()),
@@ -107,7 +122,11 @@ ERROR_SCHEMA = pa.schema(
 )
 FINGERPRINT_COLUMNS = ("source_size", "source_mtime")
 PERMANENT_STAGES = frozenset({"validate", "decode", "preprocess"})
-# Manifest columns are carried into the results, so they must not take a result column's name.
+# A manifest column with one of these names is not a clash: it fills the result column of that name, cast to
+# its type (jobs.manifest checks the cast). series_instance_uid: the manifest's value, else the one read; the
+# others: the value read from the files, else the manifest's (so NIfTI rows keep theirs).
+MANIFEST_SHARED_COLUMNS = frozenset(DICOM_PROVENANCE.names) - {"series_note"}
+# Other manifest columns are carried into the results, so they must not take a result column's name.
 RESERVED_COLUMNS = frozenset(KEY_SCHEMA.names + SCORE_SCHEMA.names + EMBED_SCHEMA.names + PROVENANCE_SCHEMA.names)
 
 
@@ -130,12 +149,40 @@ def _column(values, field):
     return pa.array(np.asarray(values).astype(kind.to_pandas_dtype()), kind)
 
 
+def _dicom_column(values, field, shared):
+    """A DICOM_PROVENANCE column: the value read ("" / 0: none) merged with the manifest's column of that name."""
+    values = np.asarray(values)
+    if pa.types.is_string(field.type):
+        read = pa.array([str(v) if str(v) else None for v in values], field.type)
+    else:
+        numbers = values.astype(np.int64)
+        read = pa.array(numbers, pa.int64(), mask=numbers <= 0).cast(field.type)
+    if field.name not in shared.column_names:
+        return read
+    given = pc.cast(shared.column(field.name).combine_chunks(), field.type)
+    if field.name == "series_instance_uid":  # it chose the series: the manifest's word stands
+        given = pc.if_else(pc.equal(pc.utf8_length(given), 0), pa.scalar(None, field.type), given)
+        return pc.coalesce(given, read)
+    return pc.coalesce(read, given)
+
+
 def source_fingerprint(uri):
     """``(size, mtime)`` of the scan at ``uri`` (bytes, microseconds since the epoch), from one stat (a HEAD on
-    object storage); None when it cannot be stat'ed (missing, not a file, no mtime, unreachable)."""
+    object storage); None when it cannot be stat'ed (missing, not a file, no mtime, unreachable).
+
+    A folder (a DICOM series; on object storage a URI ending in '/') is fingerprinted by one listing: the total
+    size and the latest mtime of the files directly in it.
+    """
     try:
         filesystem, path = storage.resolve(uri)
-        info = filesystem.get_file_info(path)
+        prefix = "://" in uri and uri.partition("?")[0].endswith("/")  # a URI prefix ending in '/': a folder
+        info = None if prefix else filesystem.get_file_info(path)
+        if info is None or info.type == pafs.FileType.Directory:
+            infos = filesystem.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False))
+            files = [i for i in infos if i.type == pafs.FileType.File]
+            if not files or any(i.size is None or i.mtime_ns is None for i in files):
+                return None
+            return sum(int(i.size) for i in files), max(int(i.mtime_ns) for i in files) // 1000
     except (OSError, ValueError):  # ValueError: pyarrow's ArrowInvalid for a URI it does not understand
         return None
     if info.type != pafs.FileType.File or info.size is None or info.mtime_ns is None:
@@ -164,7 +211,9 @@ class ResultSink:
     def __init__(self, uri, *, mode, run_id, model, manifest, rows_per_file=50_000, flush_seconds=300.0, retry_s=None):
         self.store = OutputStore(uri, retry_s)
         self.mode, self.run_id, self.model_sha256 = mode, run_id, model.sha256
-        self._manifest_extra = manifest.drop_columns(["scan_id", "path"])
+        shared = [name for name in manifest.column_names if name in MANIFEST_SHARED_COLUMNS]
+        self._manifest_shared = manifest.select(shared)  # merged into DICOM_PROVENANCE columns
+        self._manifest_extra = manifest.drop_columns(["scan_id", "path", *shared])
         self._manifest_row = {s: i for i, s in enumerate(manifest.column("scan_id").to_pylist())}
         metadata = {**schema_metadata(model, mode), b"vit3d.run_id": run_id.encode()}
         self._buffers = {
@@ -293,7 +342,9 @@ class ResultSink:
     def _result_table(self, batch, rows):
         count = len(rows)
         width = np.asarray(batch["embedding"]).shape[1] if self.mode == "embed" else 0
-        extra = self._manifest_extra.take(pa.array([self._manifest_row[s] for s in batch["scan_id"][rows]], pa.int64()))
+        take = pa.array([self._manifest_row[s] for s in batch["scan_id"][rows]], pa.int64())
+        extra = self._manifest_extra.take(take)
+        shared = self._manifest_shared.take(take)
         schema = result_schema(self.mode, extra.schema, width)
         constants = {
             "model_sha256": [self.model_sha256] * count,
@@ -306,6 +357,8 @@ class ResultSink:
                 columns.append(extra.column(field.name))
             elif field.name in constants:
                 columns.append(pa.array(constants[field.name], field.type))
+            elif field.name in DICOM_PROVENANCE.names:
+                columns.append(_dicom_column(batch[field.name][rows], field, shared))
             else:
                 columns.append(_column(batch[field.name][rows], field))
         return pa.Table.from_arrays(columns, schema=schema)
