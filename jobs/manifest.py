@@ -246,13 +246,8 @@ def glob_match(relpath, glob):
     return _match_parts(pattern, relpath.split("/"))
 
 
-def list_archive(root, glob=DEFAULT_GLOB) -> pa.Table:
-    """Every file under ``root`` whose path relative to it matches ``glob``, sorted by scan_id.
-
-    Columns: scan_id (path relative to root, '/'-separated), path (full local path or URI), size_bytes,
-    modified_at (UTC). Raises ManifestError when root is missing or is not a folder.
-    """
-    root = os.fspath(root)
+def _walk(root):
+    """(filesystem, base path, FileInfo of everything below) for an archive root; ManifestError if unusable."""
     try:
         filesystem, base = storage.resolve(root)
         base = base.rstrip("/") or "/"
@@ -261,9 +256,19 @@ def list_archive(root, glob=DEFAULT_GLOB) -> pa.Table:
             raise ManifestError(f"archive root {root}: does not exist")
         if kind != pafs.FileType.Directory:
             raise ManifestError(f"archive root {root}: is not a folder")
-        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+        return filesystem, base, filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
     except (OSError, ValueError) as e:
         raise ManifestError(f"archive root {root}: cannot list: {e}") from e
+
+
+def list_archive(root, glob=DEFAULT_GLOB) -> pa.Table:
+    """Every file under ``root`` whose path relative to it matches ``glob``, sorted by scan_id.
+
+    Columns: scan_id (path relative to root, '/'-separated), path (full local path or URI), size_bytes,
+    modified_at (UTC). Raises ManifestError when root is missing or is not a folder.
+    """
+    root = os.fspath(root)
+    filesystem, base, infos = _walk(root)
 
     if _is_uri(root):
         parts = urlsplit(root)
@@ -324,17 +329,7 @@ def list_dicom_archive(root) -> pa.Table:
     HEADER_BYTES), never its pixel data; non-DICOM files and non-image objects (SR, RTSTRUCT, SEG, ...) are left
     out. No patient name, ID or birth date is read into the listing."""
     root = os.fspath(root)
-    try:
-        filesystem, base = storage.resolve(root)
-        base = base.rstrip("/") or "/"
-        kind = filesystem.get_file_info(base).type
-        if kind == pafs.FileType.NotFound:
-            raise ManifestError(f"archive root {root}: does not exist")
-        if kind != pafs.FileType.Directory:
-            raise ManifestError(f"archive root {root}: is not a folder")
-        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
-    except (OSError, ValueError) as e:
-        raise ManifestError(f"archive root {root}: cannot list: {e}") from e
+    filesystem, base, infos = _walk(root)
     files = [i for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".")]
     strip = len(base.rstrip("/")) + 1
 

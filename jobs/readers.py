@@ -134,16 +134,5 @@ def load_scan(path: str, spec: dict, read_retry_s=None, **options):
     del raw
     t2 = time.perf_counter()
     tensor = V.preprocess(volume, spec)
-    t3 = time.perf_counter()
-    provenance = {
-        "original_shape": [int(n) for n in volume.data.shape],
-        "voxel_spacing": [float(z) for z in volume.zooms],
-        "orientation": volume.orientation,
-        "source_dtype": volume.dtype,
-        "read_s": t1 - t0,
-        "decode_s": t2 - t1,
-        "preprocess_s": t3 - t2,
-        **empty_provenance(),
-        **reader.provenance(checked),
-    }
-    return tensor, provenance
+    provenance = V.decode_provenance(volume, t0, t1, t2, time.perf_counter())
+    return tensor, {**provenance, **empty_provenance(), **reader.provenance(checked)}

@@ -404,8 +404,13 @@ def load_volume(path: str, spec: dict, read_retry_s: float | None = None) -> tup
     volume = decode_nifti(data, path)
     t2 = time.perf_counter()
     tensor = preprocess(volume, spec)
-    t3 = time.perf_counter()
-    provenance = {
+    return tensor, decode_provenance(volume, t0, t1, t2, time.perf_counter())
+
+
+def decode_provenance(volume: Volume, t0: float, t1: float, t2: float, t3: float) -> dict:
+    """The decode-stage result columns (``jobs.sink.DECODE_PROVENANCE``) of a scan read over [t0, t1], decoded
+    over [t1, t2] and preprocessed over [t2, t3] (``time.perf_counter`` stamps); any format."""
+    return {
         "original_shape": [int(n) for n in volume.data.shape],
         "voxel_spacing": [float(z) for z in volume.zooms],
         "orientation": volume.orientation,
@@ -414,4 +419,3 @@ def load_volume(path: str, spec: dict, read_retry_s: float | None = None) -> tup
         "decode_s": t2 - t1,
         "preprocess_s": t3 - t2,
     }
-    return tensor, provenance
