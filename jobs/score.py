@@ -169,7 +169,10 @@ def run_job(config, hooks=None):
             **sink.counts,
         }
         stage_seconds = scored.pop("stage_seconds", {})
+        left_out = scored.pop("series_left_out", {})
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
+        # DICOM series scored without some of their files (a localizer/scout): scan_id -> what was left out.
+        report["series_left_out"] = left_out
         # Seconds per 1,000 scored scans from the results' timing columns (jobs.cost says which count).
         report["cost_per_1k_scans"] = per_1k_scans(stage_seconds)
         report["report_page"] = write_page(sink, report)  # jobs.report; None (and a warning) if it failed
@@ -199,7 +202,7 @@ def _known_bad(sink, candidates, retry_failed):
 
 def _score(pending, config, spec, info, sink, hooks):
     """Stream the pipeline's batches into ``sink``; returns what the report needs."""
-    loads, nodes, first_result_at, stage_seconds = {}, {}, None, {}
+    loads, nodes, first_result_at, stage_seconds, left_out = {}, {}, None, {}, {}
     with (
         scoring_pipeline(pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks) as run,
         Progress(
@@ -214,6 +217,7 @@ def _score(pending, config, spec, info, sink, hooks):
                 first_result_at = first_result_at or time.monotonic()
                 fresh = sink.write(batch)
                 add_stage_seconds(stage_seconds, batch, fresh)
+                left_out.update(_series_notes(batch, fresh))
                 metrics.committed(batch, fresh, config.mode, info.sha256)  # Ray metrics (jobs.metrics)
                 for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
                     loads[str(pid)] = max(loads.get(str(pid), 0), n)
@@ -246,6 +250,7 @@ def _score(pending, config, spec, info, sink, hooks):
         "first_result_at": first_result_at,
         "cluster": cluster,
         "stage_seconds": stage_seconds,
+        "series_left_out": left_out,
         "progress": final_progress,
     }
 
@@ -296,11 +301,20 @@ def summary(report):
             f"  {len(report['cluster']['nodes'])} node(s), {report['cluster']['actor_restarts']} scoring actor "
             "restart(s)",
             _cost_line(report.get("cost_per_1k_scans") or {}),
+            *_left_out_lines(report.get("series_left_out") or {}),
             f"  progress: {Progress.line(_final_figures(report['progress']), final=True)}",
             f"  results: {out}/results/   errors: {out}/errors/   report: {report['report_path']}",
             f"  page: {report.get('report_page') or 'not written (see the warning above)'}",
         ]
     )
+
+
+def _series_notes(batch, fresh):
+    """scan_id -> series_note of the newly committed rows whose DICOM series had files left out (scouts)."""
+    notes = batch.get("series_note")
+    if notes is None:
+        return {}
+    return {str(s): str(n) for s, n, f in zip(batch["scan_id"], notes, fresh, strict=True) if f and n}
 
 
 def _cost_line(cost):
@@ -311,6 +325,15 @@ def _cost_line(cost):
         f"  CPU s / 1k scans: {cost['cpu_s']:.1f} (decode + preprocess), accelerator s / 1k scans: "
         f"{cost['accelerator_s']:.1f} (infer), read s / 1k scans: {cost['read_s']:.1f}"
     )
+
+
+def _left_out_lines(left_out):
+    """The summary's line on DICOM series scored without some of their files (none: no line)."""
+    if not left_out:
+        return []
+    first = ", ".join(f"{scan_id} ({note})" for scan_id, note in sorted(left_out.items())[:3])
+    more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
+    return [f"  {len(left_out)} DICOM series scored without some files (series_note): {first}{more}"]
 
 
 def _final_figures(progress):

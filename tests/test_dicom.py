@@ -32,7 +32,7 @@ import vit3d
 from jobs import dicom, readers
 from jobs import manifest as M
 from jobs import volumes as V
-from jobs.score import run
+from jobs.score import run, summary
 from jobs.scorer import scores_from_logits
 from vit3d.preprocessing import normalize_spec
 
@@ -560,6 +560,11 @@ def test_dicom_archive_on_s3_listed_then_scored(ray_cluster, tiny_model, tmp_pat
             assert abs(row["score"] - expected[folder]) <= 1e-5
         assert row["series_instance_uid"] == scan_id and row["slices"] == SHAPE[2]
     assert {path_of[s].rstrip("/").rsplit("/", 1)[-1] for s in results} == {*twins, "scout", "two_series"}
+    # The scout left out of its series is in the run report and the summary, not only in its row.
+    (scout_id,) = [r["scan_id"] for r in by_folder["zoo/scout"]]
+    assert report["series_left_out"] == {scout_id: results[scout_id]["series_note"]}
+    assert "localizer" in results[scout_id]["series_note"]
+    assert f"1 DICOM series scored without some files (series_note): {scout_id} (" in summary(report)
     local = tmp_path / "fetched"
     for item in client.list_objects_v2(Bucket=bucket, Prefix="results/")["Contents"]:
         if item["Key"].endswith("/"):  # folder markers
