@@ -4,14 +4,13 @@ Real NIfTI files written here (every stored dtype, both byte orders, scl_slope/s
 storage) go through ``jobs.volumes.preprocess`` and ``bench.reference.preprocess_scipy`` for every spec kind.
 """
 
-import gzip
 import itertools
 
-import nibabel as nib
 import numpy as np
 import pytest
 import scipy.ndimage
 
+from bench.decode import write_scan
 from bench.reference import preprocess_scipy, zoom_scipy
 from jobs import resample
 from jobs import volumes as V
@@ -36,18 +35,8 @@ def tissue(rng, shape, dtype):
 
 
 def write_nifti(path, data, affine, endianness="<", slope=None, inter=0.0):
-    """A single-file NIfTI-1 with the voxels stored exactly as given (Fortran order, chosen byte order)."""
-    hdr = nib.Nifti1Header(endianness=endianness)
-    hdr.set_data_shape(data.shape)
-    hdr.set_data_dtype(data.dtype)
-    hdr.set_qform(affine, code=1)
-    hdr.set_sform(affine, code=1)
-    hdr["vox_offset"] = 352
-    if slope is not None:
-        hdr["scl_slope"], hdr["scl_inter"] = slope, inter
-    body = np.asarray(data, dtype=data.dtype.newbyteorder(endianness)).tobytes(order="F")
-    blob = hdr.binaryblock + b"\x00" * 4 + body
-    path.write_bytes(gzip.compress(blob, 1) if str(path).endswith(".gz") else blob)
+    """A single-file NIfTI-1 with the voxels stored exactly as given (bench.decode's writer), decoded by the job."""
+    write_scan(str(path), data, affine, endianness, slope, inter)
     volume = V.decode_nifti(V.read_scan(str(path)), str(path))
     assert volume.data.dtype.isnative == (endianness == "<" or data.dtype.itemsize == 1)
     return volume
