@@ -1,4 +1,4 @@
-"""Decode + preprocess, one core: jobs.volumes vs the inflate floor, the scipy path and nibabel, side by side.
+"""Decode + preprocess, one core: the NIfTI reader vs the inflate floor, the scipy path and nibabel, side by side.
 
 python -m bench.decode [--scans 6] [--shape 256 256 160] [--size 96] [--max-preprocess-ratio 0.3]
 
@@ -26,8 +26,11 @@ from scipy import ndimage
 
 from bench.cpu import header
 from bench.reference import preprocess_scipy, resize_numpy, zoom_scipy
-from jobs import resample
-from jobs.volumes import _check_header, _inflate, _peek_gzip, decode_nifti, load_volume, preprocess, read_scan
+from jobs.inputs import resample
+from jobs.inputs.formats.base import read_scan
+from jobs.inputs.formats.nifti import _check_header, _inflate, _peek_gzip, decode_nifti
+from jobs.inputs.load import load_scan
+from jobs.inputs.preprocess import preprocess
 from vit3d.preprocessing import normalize_spec
 
 
@@ -135,7 +138,7 @@ def main(argv=None):
             {
                 "nib decode": lambda p: nib.load(p).get_fdata(),
                 "naive": lambda p: _naive(p, args.size),
-                "job": lambda p: load_volume(p, spec),
+                "job": lambda p: load_scan(p, spec),
             },
             files["gz"],
             args.repeat,
@@ -147,17 +150,17 @@ def main(argv=None):
         ("inflate: bounded stream, as decode does (_inflate)", t["bounded inflate"]),
         ("header: gzip peek + NIfTI header check", t["header"]),
         (f"one copy of the {mb:.0f} MB voxel body (for scale)", t["copy"]),
-        ("decode: jobs.volumes .nii.gz (check + inflate + view)", t["decode gz"]),
-        ("decode: jobs.volumes .nii (no inflate)", t["decode nii"]),
-        ("decode: jobs.volumes big-endian .nii.gz", t["decode be"]),
-        ("decode: jobs.volumes scl_slope .nii.gz", t["decode slope"]),
+        ("decode: jobs.inputs.formats.nifti .nii.gz (check + inflate + view)", t["decode gz"]),
+        ("decode: jobs.inputs.formats.nifti .nii (no inflate)", t["decode nii"]),
+        ("decode: jobs.inputs.formats.nifti big-endian .nii.gz", t["decode be"]),
+        ("decode: jobs.inputs.formats.nifti scl_slope .nii.gz", t["decode slope"]),
         ("preprocess: scipy zoom path (before, bench.reference)", t["prep scipy"]),
-        ("preprocess: jobs.volumes.preprocess (now)", t["prep"]),
+        ("preprocess: jobs.inputs.preprocess.preprocess (now)", t["prep"]),
         ("preprocess: now, big-endian (byte swap first)", t["prep be"]),
         ("preprocess: now, scl_slope/scl_inter", t["prep slope"]),
         ("resize alone: scipy.ndimage.zoom(order=1)", t["resize scipy"]),
         ("resize alone: NumPy gathers, float32 (bench.reference)", t["resize numpy"]),
-        ("resize alone: jobs.resample.resize (numba)", t["resize numba"]),
+        ("resize alone: jobs.inputs.resample.resize (numba)", t["resize numba"]),
     ]
     print(
         f"{args.scans} scans of {tuple(args.shape)} int16 (.nii.gz, gzip level 1 as nibabel writes), "
@@ -170,7 +173,7 @@ def main(argv=None):
     prep_ratio = t["prep"] / floor
     print(f"{'decode: nib.load().get_fdata()':56s} {slow['nib decode'] * 1e3:7.1f} {slow['nib decode'] / floor:9.2f}")
     print(f"{'decode+preprocess: nibabel + zoom (naive)':56s} {slow['naive'] * 1e3:7.1f} {slow['naive'] / floor:9.2f}")
-    print(f"{'decode+preprocess: jobs.volumes.load_volume':56s} {slow['job'] * 1e3:7.1f} {slow['job'] / floor:9.2f}")
+    print(f"{'decode+preprocess: jobs.inputs.load.load_scan':56s} {slow['job'] * 1e3:7.1f} {slow['job'] / floor:9.2f}")
     print(f"inflate rate {mb / floor:.0f} MB/s raw; job decode {mb / t['decode gz']:.0f} MB/s")
     print(f"decode vs nibabel get_fdata: {decode_ratio:.2f}x (target >= {args.min_ratio})")
     print(

@@ -5,7 +5,7 @@ python -m bench.dicom [--slices 200] [--size 512] [--target 96] [--repeat 3] [--
 A CT-like series (int16, RescaleIntercept -1024, one file per slice, file names shuffled) is written twice,
 uncompressed (explicit VR little endian) and RLE lossless. Each path turns the folder into the model input:
 
-- job: ``jobs.readers.load_scan`` (list, fetch every file once with bounded threads, parse headers only, check
+- job: ``jobs.inputs.load.load_scan`` (list, fetch every file once with bounded threads, parse headers only, check
   the geometry, decode each frame straight into one preallocated volume, then the shared preprocessing); for RLE
   also with pylibjpeg-rle in place of imagecodecs, for information;
 - naive: ``pydicom.dcmread`` of every file, ``pixel_array``, a sort by ImagePositionPatient on the slice normal,
@@ -32,7 +32,8 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, gen
 from bench.cpu import header
 from bench.decode import ct_like
 from jobs import dicom, readers
-from jobs import volumes as V
+from jobs.inputs.formats.base import Volume
+from jobs.inputs.preprocess import preprocess
 from vit3d.preprocessing import normalize_spec
 
 
@@ -62,7 +63,7 @@ def write_series(folder, vol, syntax):
 
 
 def _volume(data_kji, affine, slope, inter, path):
-    return V.Volume(
+    return Volume(
         data=data_kji.T,
         affine=affine,
         zooms=tuple(float(z) for z in np.linalg.norm(affine[:3, :3], axis=0)),
@@ -89,7 +90,7 @@ def naive(folder, spec):
     lps[:3, 3] = first
     affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
     ds = datasets[0]
-    return V.preprocess(_volume(stack, affine, float(ds.RescaleSlope), float(ds.RescaleIntercept), folder), spec)
+    return preprocess(_volume(stack, affine, float(ds.RescaleSlope), float(ds.RescaleIntercept), folder), spec)
 
 
 def simpleitk(folder, spec):
@@ -102,14 +103,14 @@ def simpleitk(folder, spec):
     lps[:3, :3] = np.array(image.GetDirection()).reshape(3, 3) * np.array(image.GetSpacing())
     lps[:3, 3] = image.GetOrigin()
     array = sitk.GetArrayViewFromImage(image)  # (slices, rows, columns), rescaled
-    return V.preprocess(_volume(array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, 1.0, 0.0, folder), spec)
+    return preprocess(_volume(array, np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps, 1.0, 0.0, folder), spec)
 
 
 def job_with(decoder, folder, spec):
     """The job's path with a chosen RLE decoder (load_scan takes the fastest installed)."""
     headers, broken, ignored = dicom.parse_files(folder, dicom.fetch(folder))
     series = dicom.check_series(folder, headers, broken, None, ignored)
-    return V.preprocess(dicom.decode_series(series, rle=decoder), spec)
+    return preprocess(dicom.decode_series(series, rle=decoder), spec)
 
 
 def main():

@@ -2,11 +2,11 @@
 
 python -m bench.gpu_feed [--scans 4] [--shape 256 256 160] [--batch-size 4] [--infer-rate 300 ...]
 
-- CPU cost per scan: the thread's CPU time of decode (``jobs.volumes.decode_nifti``) + preprocess, the two CPU
+- CPU cost per scan: the thread's CPU time of decode (``jobs.inputs.formats.nifti.decode_nifti``) + preprocess, the
   columns of the run report (``decode_s``, ``preprocess_s``), one core, for today's code
-  (``jobs.volumes.preprocess``) and the scipy path it replaced (``bench.reference``), interleaved in one run.
+  (``jobs.inputs.preprocess.preprocess``) and the scipy path it replaced (``bench.reference``), interleaved in one run.
 - Inference rate: a ViT-B-sized ViT3D (96^3, patch 16, hidden 768, 12 layers, 12 heads: 216 tokens) through a
-  compiled fixed-batch ``tf.function`` as ``jobs.scorer`` builds it, on whatever device TensorFlow picks. Without
+  compiled fixed-batch ``tf.function`` as ``jobs.run.scorer`` builds it, on whatever device TensorFlow picks. Without
   a GPU that is this machine's CPU (all cores), and the printout says so.
 - Cores to keep the device busy = inference rate x CPU seconds per scan. ``--infer-rate`` adds rows for rates
   measured elsewhere (e.g. on a GPU); they are inputs, not measurements of this run.
@@ -23,7 +23,9 @@ import numpy as np
 from bench.cpu import header
 from bench.decode import ct_like, write_scan
 from bench.reference import preprocess_scipy
-from jobs.volumes import decode_nifti, preprocess, read_scan
+from jobs.inputs.formats.base import read_scan
+from jobs.inputs.formats.nifti import decode_nifti
+from jobs.inputs.preprocess import preprocess
 from vit3d.preprocessing import normalize_spec
 
 
@@ -44,8 +46,8 @@ def cpu_cost(raw, paths, spec, repeat):
 
 
 def inference_rate(size, batch_size, batches):
-    """(scans/s, device): the ViT-B-sized model, compiled for one batch size as jobs.scorer does."""
-    from jobs.scorer import configure_tensorflow
+    """(scans/s, device): the ViT-B-sized model, compiled for one batch size as jobs.run.scorer does."""
+    from jobs.run.scorer import configure_tensorflow
 
     tf = configure_tensorflow()
     import vit3d

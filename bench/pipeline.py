@@ -10,8 +10,8 @@ Same archive (CT-like int16 .nii.gz: smooth structure + noise), same model (ViT3
       one, (8N - 4N) / (wall(8N) - wall(4N)): start-up (Ray, TF import, model load, compile) and the scans decoded
       ahead while the model loads are the same in both runs and cancel. End-to-end rates are printed too.
       (b)/(a) target >= 3.0
-  (c) decode + preprocess alone, one core: jobs.volumes vs get_fdata + zoom; target >= 1.6
-  (d) the model alone: preprocessed tensors in memory, the job's compiled inference (jobs.scorer.Scorer)
+  (c) decode + preprocess alone, one core: jobs.inputs.formats.nifti vs get_fdata + zoom; target >= 1.6
+  (d) the model alone: preprocessed tensors in memory, the job's compiled inference (jobs.run.scorer.Scorer)
   (e) pipeline efficiency (b) / ceiling, ceiling = 1 / (1/c_all + 1/d) (CPU: decode and model share the cores;
       GPU: min(c_all, d)); target >= 0.8 on CPU, 0.9 on GPU
   (f) peak memory (PSS of the job's whole process tree) for N and 4N scans; target <= 1.15
@@ -34,7 +34,7 @@ from scipy import ndimage
 from bench.cpu import header
 from bench.decode import ct_like
 from bench.scale import run_job
-from jobs.volumes import load_volume
+from jobs.inputs.load import load_scan
 from vit3d.preprocessing import normalize_spec
 
 
@@ -47,7 +47,7 @@ def rate(fn, items):
 
 def _decode_one(args):
     path, spec = args
-    return load_volume(path, spec)[0]
+    return load_scan(path, spec)[0]
 
 
 def main():
@@ -69,7 +69,7 @@ def main():
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     cores = os.cpu_count()
     import vit3d
-    from jobs.scorer import Scorer
+    from jobs.run.scorer import Scorer
 
     with tempfile.TemporaryDirectory(prefix="vit3d-bench-") as tmp:
         rng = np.random.default_rng(0)
@@ -103,7 +103,7 @@ def main():
             ),
             paths[: args.naive_scans],
         )
-        c1 = rate(lambda p: load_volume(p, spec), paths)
+        c1 = rate(lambda p: load_scan(p, spec), paths)
         with multiprocessing.get_context("spawn").Pool(cores) as pool:
             pool.map(_decode_one, [(p, spec) for p in paths[:cores]])  # workers started and warm
             start = time.perf_counter()

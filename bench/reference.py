@@ -1,6 +1,6 @@
-"""The job's preprocessing before jobs.resample (scipy.ndimage.zoom in float64, NumPy intensity), kept verbatim.
+"""The job's preprocessing before jobs.inputs.resample (scipy.ndimage.zoom in float64, NumPy intensity), kept verbatim.
 
-The benches time it side by side with ``jobs.volumes.preprocess``, and tests/test_resample.py takes it as the
+The benches time it side by side with ``jobs.inputs.preprocess.preprocess``, and tests/test_resample.py takes it as the
 truth the new path must equal (within 1e-5): a model's stored spec must keep meaning what it meant.
 """
 
@@ -10,7 +10,9 @@ import numpy as np
 import scipy.ndimage
 from nibabel import orientations
 
-from jobs.volumes import MAX_VOXEL_BYTES, ScanError, Volume, zoom_factors
+from jobs.errors import ScanError
+from jobs.inputs.formats.base import MAX_VOXEL_BYTES, Volume
+from jobs.inputs.preprocess import zoom_factors
 
 
 def zoom_scipy(array: np.ndarray, target, order: int) -> np.ndarray:
@@ -94,7 +96,7 @@ def _all_finite(array: np.ndarray) -> bool:
 def resize_numpy(array: np.ndarray, target) -> np.ndarray:
     """The order-1 resize in plain NumPy (gathers + weighted adds in float32), the alternative numba was chosen
     over: timed by bench.decode."""
-    from jobs.resample import linear_taps
+    from jobs.inputs.resample import linear_taps
 
     perm = sorted(range(array.ndim), key=lambda ax: -abs(array.strides[ax]))
     out = array.transpose(perm)

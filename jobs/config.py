@@ -4,23 +4,21 @@
 fields, so a flag, its default and its help can never drift apart.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import re
+
+from jobs.errors import JobError, JobFailed
+
+__all__ = ["JobConfig", "JobError", "JobFailed", "parser"]
 
 MODES = ("score", "embed")
 DEVICES = ("auto", "gpu", "cpu")
 PRECISIONS = ("float32", "mixed_bfloat16")
 LOG_FORMATS = ("text", "json")
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-
-
-class JobError(Exception):
-    """Nothing was scored: a usage, manifest, model or output problem (exit 2)."""
-
-
-class JobFailed(Exception):
-    """The pipeline broke mid-run; what was scored is committed and a rerun resumes (exit 1)."""
 
 
 def option(default=dataclasses.MISSING, *, help, flag=True, **argparse_kwargs):

@@ -94,7 +94,7 @@ def make_archive(folder, count, rng):
 
 def training_data(folder, count, rng, spec):
     """Separate synthetic scans, written to NIfTI and preprocessed exactly as the job will."""
-    from jobs.volumes import load_volume
+    from jobs.inputs.load import load_scan
 
     xs, ys = [], []
     for i in range(count):
@@ -102,7 +102,7 @@ def training_data(folder, count, rng, spec):
         shape = tuple(int(n) for n in rng.integers(40, 72, 3))
         path = os.path.join(folder, f"train_{i:03d}.nii.gz")
         write_scan(path, synthetic_volume(rng, shape, anomaly), rng, ORIENTATIONS[i % 6], DTYPES[i % 3])
-        xs.append(load_volume(path, spec)[0])
+        xs.append(load_scan(path, spec)[0])
         ys.append(int(anomaly))
     return np.stack(xs), np.array(ys)
 
@@ -172,7 +172,7 @@ def main(argv=None):
     info = vit3d.save(model, os.path.join(root, "model.keras"), preprocessing=spec)
     print(f"[demo] saved {info.path} (sha256 {info.sha256[:12]}...)")
 
-    from jobs.logs import configure_logging
+    from jobs.observe.logs import configure_logging
     from jobs.score import run, summary
 
     configure_logging()  # the job's progress lines, as jobs.score's command line shows them

@@ -1,7 +1,7 @@
 """``python -m jobs.score``: score every scan of a manifest with a verified model, Parquet out.
 
-One run: read the manifest → verify the model → claim the output (:class:`jobs.sink.ResultSink`) → run the
-Ray pipeline (:func:`jobs.pipeline.scoring_pipeline`) into the sink → write the run report.
+One run: read the manifest → verify the model → claim the output (:class:`jobs.output.sink.ResultSink`) → run the
+Ray pipeline (:func:`jobs.run.pipeline.scoring_pipeline`) into the sink → write the run report.
 
 Exit codes: 0 finished within the error budget (failed / attempted: scans skipped as done or known bad are not
 attempted); 3 finished over it; 2 nothing scored because of a usage, manifest, model or output problem (the
@@ -17,21 +17,23 @@ import uuid
 
 import numpy as np
 
-from jobs import metrics
-from jobs.config import JobConfig, JobError, JobFailed, parser
-from jobs.cost import add_stage_seconds, per_1k_scans
-from jobs.logs import configure_logging
-from jobs.manifest import ManifestError, read_manifest
-from jobs.pipeline import scoring_pipeline
-from jobs.progress import Progress
+from jobs.config import JobConfig, parser
+from jobs.errors import JobError, JobFailed, ManifestError, OutputError, StorageUnreachable
+from jobs.inputs import formats
+from jobs.inputs.manifest import read_manifest
+from jobs.observe import metrics
+from jobs.observe.cost import add_stage_seconds, per_1k_scans
+from jobs.observe.logs import configure_logging
+from jobs.observe.progress import Progress
+from jobs.output.schema import MANIFEST_SHARED_COLUMNS, OPTION_COLUMNS, RESERVED_COLUMNS
+from jobs.output.sink import ResultSink
 from jobs.report import write_page
-from jobs.scorer import configure_tensorflow
-from jobs.sink import MANIFEST_SHARED_COLUMNS, RESERVED_COLUMNS, OutputError, ResultSink
-from vit3d.storage import StorageUnreachable
+from jobs.run.pipeline import scoring_pipeline
+from jobs.run.scorer import configure_tensorflow
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_OVER_BUDGET", "EXIT_USAGE", "JobConfig", "JobError", "JobFailed", "run"]
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("jobs.score")  # not __name__: that is "__main__" under python -m jobs.score
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 1, 2, 3
 
@@ -46,7 +48,7 @@ def check_manifest(uri):
         table = read_manifest(uri)
     except ManifestError as e:
         raise JobError(f"manifest problem: {e}") from e
-    clashes = sorted(set(table.column_names[2:]) & (RESERVED_COLUMNS - MANIFEST_SHARED_COLUMNS))
+    clashes = sorted(set(table.column_names[2:]) & (RESERVED_COLUMNS - MANIFEST_SHARED_COLUMNS - OPTION_COLUMNS))
     if clashes:
         raise JobError(f"manifest problem: {uri}: columns {clashes} have the names of result columns; rename them")
     return table
@@ -95,7 +97,7 @@ def run(manifest, model, output, *, hooks=None, **options):
         manifest: str. Manifest listing ``scan_id`` and ``path`` (CSV, Parquet or JSON Lines; path or URI).
         model: str. The ``.keras`` artifact written by ``vit3d.save`` (path or URI).
         output: str. Output folder or prefix (path or URI).
-        hooks: jobs.pipeline.AttemptHooks or None. Test-only fault injection (see ``jobs.testing``).
+        hooks: jobs.run.pipeline.AttemptHooks or None. Test-only fault injection (see ``jobs.testing``).
             Defaults to ``None``.
         **options: any other :class:`jobs.config.JobConfig` field (``mode``, ``batch_size``, ``device``, …),
             with the same defaults as the command line.
@@ -136,12 +138,12 @@ def run_job(config, hooks=None):
     try:
         paths = dict(zip(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist(), strict=True))
         known_bad = _known_bad(sink, {s: p for s, p in paths.items() if s not in done}, config.retry_failed)
-        has_uids = "series_instance_uid" in manifest.column_names  # picks the series of a DICOM folder
-        uids = manifest.column("series_instance_uid").to_pylist() if has_uids else []
-        series = {s: u or "" for s, u in zip(paths, uids, strict=False)}
+        # The formats' option columns (the series of a DICOM folder) travel with each scan.
+        option_names = [name for name in formats.option_columns() if name in manifest.column_names]
+        options = {name: manifest.column(name).to_pylist() for name in option_names}
         pending = [
-            {"scan_id": s, "path": p, "series_instance_uid": series.get(s, "")}
-            for s, p in paths.items()
+            {"scan_id": s, "path": p, **{name: values[i] or "" for name, values in options.items()}}
+            for i, (s, p) in enumerate(paths.items())
             if s not in done and s not in known_bad
         ]
         skipped_done = len(done & paths.keys())
@@ -173,7 +175,7 @@ def run_job(config, hooks=None):
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
         # DICOM series scored without some of their files (a localizer/scout): scan_id -> what was left out.
         report["series_left_out"] = left_out
-        # Seconds per 1,000 scored scans from the results' timing columns (jobs.cost says which count).
+        # Seconds per 1,000 scored scans from the results' timing columns (jobs.observe.cost says which count).
         report["cost_per_1k_scans"] = per_1k_scans(stage_seconds)
         report["report_page"] = write_page(sink, report)  # jobs.report; None (and a warning) if it failed
         report["report_path"] = sink.write_report(report)
@@ -218,7 +220,7 @@ def _score(pending, config, spec, info, sink, hooks):
                 fresh = sink.write(batch)
                 add_stage_seconds(stage_seconds, batch, fresh)
                 left_out.update(_series_notes(batch, fresh))
-                metrics.committed(batch, fresh, config.mode, info.sha256)  # Ray metrics (jobs.metrics)
+                metrics.committed(batch, fresh, config.mode, info.sha256)  # Ray metrics (jobs.observe.metrics)
                 for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
                     loads[str(pid)] = max(loads.get(str(pid), 0), n)
                 for column, key in (("decode_node", "decoded"), ("scoring_node", "scored")):

@@ -1,6 +1,6 @@
 """Write DICOM series from a NIfTI-style volume (voxels data[i, j, k] + RAS affine) with pydicom, for the tests.
 
-The geometry is DICOM's own definition, independent of jobs.dicom: L = diag(-1, -1, 1, 1) @ affine (LPS);
+The geometry is DICOM's own definition, independent of jobs.inputs.formats.dicom: L = diag(-1, -1, 1, 1) @ affine (LPS);
 slice k's pixels are data[:, :, k].T (rows = j, columns = i); ImageOrientationPatient = the unit columns 0 and 1
 of L (row direction first); PixelSpacing = (|L[:3, 1]|, |L[:3, 0]|); ImagePositionPatient_k = L @ (0, 0, k, 1).
 """

@@ -2,8 +2,8 @@
 
 import os
 
-from jobs.lock import OutputError, OutputLock
-from jobs.sink import OutputStore
+from jobs.output.lock import OutputError, OutputLock
+from jobs.output.store import OutputStore
 
 
 def contend(output, run_id, environ, barrier, results, done):

@@ -9,8 +9,8 @@ import pytest
 from conftest import REPO_ROOT, fresh_python
 
 from jobs.config import JobConfig, JobError, parser
+from jobs.output.schema import ERROR_SCHEMA, KEY_SCHEMA, PROVENANCE_SCHEMA, RESERVED_COLUMNS, SCORE_SCHEMA
 from jobs.score import main
-from jobs.sink import ERROR_SCHEMA, KEY_SCHEMA, PROVENANCE_SCHEMA, RESERVED_COLUMNS, SCORE_SCHEMA
 
 REQUIRED = ["--manifest", "m.csv", "--model", "m.keras", "--output", "out"]
 
@@ -88,7 +88,7 @@ def test_readme_documents_every_output_column():
 def test_production_modules_never_import_test_code_and_benches_import_cleanly():
     script = (
         "import sys\n"
-        "import jobs.score, jobs.pipeline, jobs.sink, jobs.scorer, jobs.ledger, jobs.manifest, jobs.demo\n"
+        "import jobs.score, jobs.run.pipeline, jobs.output.sink, jobs.run.scorer, jobs.run.ledger, jobs.manifest\n"
         "assert 'jobs.testing' not in sys.modules, 'production imported jobs.testing'\n"
         "import bench.pipeline, bench.scale, bench.decode, bench.train_step, bench.cpu\n"
         "import bench.gpu_feed, bench.reference\n"

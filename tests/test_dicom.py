@@ -1,5 +1,5 @@
-"""DICOM series in (jobs.dicom, jobs.readers): geometry against SimpleITK and against the same volume as NIfTI,
-real series that ship with pydicom, the bad-series zoo, and all of it end to end through jobs.score (local disk
+"""DICOM series in (jobs.inputs.formats.dicom, jobs.inputs.load): geometry against SimpleITK and the same volume as
+NIfTI, real series that ship with pydicom, the bad-series zoo, and all of it end to end through jobs.score (local disk
 and moto S3) with planted PHI that must appear nowhere."""
 
 import json
@@ -29,11 +29,13 @@ from dicom_series import (
 from pydicom import uid
 
 import vit3d
-from jobs import dicom, readers
 from jobs import manifest as M
-from jobs import volumes as V
+from jobs.errors import ScanError
+from jobs.inputs import load as readers
+from jobs.inputs.formats import dicom
+from jobs.inputs.load import load_scan
+from jobs.run.scorer import scores_from_logits
 from jobs.score import run, summary
-from jobs.scorer import scores_from_logits
 from vit3d.preprocessing import normalize_spec
 
 SHAPE = (34, 32, 6)  # J2K needs 32 x 32 or more
@@ -85,7 +87,7 @@ def spec(size=16):
 
 
 def read_series(path, series_uid=None):
-    """A folder through jobs.dicom, step by step: (checked series, Volume)."""
+    """A folder through jobs.inputs.formats.dicom, step by step: (checked series, Volume)."""
     headers, broken, ignored = dicom.parse_files(path, dicom.fetch(path))
     series = dicom.check_series(path, headers, broken, series_uid, ignored)
     return series, dicom.decode_series(series)
@@ -119,7 +121,7 @@ def test_series_match_simpleitk_and_the_same_volume_as_nifti(tmp_path, orientati
     affine = AFFINES[orientation]
     data = volume(1)
     nifti = write_nifti(tmp_path / "twin.nii.gz", data, affine, 2.0, -1024.0)
-    expected, _ = V.load_volume(nifti, spec())
+    expected, _ = load_scan(nifti, spec())
     for n, (name, syntax) in enumerate(SYNTAXES.items()):
         folder = tmp_path / name
         write_series(folder, data, affine, syntax=syntax, slope=2.0, inter=-1024.0, names=NAMES[n % 3], seed=n)
@@ -199,7 +201,7 @@ def test_rescale_that_differs_per_slice(tmp_path):
     assert vol.data.dtype == np.float32 and (vol.slope, vol.inter) == (1.0, 0.0)
     np.testing.assert_array_equal(np.asarray(vol.data), expected)
     tensor, _ = readers.load_scan(str(tmp_path / "s"), spec())
-    twin, _ = V.load_volume(write_nifti(tmp_path / "twin.nii", expected, AFFINES["coronal"]), spec())
+    twin, _ = load_scan(write_nifti(tmp_path / "twin.nii", expected, AFFINES["coronal"]), spec())
     np.testing.assert_allclose(tensor, twin, atol=1e-6)
 
 
@@ -214,7 +216,7 @@ def test_enhanced_multiframe_uses_per_frame_functional_groups(tmp_path, syntax):
     np.testing.assert_allclose(vol.affine, affine, atol=1e-6)
     assert (vol.slope, vol.inter) == (1.5, -1000.0)
     tensor, prov = readers.load_scan(str(path), spec())
-    expected, _ = V.load_volume(write_nifti(tmp_path / "twin.nii", data, affine, 1.5, -1000.0), spec())
+    expected, _ = load_scan(write_nifti(tmp_path / "twin.nii", data, affine, 1.5, -1000.0), spec())
     np.testing.assert_allclose(tensor, expected, atol=1e-6)
     assert prov["slices"] == SHAPE[2] and prov["modality"] == "CT"
 
@@ -247,25 +249,25 @@ def test_real_pydicom_series(tmp_path):
     ct2 = folders[os.path.join(REAL, "77654033", "CT2")]
     (only,) = ct2.values()
     z = sorted(float(ds.ImagePositionPatient[2]) for ds in only)
-    with pytest.raises(V.ScanError) as info:
+    with pytest.raises(ScanError) as info:
         read_series(os.path.join(REAL, "77654033", "CT2"))
     assert "missing slice" in info.value.reason and f"{z[1] - z[0]:.3f} mm" in info.value.reason
 
     for folder in ("98892001/CT2N", "98892003/MR700"):
         (only,) = folders[os.path.join(REAL, folder)].values()
         assert len({tuple(ds.ImageOrientationPatient) for ds in only}) == len(only)  # every slice its own IOP
-        with pytest.raises(V.ScanError) as info:
+        with pytest.raises(ScanError) as info:
             read_series(os.path.join(REAL, folder))
         assert "mixed orientations" in info.value.reason, info.value.reason
 
     for folder in ("98892003/MR1", "98892003/MR2"):
         uids = folders[os.path.join(REAL, folder)]
-        with pytest.raises(V.ScanError) as info:
+        with pytest.raises(ScanError) as info:
             read_series(os.path.join(REAL, folder))
         assert "series_instance_uid" in info.value.reason and all(u in info.value.reason for u in uids)
 
     # --dicom lists one row per (folder, series) that has pixel data, as pydicom groups them
-    table = M.list_dicom_archive(REAL)
+    table = dicom.list_dicom_archive(REAL)
     expected = {(folder, u): len(dss) for folder, by in folders.items() for u, dss in by.items()}
     assert {(r["path"], r["series_instance_uid"]): r["slices"] for r in table.to_pylist()} == expected
     assert table.column("scan_id").to_pylist() == table.column("series_instance_uid").to_pylist()
@@ -396,7 +398,7 @@ def build_zoo(root):
 def test_bad_series_reason(tmp_path, name):
     builder, words = ZOO[name]
     builder(tmp_path / name)
-    with pytest.raises(V.ScanError) as info:
+    with pytest.raises(ScanError) as info:
         readers.load_scan(str(tmp_path / name), spec())
     err = info.value
     assert err.stage == "validate" and err.path == str(tmp_path / name), str(err)
@@ -420,7 +422,7 @@ def expected_scores(model_path, paths):
     model, info = vit3d.load_with_info(model_path)
     out = {}
     for key, path in paths.items():
-        x = V.load_volume(path, info.preprocessing)[0][None]
+        x = load_scan(path, info.preprocessing)[0][None]
         out[key] = float(scores_from_logits(np.asarray(model(x)))[0][0])
     return out
 
@@ -536,7 +538,7 @@ def test_dicom_archive_on_s3_listed_then_scored(ray_cluster, tiny_model, tmp_pat
     manifest_uri = f"s3://{bucket}/manifests/night.parquet"
     assert M.main(["--root", f"s3://{bucket}/pacs", "--dicom", "--out", manifest_uri]) == 0
     listing = M.read_manifest(manifest_uri)
-    assert listing.column_names == M.DICOM_LISTING_SCHEMA.names
+    assert listing.column_names == dicom.LISTING_SCHEMA.names
     by_folder = {}
     for row in listing.to_pylist():
         assert row["path"].startswith(f"s3://{bucket}/pacs/") and row["path"].endswith("/")
@@ -578,7 +580,7 @@ def test_dicom_archive_on_s3_listed_then_scored(ray_cluster, tiny_model, tmp_pat
 
 
 def read_output_s3(output):
-    from vit3d import storage
+    from jobs import storage
 
     filesystem, root = storage.resolve(output)
     results = pads.dataset(f"{root}/results", format="parquet", filesystem=filesystem).to_table()

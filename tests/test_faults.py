@@ -29,10 +29,11 @@ from keras_test_models import SeedViT
 from test_volumes import edited, raw_header, write_raw
 
 import vit3d
-from jobs.ledger import MAX_CRASHES
+from jobs.errors import ScanError
+from jobs.inputs.formats.nifti import decode_nifti
+from jobs.run.ledger import MAX_CRASHES
 from jobs.score import JobError, run
-from jobs.testing import hooks as fault_hooks
-from jobs.volumes import ScanError, decode_nifti
+from jobs.testing.faults import hooks as fault_hooks
 
 
 def put(folder, name, data):
@@ -483,8 +484,8 @@ def test_permission_denied_is_a_read_error_row(tmp_path):
         script = (
             "import os\n"
             "import numpy as np\n"
-            "import jobs.volumes\n"
-            "from jobs.pipeline import decode_batch\n"
+            "import jobs.inputs.formats.nifti\n"
+            "from jobs.run.pipeline import decode_batch\n"
             "os.setgid(65534); os.setuid(65534)  # nobody, from here on: file modes apply\n"
             f"batch = {{'scan_id': np.array(['locked', 'readable']), 'path': np.array([{locked!r}, {readable!r}])}}\n"
             "spec = {'orientation': 'RAS', 'spacing': None, 'size': [8, 8, 8], 'intensity': {'kind': 'zscore'},"

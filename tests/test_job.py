@@ -14,12 +14,12 @@ import pytest
 from conftest import fresh_python, write_archive, write_csv
 
 import vit3d
+from jobs import storage
+from jobs.inputs.load import load_scan
 from jobs.report import read_page_data
+from jobs.run.scorer import scores_from_logits
 from jobs.score import JobError, main, run
-from jobs.scorer import scores_from_logits
-from jobs.testing import hooks as fault_hooks
-from jobs.volumes import load_volume
-from vit3d import storage
+from jobs.testing.faults import hooks as fault_hooks
 
 
 @pytest.fixture
@@ -39,7 +39,7 @@ def expected_outputs(model_path, folder, rows, mode):
     model, info = vit3d.load_with_info(model_path)
     out = {}
     for row in rows:
-        x = load_volume(str(folder / row["path"]), info.preprocessing)[0][None]
+        x = load_scan(str(folder / row["path"]), info.preprocessing)[0][None]
         if mode == "embed":
             out[row["scan_id"]] = np.asarray(model.embed(x))[0]
         else:
@@ -75,7 +75,7 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
         assert len(row.orientation) == 3 and row.decode_s >= 0 and row.infer_s >= 0
     assert str(results.scored_at.dt.tz) == "UTC"
 
-    # The report's cost per 1,000 scans, recomputed from the Parquet rows (jobs.cost: which columns count).
+    # The report's cost per 1,000 scans, recomputed from the Parquet rows (jobs.observe.cost: which columns count).
     cost = report["cost_per_1k_scans"]
     assert cost["scans"] == len(results) == 8
     for key, columns in (

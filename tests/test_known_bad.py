@@ -14,9 +14,9 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from conftest import write_archive, write_csv
 
+from jobs.output.schema import ERROR_SCHEMA
 from jobs.score import main, run
-from jobs.sink import ERROR_SCHEMA
-from jobs.testing import hooks as fault_hooks
+from jobs.testing.faults import hooks as fault_hooks
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 

@@ -10,9 +10,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jobs.manifest import REQUIRED, ManifestError, glob_match, list_archive, main, read_manifest
+from jobs.errors import ManifestError
+from jobs.inputs import formats
+from jobs.inputs.listing import glob_match
+from jobs.inputs.manifest import REQUIRED, read_manifest
+from jobs.manifest import main
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def list_archive(root, glob=None):
+    """What ``jobs.manifest`` lists without a format flag: the default format's file listing."""
+    return formats.listing_formats()[None].list_archive(root, (glob,) if glob else None)
 
 
 # --- helpers ------------------------------------------------------------------------------------------------------

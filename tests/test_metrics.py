@@ -14,7 +14,7 @@ from conftest import REPO_ROOT, wait_until, write_archive, write_csv
 from prometheus_client.parser import text_string_to_metric_families
 from ray_nodes import RayNode, ray_env
 
-from jobs.metrics import BOUNDARIES, STAGES
+from jobs.observe.metrics import BOUNDARIES, STAGES
 
 
 @pytest.fixture

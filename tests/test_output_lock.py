@@ -19,9 +19,9 @@ from conftest import wait_until, write_archive, write_csv
 from lock_contender import contend
 from test_faults import hold_hook, start_driver
 
-from jobs.lock import LockLost, OutputError, OutputLock
-from jobs.sink import OutputStore
-from vit3d import storage
+from jobs import storage
+from jobs.output.lock import LockLost, OutputError, OutputLock
+from jobs.output.store import OutputStore
 
 BACKENDS = ["local", "s3"]
 

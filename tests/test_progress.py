@@ -9,7 +9,7 @@ import select
 import pytest
 from conftest import write_archive, write_csv
 
-from jobs.progress import Progress
+from jobs.observe.progress import Progress
 from jobs.score import run, summary
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
@@ -31,7 +31,7 @@ def test_off_a_terminal_progress_lines_follow_the_commits(ray_cluster, tiny_mode
     rows.append({"scan_id": "gone", "path": "archive/gone.nii.gz", "site": "x", "age": 1})  # a read error
     manifest = write_csv(tmp_path / "manifest.csv", rows)
     lines = Lines()
-    progress_logger = logging.getLogger("jobs.progress")
+    progress_logger = logging.getLogger("jobs.observe.progress")
     progress_logger.addHandler(lines)
     level = progress_logger.level
     progress_logger.setLevel(logging.INFO)

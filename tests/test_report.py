@@ -275,8 +275,8 @@ def test_previous_runs_are_the_last_seven_of_the_same_model(tmp_path):
     """Run reports as the job leaves them in runs/: 10 nights of model A, 3 of model B, tonight's A run."""
     import datetime as dt
 
+    from jobs.output.store import OutputStore
     from jobs.report import previous_runs
-    from jobs.sink import OutputStore
 
     (tmp_path / "runs").mkdir()
     start = dt.datetime(2026, 11, 1, 2, tzinfo=dt.timezone.utc)

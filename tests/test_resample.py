@@ -1,7 +1,7 @@
-"""jobs.resample against the scipy path it replaced (bench.reference, scipy.ndimage.zoom): equal within 1e-5.
+"""jobs.inputs.resample against the scipy path it replaced (bench.reference, scipy.ndimage.zoom): equal within 1e-5.
 
 Real NIfTI files written here (every stored dtype, both byte orders, scl_slope/scl_inter, RAS and oblique
-storage) go through ``jobs.volumes.preprocess`` and ``bench.reference.preprocess_scipy`` for every spec kind.
+storage) go through ``jobs.inputs.preprocess.preprocess`` and ``bench.reference.preprocess_scipy`` for every spec kind.
 """
 
 import itertools
@@ -12,8 +12,11 @@ import scipy.ndimage
 
 from bench.decode import write_scan
 from bench.reference import preprocess_scipy, zoom_scipy
-from jobs import resample
-from jobs import volumes as V
+from jobs.errors import ScanError
+from jobs.inputs import resample
+from jobs.inputs.formats.base import read_scan
+from jobs.inputs.formats.nifti import decode_nifti
+from jobs.inputs.preprocess import preprocess, zoom_factors
 from vit3d.preprocessing import normalize_spec
 
 # A CT-like oblique, anisotropic, left-handed affine: reorientation flips and permutes axes.
@@ -37,7 +40,7 @@ def tissue(rng, shape, dtype):
 def write_nifti(path, data, affine, endianness="<", slope=None, inter=0.0):
     """A single-file NIfTI-1 with the voxels stored exactly as given (bench.decode's writer), decoded by the job."""
     write_scan(str(path), data, affine, endianness, slope, inter)
-    volume = V.decode_nifti(V.read_scan(str(path)), str(path))
+    volume = decode_nifti(read_scan(str(path)), str(path))
     assert volume.data.dtype.isnative == (endianness == "<" or data.dtype.itemsize == 1)
     return volume
 
@@ -52,7 +55,7 @@ def test_taps_equal_scipy_zoom_in_1d(rng):
     pairs = [(n, m) for n in range(1, 71) for m in range(1, 71)] + [(256, 32), (512, 224), (128, 112), (64, 160)]
     quirky = 0
     for n, m in pairs:
-        (f,) = V.zoom_factors([n], [m])
+        (f,) = zoom_factors([n], [m])
         a = rng.normal(size=n)
         expected = scipy.ndimage.zoom(a, f, order=1)
         lo, hi, t, inside = resample.linear_taps(n, m)
@@ -132,7 +135,7 @@ def test_preprocess_equals_scipy_path_for_every_spec(tmp_path, rng, dtype, order
         for raw, size in itertools.product(SPECS, ([16, 16, 16], [13, 29, 8])):
             spec = normalize_spec(raw, size=size)
             expected = preprocess_scipy(volume, spec)
-            got = V.preprocess(volume, spec)
+            got = preprocess(volume, spec)
             assert got.shape == expected.shape == (*size, 1) and got.dtype == np.float32
             assert got.flags.c_contiguous
             np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5, err_msg=f"{raw} {size} {affine[0]}")
@@ -147,12 +150,12 @@ def test_constant_volume_is_zeros_and_non_finite_rejected(tmp_path, rng):
         volume = write_nifti(tmp_path / "c.nii", np.full((11, 13, 9), value, dtype), np.eye(4))
         for size in ([16, 16, 16], [5, 7, 3]):
             spec = normalize_spec(None, size=size)
-            assert not np.any(V.preprocess(volume, spec))
+            assert not np.any(preprocess(volume, spec))
             assert not np.any(preprocess_scipy(volume, spec))
     data = tissue(rng, (12, 12, 12), "float32")
     data[2, 5, 6] = np.nan  # a voxel no tap of a 12 -> 4 resize reads: caught by the input check anyway
     volume = write_nifti(tmp_path / "nan.nii", data, np.eye(4))
-    with pytest.raises(V.ScanError, match="NaN or Inf") as info:
-        V.preprocess(volume, normalize_spec(None, size=[4, 4, 4]))
+    with pytest.raises(ScanError, match="NaN or Inf") as info:
+        preprocess(volume, normalize_spec(None, size=[4, 4, 4]))
     assert info.value.stage == "preprocess" and info.value.path.endswith("nan.nii")
     assert not resample.all_finite(data[::-1].T) and resample.all_finite(np.nan_to_num(data)[::-1].T)

@@ -23,9 +23,9 @@ import pytest
 from conftest import REPO_ROOT, TESTS_DIR, wait_until, write_archive, write_csv
 from tcp_proxy import TcpProxy
 
-from jobs.pipeline import decode_batch
+from jobs import storage
+from jobs.run.pipeline import decode_batch
 from jobs.score import run
-from vit3d import storage
 
 
 @pytest.fixture
@@ -67,7 +67,7 @@ def retried(caplog, what):
     return [
         r
         for r in caplog.records
-        if r.name == "vit3d.storage" and what in r.getMessage() and "retrying" in r.getMessage()
+        if r.name == "jobs.storage" and what in r.getMessage() and "retrying" in r.getMessage()
     ]
 
 
@@ -86,11 +86,11 @@ def in_thread(call):
     return thread, outcome
 
 
-# --- vit3d.storage through a real cut ---------------------------------------------------------------------------
+# --- jobs.storage through a real cut ---------------------------------------------------------------------------
 
 
 def test_cut_connection_is_transient_retried_within_bounds_and_not_found_is_not(s3_env, s3_bucket, proxy, caplog):
-    caplog.set_level(logging.WARNING, logger="vit3d.storage")
+    caplog.set_level(logging.WARNING, logger="jobs.storage")
     client, bucket = s3_bucket
     client.put_object(Bucket=bucket, Key="a.bin", Body=b"a" * 1000)
     uri = f"s3://{bucket}/a.bin{proxy.query()}"
@@ -126,7 +126,7 @@ def test_cut_connection_is_transient_retried_within_bounds_and_not_found_is_not(
 def test_commit_cut_mid_upload_leaves_no_visible_partial_file(s3_env, s3_bucket, proxy, caplog):
     """A throttled upload is cut when the proxy has forwarded part of it: past the bounds nothing is visible;
     within the bounds the retry lands the whole object."""
-    caplog.set_level(logging.WARNING, logger="vit3d.storage")
+    caplog.set_level(logging.WARNING, logger="jobs.storage")
     client, bucket = s3_bucket
     data = os.urandom(1_500_000)
     proxy.throttle(300_000)
@@ -193,7 +193,7 @@ def s3_archive(s3_bucket, proxy, tmp_path):
 def test_outage_within_bounds_run_completes_exactly_once(
     ray_cluster, tiny_model, s3_archive, s3_bucket, proxy, tmp_path
 ):
-    from jobs.testing import hooks as fault_hooks
+    from jobs.testing.faults import hooks as fault_hooks
 
     model_path, _ = tiny_model
     client, bucket = s3_bucket

@@ -1,4 +1,4 @@
-"""jobs.volumes on real files written with nibabel (no mocks)."""
+"""jobs.inputs.formats.nifti on real files written with nibabel (no mocks)."""
 
 import gzip
 import os
@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from jobs import volumes as V
-from jobs.sink import DECODE_PROVENANCE
+from jobs.errors import ScanError
+from jobs.inputs import formats
+from jobs.inputs.formats.base import read_scan
+from jobs.inputs.formats.nifti import decode_nifti
+from jobs.inputs.load import load_scan, source_provenance
+from jobs.inputs.preprocess import preprocess, zoom, zoom_factors
+from jobs.output.schema import DECODE_PROVENANCE
 from vit3d.preprocessing import normalize_spec
 
 LPS = np.array([[-0.9, 0, 0, 30.0], [0, -1.1, 0, 40.0], [0, 0, 2.0, -20.0], [0, 0, 0, 1]])
@@ -50,11 +55,11 @@ def write_raw(path, hdr, body=None, compress=None):
 
 
 def decode_file(path):
-    return V.decode_nifti(V.read_scan(str(path)), str(path))
+    return decode_nifti(read_scan(str(path)), str(path))
 
 
 def expect_error(stage, path, fn=decode_file, words=()):
-    with pytest.raises(V.ScanError) as info:
+    with pytest.raises(ScanError) as info:
         fn(path)
     err = info.value
     assert err.stage == stage, str(err)
@@ -99,8 +104,8 @@ def test_round_trip_matches_nibabel(tmp_path, rng, klass, name):
 def test_plain_nii_is_a_view_not_a_copy(tmp_path, rng):
     path = str(tmp_path / "scan.nii")
     nib.save(nib.Nifti1Image(smooth_volume(rng), LPS), path)
-    raw = V.read_scan(path)
-    volume = V.decode_nifti(raw, path)
+    raw = read_scan(path)
+    volume = decode_nifti(raw, path)
     assert np.shares_memory(volume.data, np.frombuffer(raw, np.uint8))
 
 
@@ -112,7 +117,7 @@ def test_big_endian_file_matches_nibabel():
     np.testing.assert_array_equal(volume.data, np.asanyarray(ref.dataobj))
     np.testing.assert_allclose(volume.affine, ref.affine)
     np.testing.assert_allclose(volume.zooms, ref.header.get_zooms()[:3])
-    out = V.preprocess(volume, spec(size=[8, 9, 10]))
+    out = preprocess(volume, spec(size=[8, 9, 10]))
     assert out.shape == (8, 9, 10, 1) and out.dtype == np.float32
 
 
@@ -136,7 +141,7 @@ def test_scl_slope_and_inter_are_applied(tmp_path):
     np.testing.assert_array_equal(volume.data, data)  # stored values, unscaled
     np.testing.assert_array_equal(volume.data * 2.0 - 100.0, nib.load(path).get_fdata())
     clip = {"kind": "clip", "window": [-100, 330]}
-    out = V.preprocess(volume, spec(size=[6, 6, 6], orientation=None, intensity=clip))
+    out = preprocess(volume, spec(size=[6, 6, 6], orientation=None, intensity=clip))
     np.testing.assert_allclose(out[..., 0], (data * 2.0) / 430.0, atol=1e-5)
 
 
@@ -187,7 +192,7 @@ def test_rgb_rejected(tmp_path):
 def test_preprocess_shape_and_dtype_exact(tmp_path, rng, shape, size, dtype):
     path = str(tmp_path / "s.nii")
     nib.save(nib.Nifti1Image((rng.random(shape) * 100).astype(dtype), LPS), path)
-    out = V.preprocess(decode_file(path), spec(size=list(size)))
+    out = preprocess(decode_file(path), spec(size=list(size)))
     assert out.shape == (*size, 1)
     assert out.dtype == np.float32
     assert out.flags.c_contiguous and out.flags.writeable
@@ -196,7 +201,7 @@ def test_preprocess_shape_and_dtype_exact(tmp_path, rng, shape, size, dtype):
 def test_zoom_factors_hit_every_target():
     for n in range(1, 400, 7):
         for t in (1, 2, 3, 31, 64, 96, 127, 128, 333):
-            (f,) = V.zoom_factors([n], [t])
+            (f,) = zoom_factors([n], [t])
             assert round(n * f) == t
 
 
@@ -226,13 +231,13 @@ def test_reorientation_gives_same_input(tmp_path, rng):
     other = decode_file(p_other)
     assert other.orientation == "SLP"
     s = spec(size=[12, 13, 11], spacing=[1.5, 1.5, 1.5])
-    a, prov_a = V.load_volume(p_ras, s)
-    b, prov_b = V.load_volume(p_other, s)
+    a, prov_a = load_scan(p_ras, s)
+    b, prov_b = load_scan(p_other, s)
     np.testing.assert_allclose(a, b, atol=1e-5)
     assert prov_a["orientation"] == "RAS" and prov_b["orientation"] == "SLP"
     # Without reorientation the stored axis order is kept, so the inputs differ.
     keep = spec(size=[12, 13, 11], orientation=None)
-    assert not np.allclose(V.load_volume(p_ras, keep)[0], V.load_volume(p_other, keep)[0], atol=1e-3)
+    assert not np.allclose(load_scan(p_ras, keep)[0], load_scan(p_other, keep)[0], atol=1e-3)
 
 
 def test_lps_and_ras_store_same_output(tmp_path, rng):
@@ -245,16 +250,16 @@ def test_lps_and_ras_store_same_output(tmp_path, rng):
     nib.save(nib.Nifti1Image(np.asarray(ras[::-1, ::-1, :], order="F"), lps_aff), p2)
     assert decode_file(p2).orientation == "LPS"
     s = spec(size=[15, 17, 9])
-    np.testing.assert_allclose(V.load_volume(p1, s)[0], V.load_volume(p2, s)[0], atol=1e-5)
+    np.testing.assert_allclose(load_scan(p1, s)[0], load_scan(p2, s)[0], atol=1e-5)
 
 
 def test_zscore_and_clip(tmp_path, rng):
     path = str(tmp_path / "z.nii.gz")
     nib.save(nib.Nifti1Image(smooth_volume(rng, (30, 30, 30)), LPS), path)
     volume = decode_file(path)
-    z = V.preprocess(volume, spec(size=[16, 16, 16]))
+    z = preprocess(volume, spec(size=[16, 16, 16]))
     assert abs(float(z.mean())) < 1e-4 and abs(float(z.std()) - 1) < 1e-4
-    c = V.preprocess(volume, spec(size=[16, 16, 16], intensity={"kind": "clip", "window": [-50, 50]}))
+    c = preprocess(volume, spec(size=[16, 16, 16], intensity={"kind": "clip", "window": [-50, 50]}))
     assert c.min() == 0.0 and c.max() == 1.0
     assert np.mean((c > 0) & (c < 1)) > 0.1
 
@@ -262,7 +267,7 @@ def test_zscore_and_clip(tmp_path, rng):
 def test_zscore_of_constant_volume_is_zeros(tmp_path):
     path = str(tmp_path / "c.nii")
     nib.save(nib.Nifti1Image(np.full((8, 8, 8), 7, np.int16), np.eye(4)), path)
-    out = V.preprocess(decode_file(path), spec(size=[4, 4, 4]))
+    out = preprocess(decode_file(path), spec(size=[4, 4, 4]))
     assert np.all(out == 0)
 
 
@@ -270,8 +275,8 @@ def test_spacing_resample_changes_result(tmp_path, rng):
     path = str(tmp_path / "sp.nii.gz")
     nib.save(nib.Nifti1Image(smooth_volume(rng, (40, 40, 20)), LPS), path)
     volume = decode_file(path)
-    plain = V.preprocess(volume, spec(size=[16, 16, 16]))
-    resampled = V.preprocess(volume, spec(size=[16, 16, 16], spacing=[3.0, 3.0, 3.0], interpolation_order=0))
+    plain = preprocess(volume, spec(size=[16, 16, 16]))
+    resampled = preprocess(volume, spec(size=[16, 16, 16], spacing=[3.0, 3.0, 3.0], interpolation_order=0))
     assert plain.shape == resampled.shape == (16, 16, 16, 1)
     assert not np.allclose(plain, resampled, atol=1e-3)
 
@@ -283,8 +288,8 @@ def test_nan_or_inf_voxel_rejected_in_preprocess(tmp_path, rng, bad):
     path = str(tmp_path / "nan.nii.gz")
     nib.save(nib.Nifti1Image(vol, LPS), path)
     volume = decode_file(path)  # decoding is fine; the values are checked in preprocess
-    expect_error("preprocess", path, fn=lambda p: V.preprocess(volume, spec()), words=["NaN or Inf"])
-    expect_error("preprocess", path, fn=lambda p: V.load_volume(p, spec()), words=["NaN or Inf"])
+    expect_error("preprocess", path, fn=lambda p: preprocess(volume, spec()), words=["NaN or Inf"])
+    expect_error("preprocess", path, fn=lambda p: load_scan(p, spec()), words=["NaN or Inf"])
 
 
 @pytest.mark.parametrize("order", [0, 1, 3])
@@ -292,19 +297,19 @@ def test_transposed_zoom_equals_plain_zoom(rng, order):
     data = np.asfortranarray(rng.normal(size=(37, 50, 23)).astype(np.float32))
     target = (16, 24, 20)
     plain = scipy.ndimage.zoom(data, [t / n for t, n in zip(target, data.shape, strict=True)], order=order)
-    np.testing.assert_allclose(V.zoom(data, target, order), plain, atol=1e-5)
+    np.testing.assert_allclose(zoom(data, target, order), plain, atol=1e-5)
     view = np.flip(data, 0).transpose(1, 2, 0)  # a reoriented-like view: flip + transpose
     target = (24, 20, 16)
     plain = scipy.ndimage.zoom(view, [t / n for t, n in zip(target, view.shape, strict=True)], order=order)
-    np.testing.assert_allclose(V.zoom(view, target, order), plain, atol=1e-5)
+    np.testing.assert_allclose(zoom(view, target, order), plain, atol=1e-5)
 
 
 def test_load_volume_provenance(tmp_path, rng):
     path = str(tmp_path / "p.nii.gz")
     nib.save(nib.Nifti1Image(smooth_volume(rng, (21, 22, 23)), LPS), path)
-    tensor, prov = V.load_volume(path, spec(size=[8, 8, 8]))
+    tensor, prov = load_scan(path, spec(size=[8, 8, 8]))
     assert tensor.shape == (8, 8, 8, 1) and tensor.dtype == np.float32
-    assert set(prov) == {
+    assert set(DECODE_PROVENANCE.names) == {
         "original_shape",
         "voxel_spacing",
         "orientation",
@@ -313,7 +318,8 @@ def test_load_volume_provenance(tmp_path, rng):
         "decode_s",
         "preprocess_s",
     }
-    assert set(prov) == set(DECODE_PROVENANCE.names), "provenance keys are the results' decode-stage columns"
+    assert set(prov) == set(source_provenance().names), "provenance keys are the results' source columns"
+    assert all(prov[name] in ("", 0) for name in formats.provenance_schema().names), "NIfTI sets no format column"
     assert prov["original_shape"] == [21, 22, 23]
     np.testing.assert_allclose(prov["voxel_spacing"], [0.9, 1.1, 2.0], rtol=1e-6)
     assert prov["orientation"] == "LPS" and prov["source_dtype"] == "int16"
@@ -324,7 +330,7 @@ def test_load_volume_provenance(tmp_path, rng):
 
 
 def test_scan_error_pickles():
-    err = pickle.loads(pickle.dumps(V.ScanError("decode", "s3://b/x.nii.gz", "truncated")))
+    err = pickle.loads(pickle.dumps(ScanError("decode", "s3://b/x.nii.gz", "truncated")))
     assert (err.stage, err.path, err.reason) == ("decode", "s3://b/x.nii.gz", "truncated")
     assert str(err) == "s3://b/x.nii.gz: truncated"
 
@@ -332,7 +338,7 @@ def test_scan_error_pickles():
 def test_missing_file(tmp_path):
     path = str(tmp_path / "nope.nii.gz")
     expect_error("read", path, words=["file not found"])
-    expect_error("read", path, fn=lambda p: V.load_volume(p, spec()))
+    expect_error("read", path, fn=lambda p: load_scan(p, spec()))
 
 
 def test_directory_is_read_error(tmp_path):

@@ -13,8 +13,8 @@ import time
 
 import numpy as np
 
-from jobs import metrics
-from jobs.ledger import process_guarded
+from jobs.observe import metrics
+from jobs.run.ledger import process_guarded
 
 logger = logging.getLogger(__name__)
 LOADS_PER_PROCESS = {"count": 0}  # model deserializations in this worker process
@@ -53,7 +53,7 @@ class Scorer:
     """Ray Data callable class: ``batch`` of preprocessed scans in, result/error rows out.
 
     Adds the outputs (``score`` and ``probabilities``, or ``embedding``) and the scoring-stage provenance
-    (``jobs.sink.SCORING_PROVENANCE``: ``infer_s``, ``device``, ``worker_pid``) to each batch.
+    (``jobs.output.sink.SCORING_PROVENANCE``: ``infer_s``, ``device``, ``worker_pid``) to each batch.
 
     Args:
         model_uri: str. The artifact to load (local path or URI).
@@ -97,7 +97,7 @@ class Scorer:
         self.batch_size = int(batch_size)
         self.input_shape = tuple(self.info.input_shape[1:])
         self.device = "gpu:" + os.environ["CUDA_VISIBLE_DEVICES"] if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
-        metrics.model_loaded(self.device, self.info.sha256)  # Ray metrics (jobs.metrics)
+        metrics.model_loaded(self.device, self.info.sha256)  # Ray metrics (jobs.observe.metrics)
         model_fn = self.model.embed if mode == "embed" else (lambda x: self.model(x, training=False))
 
         def forward(x):
@@ -182,7 +182,7 @@ class Scorer:
         out["device"] = np.full(count, self.device, dtype=object)
         out["model_loads"] = np.full(count, LOADS_PER_PROCESS["count"], np.int64)
         out["scoring_node"] = np.full(count, self.node_id, dtype=object)  # for the report, not a result column
-        metrics.observe_stages(out, ("infer",))  # Ray metrics (jobs.metrics)
+        metrics.observe_stages(out, ("infer",))  # Ray metrics (jobs.observe.metrics)
         return out
 
 

@@ -1,6 +1,6 @@
 """The Ray side of a run: where workers go, and the Ray Data pipeline they form.
 
-CPU tasks decode and preprocess (:func:`decode_batch`); scoring actors infer (:class:`jobs.scorer.Scorer`).
+CPU tasks decode and preprocess (:func:`decode_batch`); scoring actors infer (:class:`jobs.run.scorer.Scorer`).
 :func:`scoring_pipeline` joins or starts Ray, plans the workers (:func:`plan_workers`), builds the dataset
 (:func:`build_dataset`) and cleans up after. Configuration reaches workers as plain values: they load what
 they need themselves.
@@ -11,8 +11,6 @@ import dataclasses
 import logging
 import math
 import os
-import queue
-import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -20,11 +18,14 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 
-from jobs import metrics
-from jobs.config import JobError
-from jobs.ledger import CrashLedger, process_guarded, retry_budget
-from jobs.scorer import Scorer, node_id
-from jobs.sink import PERMANENT_STAGES, SOURCE_PROVENANCE, source_fingerprint
+from jobs import stages
+from jobs.errors import JobError, ScanError
+from jobs.inputs import formats
+from jobs.inputs.load import load_scan, source_provenance
+from jobs.observe import metrics
+from jobs.run.ledger import CrashLedger, process_guarded, retry_budget
+from jobs.run.scorer import Scorer, node_id
+from jobs.run.watchdog import watch_for_stall
 
 logger = logging.getLogger(__name__)
 
@@ -86,9 +87,9 @@ class PipelineRun:
 
 
 def _empty_provenance(count):
-    """Zeroed NumPy columns for SOURCE_PROVENANCE, typed from the schema."""
+    """Zeroed NumPy columns for every column the CPU stage measures, typed from the schema."""
     columns = {}
-    for field in SOURCE_PROVENANCE:
+    for field in source_provenance():
         if pa.types.is_string(field.type):
             columns[field.name] = np.full(count, "", dtype=object)
         elif pa.types.is_list(field.type):  # one value per spatial axis
@@ -104,13 +105,10 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_
     Each file is stat'ed just before it is read (its fingerprint, kept in error rows): a file replaced after the
     stat has another fingerprint at the next run, so it is never taken for the bad file it replaced.
 
-    A read that fails transiently is retried for up to ``read_retry_s`` seconds (None: vit3d.storage's
+    A read that fails transiently is retried for up to ``read_retry_s`` seconds (None: jobs.storage's
     default). Once one has spent that budget, the batch's later reads get a single attempt each: storage is
     down, and waiting the whole budget per scan would only delay the run's end.
     """
-    from jobs.readers import load_scan
-    from jobs.volumes import TRANSIENT_STAGES, ScanError
-
     count = len(batch["scan_id"])
     out = {
         "scan_id": batch["scan_id"],
@@ -128,31 +126,32 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_
         out["error"][i], out["stage"][i] = f"{batch['path'][i]}: {reason}", stage
 
     retry_s = [read_retry_s]
+    provenance_names = source_provenance().names
 
     def process(rows):
         for i in rows:
             path = str(batch["path"][i])
             try:
-                fingerprint = source_fingerprint(path)  # before the read: see above
+                fingerprint = formats.fingerprint(path)  # before the read: see above
                 if fingerprint is not None:
                     out["source_size"][i], out["source_mtime"][i] = fingerprint
-                series = str(batch["series_instance_uid"][i]) if "series_instance_uid" in batch else ""
-                tensor, provenance = load_scan(path, spec, retry_s[0], series_instance_uid=series)
+                options = {name: str(batch[name][i] or "") for name in formats.option_columns() if name in batch}
+                tensor, provenance = load_scan(path, spec, retry_s[0], **options)
             except ScanError as e:
                 out["error"][i], out["stage"][i] = str(e), e.stage
-                out["permanent"][i] = e.stage in PERMANENT_STAGES
-                if e.stage in TRANSIENT_STAGES:
+                out["permanent"][i] = e.stage in stages.PERMANENT
+                if e.stage in stages.TRANSIENT:
                     retry_s[0] = 0.0
                 continue
             except Exception as e:  # a bug or an unforeseen file: still one error row, never a failed job
                 fail(i, f"{type(e).__name__}: {e}")
                 continue
             out["volume"][i] = tensor.tobytes()
-            for name in SOURCE_PROVENANCE.names:
+            for name in provenance_names:
                 out[name][i] = provenance[name]
 
     process_guarded(ledger_name, batch["scan_id"], list(range(count)), process, fail, "decode", before_attempt)
-    metrics.observe_stages(out, ("read", "decode", "preprocess"))  # Ray metrics (jobs.metrics)
+    metrics.observe_stages(out, stages.CPU_STAGE_TIMED)  # Ray metrics (jobs.observe.metrics)
     out["decode_node"] = np.full(count, node_id(), dtype=object)  # for the report, not a result column
     return out
 
@@ -283,63 +282,6 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
         max_task_retries=-1,
         **resources,
     )
-
-
-class PipelineStalled(RuntimeError):
-    """No scored batch arrived for the stall timeout: the run stops (exit 1) instead of waiting forever."""
-
-
-def cluster_capacity():
-    """One line on what Ray has and has free, for a stalled run's message."""
-    import ray
-
-    def fmt(resources):
-        return ", ".join(f"{k} {v:g}" for k, v in sorted(resources.items()) if k in ("CPU", "GPU"))
-
-    try:
-        alive = sum(1 for n in ray.nodes() if n["Alive"])
-        return f"{alive} node(s) alive; total {fmt(ray.cluster_resources())}; free {fmt(ray.available_resources())}"
-    except Exception as e:  # the message must not fail for want of a detail
-        return f"cluster state unknown ({type(e).__name__}: {e})"
-
-
-def watch_for_stall(batches, stall_s):
-    """Yield ``batches``; raise :class:`PipelineStalled` when none arrives for ``stall_s`` seconds (0: never).
-
-    A pipeline can wait forever without failing: a lost node whose replacement actor leaves no CPU for decode
-    tasks, a read that hangs on a dead mount. The batches are pulled in a thread and handed over through a
-    one-slot queue (the same back-pressure as iterating directly); the caller waits on the queue with a timeout.
-    """
-    if not stall_s:
-        yield from batches
-        return
-    handoff = queue.Queue(maxsize=1)
-    end = object()
-
-    def pull():
-        try:
-            for batch in batches:
-                handoff.put((batch, None))
-            handoff.put((end, None))
-        except BaseException as e:  # re-raised in the caller's thread
-            handoff.put((end, e))
-
-    threading.Thread(target=pull, name="vit3d-batches", daemon=True).start()
-    while True:
-        try:
-            batch, error = handoff.get(timeout=stall_s)
-        except queue.Empty:
-            raise PipelineStalled(
-                f"no scan was scored for {stall_s:g} s (--stall-timeout-s): the pipeline is stuck. "
-                f"{cluster_capacity()}. "
-                "A scoring actor holds its CPUs while waiting for input, so a cluster that lost a node may have no "
-                "CPU left for decoding: add capacity (or lower --workers) and rerun to resume"
-            ) from None
-        if error is not None:
-            raise error
-        if batch is end:
-            return
-        yield batch
 
 
 @contextlib.contextmanager

@@ -21,13 +21,15 @@ import sys
 
 import numpy as np
 
+from jobs import stages
+
 logger = logging.getLogger(__name__)
 
 SCANS_SCORED = "vit3d_scans_scored"
 SCANS_FAILED = "vit3d_scans_failed"
 STAGE_SECONDS = "vit3d_stage_seconds"
 MODEL_LOADS = "vit3d_model_loads"
-STAGES = ("read", "decode", "preprocess", "infer")
+STAGES = stages.TIMED  # read, decode, preprocess, infer
 # Seconds per scan: 1 ms (a tiny volume's read) to 2 min (a huge scan on a slow store).
 BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]
 

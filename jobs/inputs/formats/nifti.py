@@ -1,39 +1,27 @@
-"""Read, check, decode and preprocess one 3-D NIfTI scan for the batch job.
+"""NIfTI-1/2 (``.nii``, ``.nii.gz``): the header is checked before anything is inflated, and inflation is bounded
+by the size the header promises.
 
-Stages (``ScanError.stage``):
-
-- ``read``: the whole object through :func:`vit3d.storage.read_bytes` (missing, unreadable: a bad file).
-- ``read-transient``: storage stayed unreachable for the whole retry budget (``vit3d.storage``). Not a bad file:
-  the run ends with exit 1 and the next run reads the scan again.
 - ``validate``: a header-only pre-check. Only the first ~544 bytes are inflated, and everything that could make
   decoding fail or allocate absurd amounts of memory is rejected here (sizes, datatype, dims, pixdim, affine,
   the gzip ISIZE trailer / the plain file size).
 - ``decode``: one bounded decompression (python-isal) and ``np.frombuffer`` on it: no copy of the body.
-- ``preprocess``: scaling, reorientation to RAS, optional resampling to a spacing, resize to the model's size,
-  intensity normalisation. Order 1 (the default) runs :mod:`jobs.resample` (float32, one pass over the voxels,
-  the intensity step fused); other orders ``scipy.ndimage.zoom``.
 
 Nothing here imports TensorFlow, Keras or Ray.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import io
 import math
-import time
 
 import nibabel as nib
 import numpy as np
-import scipy.ndimage
 from isal import isal_zlib
 from nibabel import orientations
 
-from jobs import resample
-from vit3d import storage
-
-STAGES = ("read", "read-transient", "validate", "decode", "preprocess")
-TRANSIENT_STAGES = frozenset({"read-transient"})  # not the file's fault: retried by the next run
-
-MAX_VOXEL_BYTES = 2 * 1024**3  # largest stored body (voxels x itemsize) accepted, checked from the header
+from jobs.errors import ScanError
+from jobs.inputs.formats.base import MAX_VOXEL_BYTES, Format, Volume, read_scan
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _HEADER_PEEK = 544  # NIfTI-2 header (540) + the 4-byte extension flag
@@ -50,53 +38,6 @@ _SUPPORTED_DTYPES = {
     1280: "uint64",
 }
 _HEADER_CLASSES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}
-
-
-class ScanError(Exception):
-    """A scan that cannot be scored. str(e) is a reason a person understands and names the file."""
-
-    def __init__(self, stage: str, path: str, reason: str):
-        if stage not in STAGES:
-            raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
-        super().__init__(stage, path, reason)  # args kept so the error pickles (Ray ships it between processes)
-        self.stage = stage
-        self.path = path
-        self.reason = reason
-
-    def __str__(self):
-        return f"{self.path}: {self.reason}"
-
-
-@dataclasses.dataclass
-class Volume:
-    data: np.ndarray  # 3-D, stored dtype, usually a read-only Fortran-ordered view of the decoded bytes
-    affine: np.ndarray  # 4x4 float64, nibabel's best affine
-    zooms: tuple  # 3 floats, voxel spacing in mm (pixdim of the spatial axes)
-    orientation: str  # e.g. "LPS"
-    dtype: str  # stored dtype name, e.g. "int16"
-    slope: float
-    inter: float
-    path: str = ""  # the file it came from, for error messages
-
-
-def read_scan(path: str, retry_s: float | None = None) -> bytes:
-    """The whole file or object at ``path`` (local path or URI); transient storage errors are retried for up to
-    ``retry_s`` seconds (None: ``vit3d.storage.RETRY_S``), then raise ScanError("read-transient")."""
-
-    try:
-        return storage.read_bytes(path, retry_s)
-    except FileNotFoundError:
-        raise ScanError("read", path, "file not found") from None
-    except PermissionError:
-        raise ScanError("read", path, "permission denied") from None
-    except IsADirectoryError:
-        raise ScanError("read", path, "is a directory, not a file") from None
-    except OSError as e:
-        if storage.is_transient(e):
-            raise ScanError("read-transient", path, f"storage unreachable: {e}") from e
-        raise ScanError("read", path, f"cannot read: {e}") from e
-    except ValueError as e:  # pyarrow.ArrowInvalid: a URI pyarrow does not understand
-        raise ScanError("read", path, f"invalid path or URI: {e}") from e
 
 
 # --------------------------------------------------------------------------------------------------- decode
@@ -293,129 +234,23 @@ def decode_nifti(data: bytes, path: str) -> Volume:
     )
 
 
-# ----------------------------------------------------------------------------------------------- preprocess
+class NiftiFormat(Format):
+    """Single-file NIfTI-1/2, .nii or .nii.gz: :func:`decode_nifti` (its checks run first). The fallback format:
+    it takes any single file no other format claimed, and names what is wrong with one that is not NIfTI."""
 
+    name = "nifti"
+    listing_help = "(default) list the files matching --glob"
+    default_globs = ("**/*.nii.gz",)
 
-def zoom_factors(shape, target):
-    """Per-axis factors for which scipy's round(n * f) is exactly ``target``."""
-    factors = []
-    for n, t in zip(shape, target, strict=True):
-        f = t / n
-        for _ in range(8):
-            got = round(n * f)
-            if got == t:
-                break
-            f = math.nextafter(f, math.inf if got < t else -math.inf)
-        if round(n * f) != t:
-            raise AssertionError(f"no zoom factor maps {n} to {t}")
-        factors.append(f)
-    return factors
+    def sniff(self, path: str, data: bytes) -> bool:
+        return True
 
+    def fetch(self, path: str, retry_s: float | None, first: bytes | None = None) -> bytes:
+        return first if first is not None else read_scan(path, retry_s)
 
-def zoom(array: np.ndarray, target, order: int) -> np.ndarray:
-    """``scipy.ndimage.zoom`` to exactly ``target`` shape, float32 output.
+    def check(self, path: str, raw: bytes, options: dict) -> tuple[str, bytes]:
+        return path, raw
 
-    Order 1 runs :func:`jobs.resample.resize` (same coordinates and values, float32, one pass over the
-    voxels). Other orders zoom a transposed view whose axes run from largest to smallest stride (for nibabel's
-    Fortran-ordered arrays that is ``array.T``): same output as zooming ``array`` itself, several times faster.
-    """
-    target = tuple(int(t) for t in target)
-    if order == 1:
-        return resample.resize(array, target)
-    perm = sorted(range(array.ndim), key=lambda ax: -abs(array.strides[ax]))
-    view = array.transpose(perm)
-    factors = zoom_factors(view.shape, [target[ax] for ax in perm])
-    out = scipy.ndimage.zoom(view, factors, output=np.float32, order=order)
-    out = out.transpose(np.argsort(perm))
-    if out.shape != target:
-        raise AssertionError(f"zoom produced {out.shape}, expected {target}")
-    return out
-
-
-def preprocess(volume: Volume, spec: dict) -> np.ndarray:
-    """The model input for ``volume``: float32, C-contiguous, (D, H, W, 1) with (D, H, W) the (x, y, z) axes."""
-    path = volume.path or "<volume>"
-    array = volume.data
-    if array.dtype.kind == "f" and not resample.all_finite(array):
-        raise ScanError("preprocess", path, "contains NaN or Inf voxels")
-    zooms = np.asarray(volume.zooms, dtype=np.float64)
-
-    if spec.get("orientation") == "RAS":
-        ornt = orientations.io_orientation(volume.affine)
-        if np.isnan(ornt).any():
-            raise ScanError("preprocess", path, "cannot determine the orientation from the affine")
-        array = orientations.apply_orientation(array, ornt)  # flips and a transpose: views
-        new_zooms = np.empty(3)
-        new_zooms[ornt[:, 0].astype(int)] = zooms
-        zooms = new_zooms
-
-    order = int(spec.get("interpolation_order", 1))
-    if spec.get("spacing") is not None:
-        spacing = np.asarray(spec["spacing"], dtype=np.float64)
-        shape = [max(1, round(n * z / s)) for n, z, s in zip(array.shape, zooms, spacing, strict=True)]
-        if math.prod(shape) * 4 > MAX_VOXEL_BYTES:
-            reason = f"resampling to spacing {spacing.tolist()} mm would give a {shape} volume (too large)"
-            raise ScanError("preprocess", path, reason)
-        array = zoom(array, shape, order)
-
-    intensity = spec.get("intensity") or {"kind": "zscore"}
-    if order == 1:  # resize, scaling, normalisation and the finite check fused (jobs.resample)
-        out, finite = resample.resize_intensity(array, spec["size"], volume.slope, volume.inter, intensity)
-    else:
-        out = np.ascontiguousarray(zoom(array, spec["size"], order), dtype=np.float32)  # a fresh small array
-        finite = _scale_and_normalize(out, volume.slope, volume.inter, intensity)
-    if not finite:
-        raise ScanError("preprocess", path, "preprocessing produced NaN or Inf values")
-    return out[..., np.newaxis]
-
-
-def _scale_and_normalize(out, slope, inter, intensity):
-    """Slope/intercept and intensity normalisation in place (orders other than 1); True if all finite."""
-    if slope != 1.0 or inter != 0.0:
-        out *= np.float32(slope)
-        out += np.float32(inter)
-    if intensity["kind"] == "zscore":
-        mean = out.mean(dtype=np.float64)
-        std = out.std(dtype=np.float64)
-        if math.isfinite(std) and std > 1e-12 * max(1.0, abs(mean)):
-            out -= np.float32(mean)
-            out /= np.float32(std)
-        else:
-            out[...] = 0.0
-    elif intensity["kind"] == "clip":
-        lo, hi = (float(v) for v in intensity["window"])
-        np.clip(out, lo, hi, out=out)
-        out -= np.float32(lo)
-        out /= np.float32(hi - lo)
-    else:
-        raise ValueError(f"unknown intensity kind {intensity['kind']!r}")
-    return bool(np.isfinite(out).all())
-
-
-def load_volume(path: str, spec: dict, read_retry_s: float | None = None) -> tuple[np.ndarray, dict]:
-    """read -> decode -> preprocess: (model input, provenance). Raises ScanError naming the failing stage.
-
-    The provenance keys are the decode-stage columns of the results (``jobs.sink.DECODE_PROVENANCE``).
-    ``read_retry_s`` bounds the retries of a read that fails transiently (see :func:`read_scan`).
-    """
-    t0 = time.perf_counter()
-    data = read_scan(path, read_retry_s)
-    t1 = time.perf_counter()
-    volume = decode_nifti(data, path)
-    t2 = time.perf_counter()
-    tensor = preprocess(volume, spec)
-    return tensor, decode_provenance(volume, t0, t1, t2, time.perf_counter())
-
-
-def decode_provenance(volume: Volume, t0: float, t1: float, t2: float, t3: float) -> dict:
-    """The decode-stage result columns (``jobs.sink.DECODE_PROVENANCE``) of a scan read over [t0, t1], decoded
-    over [t1, t2] and preprocessed over [t2, t3] (``time.perf_counter`` stamps); any format."""
-    return {
-        "original_shape": [int(n) for n in volume.data.shape],
-        "voxel_spacing": [float(z) for z in volume.zooms],
-        "orientation": volume.orientation,
-        "source_dtype": volume.dtype,
-        "read_s": t1 - t0,
-        "decode_s": t2 - t1,
-        "preprocess_s": t3 - t2,
-    }
+    def decode(self, checked: tuple[str, bytes]) -> Volume:
+        path, raw = checked
+        return decode_nifti(raw, path)

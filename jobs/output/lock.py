@@ -36,18 +36,10 @@ import time
 import urllib.parse
 import uuid
 
-from jobs.config import JobFailed
-from vit3d import storage
+from jobs import storage
+from jobs.errors import LockLost, OutputError
 
 logger = logging.getLogger(__name__)
-
-
-class OutputError(Exception):
-    """The output location cannot be used for this run."""
-
-
-class LockLost(JobFailed):
-    """Another run took over this run's output lock: stop without committing anything more (exit 1)."""
 
 
 class OutputLock:
@@ -55,7 +47,7 @@ class OutputLock:
     ``release()`` at the end.
 
     Args:
-        store: jobs.sink.OutputStore. The output location.
+        store: jobs.output.sink.OutputStore. The output location.
         run_id: str. This run's id (shown to runs that find the output taken).
     """
 
@@ -340,7 +332,7 @@ class S3LockObject:
                 return None
             raise OSError(f"{self.uri}: {e}") from e
         except (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError) as e:
-            # refused, reset, closed, timed out: transient for vit3d.storage.retrying
+            # refused, reset, closed, timed out: transient for jobs.storage.retrying
             raise ConnectionError(f"{self.uri}: {e}") from e
         except botocore.exceptions.BotoCoreError as e:
             raise OSError(f"{self.uri}: {e}") from e

@@ -32,17 +32,17 @@ import json
 import logging
 import math
 import re
-import sys
 
 import numpy as np
 import pyarrow.dataset as pads
 from pyarrow import fs as pafs
 
-from vit3d import storage
+from jobs import stages, storage
+from jobs.errors import ReportError
 
 logger = logging.getLogger(__name__)
 
-STAGES = ("read", "decode", "preprocess", "infer")
+STAGES = stages.TIMED  # read, decode, preprocess, infer
 PERCENTILES = (50, 90, 99)
 SCORE_BINS = 20
 PREVIOUS_RUNS = 7
@@ -57,10 +57,6 @@ THIS_RUN, PREVIOUS = "#1f77b4", "#9a9a9a"
 
 
 # --- reading ----------------------------------------------------------------------------------------------------
-
-
-class ReportError(Exception):
-    """The output holds no such run (or no finished run at all)."""
 
 
 def _report_files(store):
@@ -542,7 +538,7 @@ def _chart(svgs, name, title):
 
 
 def build_page(store, report):
-    """The HTML page of the run ``report`` (a dict) in the output ``store`` (a jobs.sink.OutputStore)."""
+    """The HTML page of the run ``report`` (a dict) in the output ``store`` (a jobs.output.sink.OutputStore)."""
     sha = report["model"]["sha256"]
     mode = report["config"]["mode"]
     outputs = ["score"] if mode == "score" else ["embedding"]
@@ -556,7 +552,7 @@ def build_page(store, report):
 
 
 def write_page(sink, report):
-    """In the job: write the page of ``report`` through ``sink`` (jobs.sink.ResultSink); returns its URI, or
+    """In the job: write the page of ``report`` through ``sink`` (jobs.output.sink.ResultSink); returns its URI, or
     None after logging a warning if it could not be rendered or written: a page never fails a run."""
     try:
         page = build_page(sink.store, report)
@@ -579,7 +575,7 @@ def read_page_data(page):
 
 def main(argv=None):
     """``python -m jobs.report``; returns the exit code (2: no such output or run)."""
-    from jobs.sink import OutputStore
+    from jobs.output.store import OutputStore
 
     parser = argparse.ArgumentParser(
         prog="python -m jobs.report",
@@ -601,7 +597,3 @@ def main(argv=None):
         return 2
     print(target)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -12,9 +12,11 @@ What a night costs on each kind of hardware, and so how many CPU cores keep one 
 
 import numpy as np
 
-CPU_COLUMNS = ("decode_s", "preprocess_s")
-ACCELERATOR_COLUMNS = ("infer_s",)
-READ_COLUMNS = ("read_s",)
+from jobs import stages
+
+CPU_COLUMNS = stages.seconds_columns("cpu")  # decode_s, preprocess_s
+ACCELERATOR_COLUMNS = stages.seconds_columns("accelerator")  # infer_s
+READ_COLUMNS = stages.seconds_columns("read")  # read_s
 TIMING_COLUMNS = CPU_COLUMNS + ACCELERATOR_COLUMNS + READ_COLUMNS
 
 

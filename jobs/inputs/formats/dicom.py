@@ -1,7 +1,7 @@
 """Read one DICOM series (a folder, a ``.zip`` of one series, or one multi-frame file) into a :class:`Volume`.
 
 The series is what a PACS exports: one file per slice, perhaps compressed, perhaps beside scouts, reports and
-segmentations. Steps, each raising :class:`jobs.volumes.ScanError` with its stage:
+segmentations. Steps, each raising :class:`jobs.errors.ScanError` with its stage:
 
 - ``read``/``read-transient``: list the folder (one LIST) and fetch every file once, concurrently with at most
   :data:`FETCH_THREADS` threads (object stores answer many small GETs in parallel).
@@ -18,15 +18,22 @@ from the positions. The affine is built in LPS (DICOM's patient frame) and conve
 No patient name, ID or birth date is ever read into a message: reasons name files, UIDs and geometry only.
 """
 
+from __future__ import annotations
+
 import concurrent.futures
 import dataclasses
 import io
+import logging
 import math
 import os
+import posixpath
 import struct
 import zipfile
+from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
+import pyarrow as pa
 import pydicom
 import pydicom.encaps
 import pydicom.filereader
@@ -35,11 +42,16 @@ from pyarrow import fs as pafs
 from pydicom import uid as dcm_uid
 from pydicom.tag import BaseTag
 
-from jobs.volumes import MAX_VOXEL_BYTES, ScanError, Volume, read_scan
-from vit3d import storage
+from jobs import storage
+from jobs.errors import ManifestError, ScanError
+from jobs.inputs.formats.base import MAX_VOXEL_BYTES, Fingerprint, Format, Volume, column, read_scan
+from jobs.inputs.listing import is_uri, some, walk
+
+logger = logging.getLogger(__name__)
 
 FETCH_THREADS = 8  # concurrent GETs per series (per decode task)
-HEAD_BYTES = 64 * 1024  # of a local file, read first: its header (the rest only if the header is longer)
+HEAD_BYTES = 64 * 1024  # of a local file, read first (to score or list it): its header (the rest only if longer)
+LIST_THREADS = 16  # files whose headers jobs.manifest --dicom reads at once
 # A slice may lie this far (3-D distance) from its place on the uniform grid through the first and last slice:
 # the larger of POSITION_TOL_MM and POSITION_TOL_REL x the slice spacing. Covers positions rounded to 0.01 mm.
 POSITION_TOL_MM = 0.02
@@ -86,7 +98,7 @@ class BrokenFile(Exception):
 class Frame:
     """One 2-D image of a series: a single-frame file, or one frame of a multi-frame file."""
 
-    file: "Header"
+    file: Header
     index: int  # frame number inside the file
     position: np.ndarray  # ImagePositionPatient (LPS, mm)
     orientation: np.ndarray  # ImageOrientationPatient: row direction, column direction
@@ -893,7 +905,7 @@ def decode_series(series: Series, rle: str | None = None) -> Volume:
 
 
 def provenance(series: Series) -> dict:
-    """The DICOM provenance columns of a result row (``jobs.sink.DICOM_PROVENANCE``)."""
+    """The DICOM provenance columns of a result row (:data:`PROVENANCE`)."""
     return {
         "series_instance_uid": series.uid,
         "study_instance_uid": series.first.study_uid,
@@ -1014,3 +1026,178 @@ def parse_files(path, sources):
         except BrokenFile as e:
             broken.append((source.name, e))
     return headers, broken, ignored
+
+
+# --------------------------------------------------------------------------------------------------- listing
+
+
+def _read_listed_head(filesystem, path, whole=False):
+    with filesystem.open_input_file(path) as f:
+        return f.read() if whole else f.read(HEAD_BYTES)
+
+
+def _series_of(filesystem, path, name):
+    """(series uid, study uid, modality, description, frames) of one file; None if not a DICOM image."""
+    head = storage.retrying(lambda: _read_listed_head(filesystem, path), f"reading {name}")
+    for attempt in ("head", "whole"):
+        try:
+            h = read_header(Source(name, path, len(head), head))
+            if h.transfer_syntax == dcm_uid.DeflatedExplicitVRLittleEndian and attempt == "head":
+                raise BrokenFile("deflated: needs the whole file")
+            return h.series_uid, h.study_uid, h.modality, series_description(h), h.frames
+        except NotImage:
+            if len(head) < HEAD_BYTES or attempt == "whole":
+                return None
+        except BrokenFile as e:
+            if len(head) < HEAD_BYTES or attempt == "whole":
+                logger.warning("%s: left out of the listing: %s", path, e)  # scoring names it again
+                return None
+        head = storage.retrying(lambda: _read_listed_head(filesystem, path, whole=True), f"reading {name}")
+    return None
+
+
+def list_dicom_archive(root: str) -> pa.Table:
+    """One row per (folder, SeriesInstanceUID) of DICOM image files under ``root`` (columns:
+    :data:`DICOM_LISTING_SCHEMA`), sorted by path then series. Each file's header is read (its first
+    HEAD_BYTES), never its pixel data; non-DICOM files and non-image objects (SR, RTSTRUCT, SEG, ...) are left
+    out. No patient name, ID or birth date is read into the listing."""
+    root = os.fspath(root)
+    filesystem, base, infos = walk(root)
+    files = [i for i in infos if i.type == pafs.FileType.File and not i.base_name.startswith(".")]
+    strip = len(base.rstrip("/")) + 1
+
+    def one(info):
+        return info, _series_of(filesystem, info.path, info.base_name)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(LIST_THREADS) as pool:
+            found = [(info, s) for info, s in pool.map(one, files) if s is not None]
+    except (OSError, ValueError) as e:
+        raise ManifestError(f"archive root {root}: cannot read: {e}") from e
+
+    series = {}
+    for info, (uid, study, modality, description, frames) in found:
+        folder = posixpath.dirname(info.path[strip:]) if len(info.path) > strip else ""
+        entry = series.setdefault((folder, uid), {"study": study, "modality": modality, "desc": description, "n": 0})
+        entry["n"] += frames
+    if is_uri(root):
+        parts = urlsplit(root)
+        query = f"?{parts.query}" if parts.query else ""
+        prefix = f"{parts.scheme}://{parts.netloc}{parts.path.rstrip('/')}/"
+
+        def folder_path(rel):
+            return f"{prefix}{rel + '/' if rel else ''}{query}"
+
+    else:
+
+        def folder_path(rel):
+            return os.path.join(base, rel) if rel else base
+
+    folders_of = {}
+    for folder, uid in series:
+        folders_of.setdefault(uid, []).append(folder)
+    rows = []
+    for (folder, uid), entry in sorted(series.items()):
+        scan_id = uid if len(folders_of[uid]) == 1 else f"{uid}@{folder or '.'}"
+        rows.append((scan_id, folder_path(folder), uid, entry["study"], entry["modality"], entry["n"], entry["desc"]))
+    split = sorted(uid for uid, folders in folders_of.items() if len(folders) > 1)
+    if split:
+        logger.warning("series in more than one folder (their scan_ids get '@folder'): %s", some(split))
+    return pa.table(
+        [pa.array([r[i] for r in rows], field.type) for i, field in enumerate(DICOM_LISTING_SCHEMA)],
+        schema=DICOM_LISTING_SCHEMA,
+    )
+
+
+def folder_fingerprint(uri: str) -> Fingerprint | None:
+    """A series folder's fingerprint from one listing: the total size and the latest mtime of the files directly in
+    it (a .zip or single file: its stat). None when it cannot be listed."""
+    try:
+        filesystem, path = storage.resolve(uri)
+        prefix = "://" in uri and uri.partition("?")[0].endswith("/")  # a URI prefix ending in '/': a folder
+        info = None if prefix else filesystem.get_file_info(path)
+        if info is not None and info.type != pafs.FileType.Directory:
+            if info.type != pafs.FileType.File or info.size is None or info.mtime_ns is None:
+                return None
+            return int(info.size), int(info.mtime_ns) // 1000
+        infos = filesystem.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False))
+    except (OSError, ValueError):  # ValueError: pyarrow's ArrowInvalid for a URI it does not understand
+        return None
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    if not files or any(i.size is None or i.mtime_ns is None for i in files):
+        return None
+    return sum(int(i.size) for i in files), max(int(i.mtime_ns) for i in files) // 1000
+
+
+# ---------------------------------------------------------------------------------------------------- format
+
+# Result columns of DICOM rows; null on other formats' rows. In pipeline batches "" and 0 stand for null.
+PROVENANCE = pa.schema(
+    [
+        column("series_instance_uid", pa.string(), "DICOM: the manifest's when it has one, else the one read"),
+        column("study_instance_uid", pa.string(), "DICOM: StudyInstanceUID"),
+        column("modality", pa.string(), "DICOM: Modality (CT, MR, ...)"),
+        column("transfer_syntax", pa.string(), "DICOM: transfer syntax UID(s), comma-separated if the files differ"),
+        column("slices", pa.int32(), "DICOM: frames in the volume (scouts left out)"),
+        column("series_note", pa.string(), "DICOM: what was left out of the series (localizers), else null"),
+    ]
+)
+LISTING_SCHEMA = pa.schema(
+    [
+        ("scan_id", pa.string()),  # the SeriesInstanceUID (with "@folder" added if it is in several folders)
+        ("path", pa.string()),  # the folder: a local path, or a URI prefix ending in '/'
+        ("series_instance_uid", pa.string()),
+        ("study_instance_uid", pa.string()),
+        ("modality", pa.string()),
+        ("slices", pa.int32()),  # image frames of the series in that folder
+        ("series_description", pa.string()),
+    ]
+)
+DICOM_LISTING_SCHEMA = LISTING_SCHEMA
+
+
+class DicomFormat(Format):
+    """A DICOM series: a folder, a .zip of one series, or one (enhanced multi-frame) file."""
+
+    name = "dicom"
+    provenance = PROVENANCE
+    # What jobs.manifest --dicom writes beside scan_id and path; a manifest's value of a provenance column fills
+    # the result when the files do not say (series_instance_uid: the manifest's word stands, it picks the series).
+    manifest_columns = pa.schema(
+        [*(f for f in LISTING_SCHEMA if f.name not in ("scan_id", "path")), PROVENANCE.field("transfer_syntax")]
+    )
+    options = ("series_instance_uid",)
+    listing_flag = "--dicom"
+    listing_unit = "series"
+    listing_help = (
+        "list DICOM series instead of files: one row per (folder, SeriesInstanceUID) with image pixel data "
+        "(scan_id = the SeriesInstanceUID, path = the folder, plus series_instance_uid, study_instance_uid, "
+        "modality, slices, series_description); every file's header is read, --glob is not used"
+    )
+
+    def claims(self, path: str) -> bool:
+        return is_series_path(path)
+
+    def sniff(self, path: str, data: bytes) -> bool:
+        return has_marker(data) or path.partition("?")[0].lower().endswith(DICOM_SUFFIXES)
+
+    def fetch(self, path: str, retry_s: float | None, first: bytes | None = None) -> list[Source]:
+        if first is not None:
+            return [Source(storage.name_of(path), path, len(first), first)]
+        return fetch(path, retry_s)
+
+    def check(self, path: str, raw: list[Source], options: dict[str, Any]) -> Series:
+        headers, broken, ignored = parse_files(path, raw)
+        return check_series(path, headers, broken, options.get("series_instance_uid") or None, ignored)
+
+    def decode(self, checked: Series) -> Volume:
+        return decode_series(checked)
+
+    def provenance_of(self, checked: Series) -> dict[str, Any]:
+        return provenance(checked)
+
+    def fingerprint(self, uri: str) -> Fingerprint | None:
+        return folder_fingerprint(uri)
+
+    def list_archive(self, root: str, globs: tuple[str, ...] | None = None) -> pa.Table:
+        return list_dicom_archive(root)

@@ -8,11 +8,11 @@ there is no rate and no ETA.
 - On a terminal (the stream is a TTY and logs are text): a ``rich`` bar, redrawn in place; log lines of the
   ``jobs``/``vit3d`` loggers and Ray's forwarded worker output are printed above it, not through it.
 - Off a terminal (a file, ``ray job logs``, a pod's log): one plain line every ``every_s`` seconds
-  (``--progress-every`` / ``JobConfig.progress_every_s``), through the ``jobs.progress`` logger.
+  (``--progress-every`` / ``JobConfig.progress_every_s``), through the ``jobs.observe.progress`` logger.
 - At the end, one final line without an ETA, in both cases; :meth:`Progress.close` returns the final figures
   (they go into the run report and the summary).
 
-Ray Data's own per-operator bars stay off (``jobs.pipeline`` turns them off): they count rows per operator,
+Ray Data's own per-operator bars stay off (``jobs.run.pipeline`` turns them off): they count rows per operator,
 retried tasks' repeats included, so their totals disagree with what is committed; they are a second bar
 library (tqdm) drawing on the same terminal; and what they would tell (which stage is the bottleneck) is in
 the ``vit3d_stage_seconds`` metrics and the run report's per-stage percentiles.

@@ -1,6 +1,6 @@
 """Faults planted in the real pipeline, for tests only: nothing in production imports this module.
 
-A :class:`Fault` runs inside each attempt's crash accounting (``jobs.ledger.process_guarded``), given the
+A :class:`Fault` runs inside each attempt's crash accounting (``jobs.run.ledger.process_guarded``), given the
 scan_ids of the attempt, exactly where a real crash would happen. :func:`hooks` turns per-stage faults into
 the ``AttemptHooks`` that ``jobs.score.run(..., hooks=...)`` passes to the workers.
 
@@ -18,7 +18,7 @@ import signal
 import sys
 import time
 
-from jobs.pipeline import AttemptHooks
+from jobs.run.pipeline import AttemptHooks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +72,7 @@ def hooks(decode=None, scoring=None):
 def before_claim(fault):
     """Run ``fault`` (a :class:`Fault`) in this process just before the output lock is taken: with a rendezvous,
     several drivers then race for the lock at the same instant."""
-    from jobs.lock import OutputLock
+    from jobs.output.lock import OutputLock
 
     acquire = OutputLock.acquire
 
@@ -93,7 +93,3 @@ def main(argv=None):
     if "claim" in faults:
         before_claim(Fault(**faults.pop("claim")))
     return score_main(argv[1:], hooks=hooks(**faults))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

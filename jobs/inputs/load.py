@@ -1,0 +1,64 @@
+"""One scan, any format: read -> check -> decode -> the shared preprocessing, each step timed.
+
+:func:`load_scan` is what a decode task runs per scan. It picks the format (:func:`jobs.inputs.formats.format_for`),
+so a new format changes nothing here. Each step raises :class:`jobs.errors.ScanError` with its stage:
+``fetch`` -> read / read-transient, ``check`` -> validate (header bytes only, nothing allocated), ``decode`` ->
+decode, then preprocess.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from jobs.inputs import formats
+from jobs.inputs.formats.base import column
+from jobs.inputs.preprocess import decode_provenance, preprocess
+
+# Result columns the decode stage measures for every format (null never: every scored scan has them).
+DECODE_PROVENANCE = pa.schema(
+    [
+        column("original_shape", pa.list_(pa.int32()), "voxels along the 3 spatial axes, as stored"),
+        column("voxel_spacing", pa.list_(pa.float32()), "mm along the 3 spatial axes, as stored"),
+        column("orientation", pa.string(), "axis codes as stored, e.g. LPS"),
+        column("source_dtype", pa.string(), "the stored voxel type, e.g. int16"),
+        column("read_s", pa.float32(), "seconds to fetch the source"),
+        column("decode_s", pa.float32(), "seconds to check and decode it"),
+        column("preprocess_s", pa.float32(), "seconds of the shared preprocessing"),
+    ]
+)
+
+
+def source_provenance() -> pa.Schema:
+    """Every column the CPU stage measures: the decode stage's, then every format's own."""
+    return pa.schema([*DECODE_PROVENANCE, *formats.provenance_schema()])
+
+
+def empty_provenance() -> dict[str, Any]:
+    """The format columns of a row whose format leaves them unset: "" and 0, written as nulls."""
+    return {f.name: "" if pa.types.is_string(f.type) else 0 for f in formats.provenance_schema()}
+
+
+def load_scan(
+    path: str, spec: dict, read_retry_s: float | None = None, **options: Any
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """read -> check -> decode -> preprocess: (model input, provenance), any format. Raises ScanError.
+
+    ``options`` come from the manifest row (the formats' option columns, e.g. ``series_instance_uid`` picks a
+    series in a DICOM folder). The provenance has every column of :func:`source_provenance` (a format's own
+    columns it does not set are "" or 0).
+    """
+    t0 = time.perf_counter()
+    fmt, first = formats.format_for(path, read_retry_s)
+    raw = fmt.fetch(path, read_retry_s, first)
+    t1 = time.perf_counter()
+    checked = fmt.check(path, raw, options)
+    volume = fmt.decode(checked)
+    del raw
+    t2 = time.perf_counter()
+    tensor = preprocess(volume, spec)
+    provenance = decode_provenance(volume, t0, t1, t2, time.perf_counter())
+    return tensor, {**provenance, **empty_provenance(), **fmt.provenance_of(checked)}

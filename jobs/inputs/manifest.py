@@ -1,0 +1,189 @@
+"""Read a scan manifest (and write one: :func:`encode_table`).
+
+A manifest is a table with at least ``scan_id`` and ``path`` columns, stored as CSV (``.csv``), Parquet
+(``.parquet``/``.pq``) or JSON Lines (``.jsonl``/``.ndjson``) on a local disk or any filesystem pyarrow.fs
+understands (``s3://``, ``gs://``, ``file://``...). :func:`read_manifest` validates it up front, so a bad manifest
+fails before any cluster work starts, with a message that names the file and the rows at fault.
+
+Column types: ``scan_id`` and ``path`` are always strings (a CSV ``scan_id`` such as ``007`` keeps its zeros; an
+integer id in Parquet/JSON becomes ``"7"``). Every other column passes through with the type its reader inferred
+(CSV/JSON inference, or the Parquet schema), in its original order.
+
+Paths: absolute local paths and URIs (``scheme://...``) are kept as written; a relative path is taken relative to
+the manifest's folder: ``/data/m.csv`` + ``a/x.nii.gz`` -> ``/data/a/x.nii.gz``; ``s3://bkt/dir/m.csv`` +
+``a/x.nii.gz`` -> ``s3://bkt/dir/a/x.nii.gz`` (a query string on the manifest URI, such as ``?endpoint_override=…``,
+is carried over to each resolved path).
+
+This module imports neither TensorFlow, Keras nor Ray: it runs on the driver and in small tools.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import json
+import os
+import posixpath
+from typing import Any
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.json as pajson
+import pyarrow.parquet as pq
+
+from jobs import storage
+from jobs.errors import ManifestError
+from jobs.inputs import formats
+from jobs.inputs.listing import is_uri as _is_uri
+from jobs.inputs.listing import some as _some
+
+REQUIRED = ("scan_id", "path")
+_FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl"}
+
+
+def check_manifest_name(uri: str) -> str:
+    """The manifest format (csv, parquet, jsonl) that ``uri``'s extension names; ManifestError if none."""
+    path = urlsplit(uri).path if _is_uri(uri) else uri
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in _FORMATS:
+        raise ManifestError(
+            f"manifest {uri}: unsupported extension {ext or '(none)'!r}; "
+            f"use one of {', '.join(sorted(_FORMATS))} (CSV, Parquet or JSON Lines)"
+        )
+    return _FORMATS[ext]
+
+
+def _parse(uri, fmt, data):
+    source = pa.BufferReader(data)
+    if fmt == "csv":
+        # Ids and paths as text (no "007" -> 7); other columns inferred. column_types may name absent columns.
+        typed = formats.manifest_columns()  # text columns stay text: UIDs look like numbers ("1.2")
+        text = (*REQUIRED, *(name for name, kind in typed.items() if pa.types.is_string(kind)))
+        convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in text})
+        return pacsv.read_csv(source, convert_options=convert)
+    if fmt == "parquet":
+        return pq.read_table(source)
+    return pajson.read_json(source)
+
+
+def _blank(column):
+    """Boolean mask: null, empty or whitespace-only."""
+    values = column.to_pylist()
+    return [v is None or not v.strip() for v in values]
+
+
+def _resolve_paths(uri, paths):
+    """Relative paths against the manifest's folder; absolute local paths and URIs unchanged."""
+    if _is_uri(uri):
+        parts = urlsplit(uri)
+        folder = posixpath.dirname(parts.path)
+
+        query = f"?{parts.query}" if parts.query else ""  # e.g. endpoint_override: every object needs it
+
+        def join(rel):
+            return f"{parts.scheme}://{parts.netloc}{posixpath.normpath(posixpath.join(folder, rel))}{query}"
+
+    else:
+        folder = os.path.dirname(os.path.abspath(os.path.expanduser(uri)))
+
+        def join(rel):
+            return os.path.normpath(os.path.join(folder, rel))
+
+    return [p if _is_uri(p) or os.path.isabs(p) else join(p) for p in paths]
+
+
+def read_manifest(uri: str | os.PathLike) -> pa.Table:
+    """The validated manifest at ``uri``: scan_id, path (resolved), then the other columns as they were.
+
+    Raises ManifestError for an unsupported extension, an unreadable or unparsable file, no rows, missing
+    ``scan_id``/``path`` columns, empty or duplicate scan_ids, or empty paths.
+    """
+    uri = os.fspath(uri)
+    fmt = check_manifest_name(uri)
+    try:
+        data = storage.read_bytes(uri)
+    except (OSError, ValueError) as e:  # missing, permission, bad URI, network
+        raise ManifestError(f"manifest {uri}: cannot read: {e}") from e
+    if not data.strip():
+        raise ManifestError(f"manifest {uri}: empty manifest (the file is empty)")
+    try:
+        table = _parse(uri, fmt, data)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ManifestError(f"manifest {uri}: cannot parse as {fmt}: {e}") from e
+
+    if table.num_rows == 0:
+        raise ManifestError(f"manifest {uri}: empty manifest (no rows; columns: {_some(table.column_names)})")
+    missing = [name for name in REQUIRED if name not in table.column_names]
+    if missing:
+        raise ManifestError(
+            f"manifest {uri}: missing required column(s) {', '.join(missing)}; "
+            f"found columns: {_some(table.column_names) or '(none)'}"
+        )
+    duplicated_names = sorted({n for n in table.column_names if table.column_names.count(n) > 1})
+    if duplicated_names:
+        raise ManifestError(f"manifest {uri}: duplicate column name(s) {', '.join(duplicated_names)}")
+
+    columns = {}
+    for name in REQUIRED:
+        column = table.column(name)
+        try:
+            columns[name] = column.cast(pa.string())
+        except (pa.ArrowException, ValueError) as e:
+            raise ManifestError(f"manifest {uri}: column {name} has type {column.type}, not text: {e}") from e
+    ids = columns["scan_id"].to_pylist()
+
+    blank_rows = [i + 1 for i, blank in enumerate(_blank(columns["scan_id"])) if blank]
+    if blank_rows:
+        raise ManifestError(
+            f"manifest {uri}: {len(blank_rows)} row(s) with an empty scan_id, "
+            f"at data row(s) {_some(blank_rows)} (1-based, header not counted)"
+        )
+    seen, duplicates = set(), {}
+    for scan_id in ids:
+        if scan_id in seen:
+            duplicates[scan_id] = duplicates.get(scan_id, 1) + 1
+        seen.add(scan_id)
+    if duplicates:
+        listed = [f"{scan_id!r} (x{count})" for scan_id, count in duplicates.items()]
+        raise ManifestError(f"manifest {uri}: {len(duplicates)} duplicate scan_id(s): {_some(listed)}")
+    no_path = [scan_id for scan_id, blank in zip(ids, _blank(columns["path"]), strict=True) if blank]
+    if no_path:
+        raise ManifestError(f"manifest {uri}: {len(no_path)} scan(s) with an empty path: {_some(map(repr, no_path))}")
+
+    resolved = pa.array(_resolve_paths(uri, columns["path"].to_pylist()), pa.string())
+    others = [name for name in table.column_names if name not in REQUIRED]
+    values = []
+    typed = formats.manifest_columns()  # columns a format understands, cast to its type
+    for name in others:
+        column = table.column(name)
+        if name in typed and column.type != typed[name]:
+            try:
+                column = column.cast(typed[name])
+            except (pa.ArrowException, ValueError) as e:
+                raise ManifestError(
+                    f"manifest {uri}: column {name} has type {column.type}, not {typed[name]}: {e}"
+                ) from e
+        values.append(column)
+    return pa.table([columns["scan_id"], resolved, *values], names=[*REQUIRED, *others])
+
+
+def _jsonable(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, dt.datetime | dt.date) else value
+
+
+def encode_table(table: pa.Table, out: str) -> bytes:
+    """``table`` serialized in the format named by ``out``'s extension (see read_manifest)."""
+    fmt = check_manifest_name(out)
+    if fmt == "parquet":
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        return sink.getvalue().to_pybytes()
+    if fmt == "csv":
+        sink = pa.BufferOutputStream()
+        pacsv.write_csv(table, sink)
+        return sink.getvalue().to_pybytes()
+    buffer = io.StringIO()
+    for row in table.to_pylist():
+        buffer.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+    return buffer.getvalue().encode()

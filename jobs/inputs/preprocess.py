@@ -1,0 +1,128 @@
+"""The preprocessing every format shares, as the model's spec asks: scaling, reorientation to RAS, optional
+resampling to a spacing, resize to the model's size, intensity normalisation.
+
+Order 1 (the default) runs :mod:`jobs.inputs.resample` (float32, one pass over the voxels, the intensity step
+fused); other orders ``scipy.ndimage.zoom``. Nothing here imports TensorFlow, Keras or Ray.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import scipy.ndimage
+from nibabel import orientations
+
+from jobs.errors import ScanError
+from jobs.inputs import resample
+from jobs.inputs.formats.base import MAX_VOXEL_BYTES, Volume
+
+
+def zoom_factors(shape, target):
+    """Per-axis factors for which scipy's round(n * f) is exactly ``target``."""
+    factors = []
+    for n, t in zip(shape, target, strict=True):
+        f = t / n
+        for _ in range(8):
+            got = round(n * f)
+            if got == t:
+                break
+            f = math.nextafter(f, math.inf if got < t else -math.inf)
+        if round(n * f) != t:
+            raise AssertionError(f"no zoom factor maps {n} to {t}")
+        factors.append(f)
+    return factors
+
+
+def zoom(array: np.ndarray, target, order: int) -> np.ndarray:
+    """``scipy.ndimage.zoom`` to exactly ``target`` shape, float32 output.
+
+    Order 1 runs :func:`jobs.inputs.resample.resize` (same coordinates and values, float32, one pass over the
+    voxels). Other orders zoom a transposed view whose axes run from largest to smallest stride (for nibabel's
+    Fortran-ordered arrays that is ``array.T``): same output as zooming ``array`` itself, several times faster.
+    """
+    target = tuple(int(t) for t in target)
+    if order == 1:
+        return resample.resize(array, target)
+    perm = sorted(range(array.ndim), key=lambda ax: -abs(array.strides[ax]))
+    view = array.transpose(perm)
+    factors = zoom_factors(view.shape, [target[ax] for ax in perm])
+    out = scipy.ndimage.zoom(view, factors, output=np.float32, order=order)
+    out = out.transpose(np.argsort(perm))
+    if out.shape != target:
+        raise AssertionError(f"zoom produced {out.shape}, expected {target}")
+    return out
+
+
+def preprocess(volume: Volume, spec: dict) -> np.ndarray:
+    """The model input for ``volume``: float32, C-contiguous, (D, H, W, 1) with (D, H, W) the (x, y, z) axes."""
+    path = volume.path or "<volume>"
+    array = volume.data
+    if array.dtype.kind == "f" and not resample.all_finite(array):
+        raise ScanError("preprocess", path, "contains NaN or Inf voxels")
+    zooms = np.asarray(volume.zooms, dtype=np.float64)
+
+    if spec.get("orientation") == "RAS":
+        ornt = orientations.io_orientation(volume.affine)
+        if np.isnan(ornt).any():
+            raise ScanError("preprocess", path, "cannot determine the orientation from the affine")
+        array = orientations.apply_orientation(array, ornt)  # flips and a transpose: views
+        new_zooms = np.empty(3)
+        new_zooms[ornt[:, 0].astype(int)] = zooms
+        zooms = new_zooms
+
+    order = int(spec.get("interpolation_order", 1))
+    if spec.get("spacing") is not None:
+        spacing = np.asarray(spec["spacing"], dtype=np.float64)
+        shape = [max(1, round(n * z / s)) for n, z, s in zip(array.shape, zooms, spacing, strict=True)]
+        if math.prod(shape) * 4 > MAX_VOXEL_BYTES:
+            reason = f"resampling to spacing {spacing.tolist()} mm would give a {shape} volume (too large)"
+            raise ScanError("preprocess", path, reason)
+        array = zoom(array, shape, order)
+
+    intensity = spec.get("intensity") or {"kind": "zscore"}
+    if order == 1:  # resize, scaling, normalisation and the finite check fused (jobs.inputs.resample)
+        out, finite = resample.resize_intensity(array, spec["size"], volume.slope, volume.inter, intensity)
+    else:
+        out = np.ascontiguousarray(zoom(array, spec["size"], order), dtype=np.float32)  # a fresh small array
+        finite = _scale_and_normalize(out, volume.slope, volume.inter, intensity)
+    if not finite:
+        raise ScanError("preprocess", path, "preprocessing produced NaN or Inf values")
+    return out[..., np.newaxis]
+
+
+def _scale_and_normalize(out, slope, inter, intensity):
+    """Slope/intercept and intensity normalisation in place (orders other than 1); True if all finite."""
+    if slope != 1.0 or inter != 0.0:
+        out *= np.float32(slope)
+        out += np.float32(inter)
+    if intensity["kind"] == "zscore":
+        mean = out.mean(dtype=np.float64)
+        std = out.std(dtype=np.float64)
+        if math.isfinite(std) and std > 1e-12 * max(1.0, abs(mean)):
+            out -= np.float32(mean)
+            out /= np.float32(std)
+        else:
+            out[...] = 0.0
+    elif intensity["kind"] == "clip":
+        lo, hi = (float(v) for v in intensity["window"])
+        np.clip(out, lo, hi, out=out)
+        out -= np.float32(lo)
+        out /= np.float32(hi - lo)
+    else:
+        raise ValueError(f"unknown intensity kind {intensity['kind']!r}")
+    return bool(np.isfinite(out).all())
+
+
+def decode_provenance(volume: Volume, t0: float, t1: float, t2: float, t3: float) -> dict:
+    """The decode-stage result columns (``jobs.output.sink.DECODE_PROVENANCE``) of a scan read over [t0, t1], decoded
+    over [t1, t2] and preprocessed over [t2, t3] (``time.perf_counter`` stamps); any format."""
+    return {
+        "original_shape": [int(n) for n in volume.data.shape],
+        "voxel_spacing": [float(z) for z in volume.zooms],
+        "orientation": volume.orientation,
+        "source_dtype": volume.dtype,
+        "read_s": t1 - t0,
+        "decode_s": t2 - t1,
+        "preprocess_s": t3 - t2,
+    }

@@ -1,0 +1,109 @@
+"""The columns of every file a run writes, declared once; the reference docs are generated from here.
+
+Result rows: :data:`KEY_SCHEMA`, then the manifest's own columns unchanged, then :data:`SCORE_SCHEMA` or the
+embedding, then :data:`PROVENANCE_SCHEMA`: the decode stage's columns (:data:`DECODE_PROVENANCE`, measured by
+:mod:`jobs.inputs.load`), every input format's own (declared by the format, null on other formats' rows) and the
+scoring stage's (:data:`SCORING_PROVENANCE`, measured by :mod:`jobs.run.scorer`). Error rows: :data:`ERROR_SCHEMA`.
+Each field's ``doc`` metadata is its description.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from jobs import stages
+from jobs.inputs import formats
+from jobs.inputs.formats.base import column
+from jobs.inputs.load import DECODE_PROVENANCE, source_provenance
+
+__all__ = [
+    "DECODE_PROVENANCE",
+    "EMBED_SCHEMA",
+    "ERROR_SCHEMA",
+    "FINGERPRINT_COLUMNS",
+    "FORMAT_PROVENANCE",
+    "KEY_SCHEMA",
+    "MANIFEST_SHARED_COLUMNS",
+    "OPTION_COLUMNS",
+    "PROVENANCE_SCHEMA",
+    "RESERVED_COLUMNS",
+    "SCORE_SCHEMA",
+    "SCORING_PROVENANCE",
+    "SOURCE_PROVENANCE",
+    "result_schema",
+]
+
+UTC_TIME = pa.timestamp("us", tz="UTC")
+
+
+KEY_SCHEMA = pa.schema(
+    [
+        column("scan_id", pa.string(), "the manifest's scan_id; unique per model (exactly once)"),
+        column("path", pa.string(), "the scan's path as resolved: absolute local path or URI"),
+        column("model_sha256", pa.string(), "sha256 of the .keras artifact that scored it"),
+        column("run_id", pa.string(), "the run that scored it (runs/<run_id>.json is its report)"),
+        column("scored_at", UTC_TIME, "when its row was committed (UTC)"),
+    ]
+)
+SCORE_SCHEMA = pa.schema(
+    [
+        column(
+            "score",
+            pa.float32(),
+            "anomaly score in [0, 1]: sigmoid of the logit for 1 class; 1 - softmax p(class 0, 'normal') for more",
+        ),
+        column("probabilities", pa.list_(pa.float32()), "softmax (or sigmoid) of the logits, one per class"),
+    ]
+)
+EMBED_SCHEMA = pa.schema(
+    [column("embedding", pa.list_(pa.float32(), 1), "the model's embed() vector, fixed size [hidden_size]")]
+)
+FORMAT_PROVENANCE = formats.provenance_schema()  # every input format's own columns
+SCORING_PROVENANCE = pa.schema(
+    [
+        column("infer_s", pa.float32(), "seconds of this scan's share of its inference batch"),
+        column("device", pa.string(), "where it was scored: gpu or cpu"),
+        column("worker_pid", pa.int64(), "process id of the scoring actor"),
+    ]
+)
+SOURCE_PROVENANCE = source_provenance()  # what the CPU stage measures
+PROVENANCE_SCHEMA = pa.schema([*SOURCE_PROVENANCE, *SCORING_PROVENANCE])
+ERROR_SCHEMA = pa.schema(
+    [
+        column("scan_id", pa.string(), "the manifest's scan_id"),
+        column("path", pa.string(), "the scan's path as resolved"),
+        column("run_id", pa.string(), "the run that tried it"),
+        column("model_sha256", pa.string(), "sha256 of the model it was to be scored by"),
+        column("stage", pa.string(), f"where it failed: {', '.join(stages.NAMES)}"),
+        column("error", pa.string(), "the reason, naming the file"),
+        column("failed_at", UTC_TIME, "when its row was committed (UTC)"),
+        column(
+            "permanent",
+            pa.bool_(),
+            "true: a verdict on the file's bytes (validate, decode or preprocess), skipped by reruns while the "
+            "file's fingerprint is unchanged; false: storage, a worker's death, inference or an unforeseen error",
+        ),
+        # In pipeline batches these are int64 (bytes; microseconds since the epoch) with -1 for unknown.
+        column("source_size", pa.int64(), "the source's size in bytes, stat'ed before it was read (null: unknown)"),
+        column("source_mtime", UTC_TIME, "the source's modification time, stat'ed before it was read"),
+    ]
+)
+FINGERPRINT_COLUMNS = ("source_size", "source_mtime")
+# Manifest columns handed to the formats (series_instance_uid picks a DICOM folder's series): the manifest's word
+# stands over the value read.
+OPTION_COLUMNS = frozenset(formats.option_columns())
+# A manifest column with one of these names is not a clash: it fills the result column of that name, cast to its
+# type (jobs.inputs.manifest casts it): the value read from the files, else the manifest's (OPTION_COLUMNS: the
+# other way round).
+MANIFEST_SHARED_COLUMNS = frozenset(formats.manifest_columns()) & frozenset(FORMAT_PROVENANCE.names)
+# Other manifest columns are carried into the results, so they must not take a result column's name.
+RESERVED_COLUMNS = frozenset(KEY_SCHEMA.names + SCORE_SCHEMA.names + EMBED_SCHEMA.names + PROVENANCE_SCHEMA.names)
+
+
+def result_schema(mode: str, manifest_schema: pa.Schema, width: int) -> pa.Schema:
+    """The results files' schema for ``mode``; ``width`` is the embedding size (embed mode)."""
+    if mode == "score":
+        outputs = SCORE_SCHEMA
+    else:
+        outputs = pa.schema([EMBED_SCHEMA.field("embedding").with_type(pa.list_(pa.float32(), width))])
+    return pa.schema([*KEY_SCHEMA, *manifest_schema, *outputs, *PROVENANCE_SCHEMA])

@@ -1,0 +1,120 @@
+"""The files of an output location: its marker, its results/errors/runs folders, whole-file commits.
+
+Knows nothing of runs' rows (that is :class:`jobs.output.sink.ResultSink`'s job).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+from pyarrow import fs as pafs
+
+from jobs import storage
+from jobs.errors import OutputError
+from jobs.output.schema import ERROR_SCHEMA, FINGERPRINT_COLUMNS
+
+MARKER = "_vit3d_output.json"
+FORMAT_VERSION = 1
+KINDS = ("results", "errors")
+
+
+class OutputStore:
+    """The files of an output location; knows nothing of runs' rows (that is ResultSink's job)."""
+
+    def __init__(self, uri, retry_s=None):
+        self.uri = str(uri).rstrip("/")
+        self.retry_s = retry_s  # for transient storage errors; None: jobs.storage.RETRY_S
+        self.filesystem, self.root = storage.resolve(self.uri)
+
+    def child(self, *parts):
+        """The URI of ``parts`` under this location (a URI's query kept at the end)."""
+        return storage.join(self.uri, *parts)
+
+    def _exists(self, path):
+        return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+    def prepare(self, mode, run_id):
+        """Claim the location for ``mode``; refuse foreign or mismatched contents, and finished run ids."""
+        marker_path = f"{self.root}/{MARKER}"
+        info = self.filesystem.get_file_info(self.root)
+        if info.type == pafs.FileType.File:
+            raise OutputError(f"{self.uri} is a file; --output must be a folder or prefix")
+        if self._exists(marker_path):
+            try:
+                marker = json.loads(storage.read_bytes(self.child(MARKER), self.retry_s))
+            except ValueError as e:
+                raise OutputError(f"{self.uri}: {MARKER} is not readable JSON ({e}); is this our output?") from e
+            if marker.get("mode") != mode:
+                raise OutputError(
+                    f"{self.uri} holds --mode {marker.get('mode')} results; write --mode {mode} to another --output"
+                )
+        else:
+            if info.type == pafs.FileType.Directory:
+                entries = self.filesystem.get_file_info(pafs.FileSelector(self.root, recursive=False))
+                if [e for e in entries if not storage.is_staging_name(e.base_name)]:  # another run's marker, staged
+                    raise OutputError(
+                        f"{self.uri} is not empty and is not a vit3d-batch output (no {MARKER}): "
+                        "choose an empty or new location"
+                    )
+            marker = {"tool": "vit3d-batch", "format_version": FORMAT_VERSION, "mode": mode}
+            storage.write_bytes(self.child(MARKER), json.dumps(marker).encode(), self.retry_s)
+        if self._exists(f"{self.root}/runs/{run_id}.json"):
+            raise OutputError(f"run id {run_id!r} already finished in {self.uri}: choose another --run-id")
+
+    def remove_staging_leftovers(self):
+        """Delete hidden staging files of runs that died mid-write (call only while holding the lock)."""
+        for kind in ("results", "errors", "runs"):
+            folder = f"{self.root}/{kind}"
+            if not self._exists(folder):
+                continue
+            for entry in self.filesystem.get_file_info(pafs.FileSelector(folder)):
+                if storage.is_staging_name(entry.base_name):
+                    self.filesystem.delete_file(entry.path)
+
+    def done_scan_ids(self, model_sha256):
+        """scan_ids already scored by this model into results/."""
+        results = f"{self.root}/results"
+        if not self._exists(results):
+            return set()
+        dataset = pads.dataset(results, format="parquet", filesystem=self.filesystem)
+        table = dataset.to_table(columns=["scan_id"], filter=pads.field("model_sha256") == model_sha256)
+        return set(table.column("scan_id").to_pylist())
+
+    def latest_errors(self, model_sha256, scan_ids):
+        """scan_id -> its latest error row (dict) for this model, for the scans in ``scan_ids``.
+
+        Files written before a column existed read it as null (the dataset is read with ERROR_SCHEMA);
+        ``source_mtime`` comes as microseconds since the epoch, as :func:`jobs.inputs.formats.fingerprint` gives it.
+        """
+        errors = f"{self.root}/errors"
+        if not scan_ids or not self._exists(errors):
+            return {}
+        dataset = pads.dataset(errors, schema=ERROR_SCHEMA, format="parquet", filesystem=self.filesystem)
+        table = dataset.to_table(
+            columns=["scan_id", "path", "failed_at", "permanent", *FINGERPRINT_COLUMNS],
+            filter=pads.field("model_sha256") == model_sha256,
+        )
+        mtime = table.schema.get_field_index("source_mtime")
+        table = table.set_column(mtime, "source_mtime", table.column(mtime).cast(pa.int64()))
+        latest = {}
+        for row in table.sort_by("failed_at").to_pylist():
+            if row["scan_id"] in scan_ids:
+                latest[row["scan_id"]] = row
+        return latest
+
+    def commit(self, kind, table, name):
+        """Write ``table`` as one complete Parquet file ``name`` (see :func:`part_name`) under ``kind``."""
+        buf = io.BytesIO()
+        pq.write_table(table, buf, compression="zstd")
+        storage.write_bytes(self.child(kind, name), buf.getvalue(), self.retry_s)
+        return self.child(kind, name)
+
+
+def part_name(run_id: str) -> str:
+    """A new results/errors file name of run ``run_id``."""
+    return f"part-{run_id}-{uuid.uuid4().hex[:12]}.parquet"
