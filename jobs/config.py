@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+from typing import Any
 
 from jobs.errors import JobError, JobFailed
 
-__all__ = ["JobConfig", "JobError", "JobFailed", "parser"]
+__all__ = ["JobConfig", "JobError", "JobFailed", "build_parser", "parser"]
 
 MODES = ("score", "embed")
 DEVICES = ("auto", "gpu", "cpu")
@@ -21,8 +22,11 @@ LOG_FORMATS = ("text", "json")
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
-def option(default=dataclasses.MISSING, *, help, flag=True, **argparse_kwargs):
-    """A JobConfig field; ``help`` and ``argparse_kwargs`` become its command-line flag (none if ``flag`` is False)."""
+def option(
+    default: Any = dataclasses.MISSING, *, help: str, flag: bool | str | tuple[str, ...] = True, **argparse_kwargs: Any
+) -> Any:
+    """A JobConfig field; ``help`` and ``argparse_kwargs`` become its command-line flag: ``--<name>`` (True), the
+    given flag name(s), or none (False)."""
     metadata = {"help": help, "flag": flag, "argparse": argparse_kwargs}
     return dataclasses.field(default=default, metadata=metadata)
 
@@ -59,6 +63,7 @@ class JobConfig:
         progress_every_s: float. Off a terminal, seconds between two progress lines (on a terminal a live bar
             is drawn instead). Defaults to ``10.0``.
         log_format: str. ``"text"`` or ``"json"`` log lines (command line only). Defaults to ``"text"``.
+        verbose: bool. Also show Ray's and TensorFlow's own INFO lines (command line only). Defaults to ``False``.
 
     Example:
 
@@ -154,8 +159,15 @@ class JobConfig:
         "SECONDS (default %(default)s); on a terminal a live bar shows the same figures",
     )
     log_format: str = option("text", choices=LOG_FORMATS, help="text: one line per event; json: one JSON object")
+    verbose: bool = option(
+        False,
+        flag=("-v", "--verbose"),
+        action="store_true",
+        help="also show Ray's and TensorFlow's own start-up and INFO lines (hidden by default: a run shows its "
+        "progress, summary and the warnings that need a person)",
+    )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for name in ("manifest", "model", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise JobError(f"--{name} must be a non-empty path or URI")
@@ -180,28 +192,44 @@ class JobConfig:
                 f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (and not start with '.')"
             )
 
-    def replace(self, **changes):
+    def replace(self, **changes: Any) -> JobConfig:
         """A copy with ``changes`` applied, validated again."""
         return dataclasses.replace(self, **changes)
 
     @classmethod
-    def from_args(cls, args):
+    def from_args(cls, args: argparse.Namespace) -> JobConfig:
         """The config of parsed command-line ``args`` (from :func:`parser`)."""
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.metadata["flag"]})
 
 
-def flag_of(name):
+def flag_of(name: str) -> str:
     return name.replace("_", "-")
 
 
-def parser(**kwargs):
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m jobs.score``'s command line (here, not in jobs.score, so that tools such as the docs' CLI
+    reference can build it without importing Ray)."""
+    return parser(
+        prog="python -m jobs.score",
+        description="Score every scan of a manifest with a verified vit3d model; results land in Parquet.",
+        epilog="Reruns skip scans already scored, and known-bad scans: those whose last error was at validate, "
+        "decode or preprocess and whose file (path, size and mtime) is unchanged since; other failures (storage, "
+        "a worker's death, inference) are retried. Exit codes: 0 done within the error budget (failed / "
+        "attempted); 3 done but over it; 2 nothing scored (usage, manifest, model or output problem); 1 the run "
+        "broke mid-way (scored scans are kept: rerun to resume).",
+    )
+
+
+def parser(**kwargs: Any) -> argparse.ArgumentParser:
     """argparse for every JobConfig field that has a flag: names, defaults, choices and help from the fields."""
     p = argparse.ArgumentParser(**kwargs)
     for field in dataclasses.fields(JobConfig):
         flag = field.metadata["flag"]
         if not flag:
             continue
-        names = [flag] if isinstance(flag, str) else [f"--{flag_of(field.name)}"]
+        names = (
+            [flag] if isinstance(flag, str) else list(flag) if isinstance(flag, tuple) else [f"--{flag_of(field.name)}"]
+        )
         extra = dict(field.metadata["argparse"])
         if field.default is not dataclasses.MISSING:
             extra["default"] = field.default

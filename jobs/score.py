@@ -17,7 +17,7 @@ import uuid
 
 import numpy as np
 
-from jobs.config import JobConfig, parser
+from jobs.config import JobConfig, build_parser
 from jobs.errors import JobError, JobFailed, ManifestError, OutputError, StorageUnreachable
 from jobs.inputs import formats
 from jobs.inputs.manifest import read_manifest
@@ -31,7 +31,17 @@ from jobs.report import write_page
 from jobs.run.pipeline import scoring_pipeline
 from jobs.run.scorer import configure_tensorflow
 
-__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_OVER_BUDGET", "EXIT_USAGE", "JobConfig", "JobError", "JobFailed", "run"]
+__all__ = [
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_OVER_BUDGET",
+    "EXIT_USAGE",
+    "JobConfig",
+    "JobError",
+    "JobFailed",
+    "build_parser",
+    "run",
+]
 
 logger = logging.getLogger("jobs.score")  # not __name__: that is "__main__" under python -m jobs.score
 
@@ -265,7 +275,7 @@ def _report(
     attempted = counts["ok"] + counts["error"]
     error_rate = counts["error"] / attempted if attempted else 0.0
     exit_code = EXIT_OK if error_rate <= config.max_error_rate else EXIT_OVER_BUDGET
-    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "log_format")}
+    options = {k: v for k, v in dataclasses.asdict(config).items() if k not in ("progress", "log_format", "verbose")}
     return {
         "run_id": config.run_id,
         "exit_code": exit_code,
@@ -343,19 +353,7 @@ def _final_figures(progress):
     return {**progress, "rate": progress["rate_scans_per_s"], "eta_s": None}
 
 
-# --- command line -----------------------------------------------------------------------------------------------
-
-
-def build_parser():
-    return parser(
-        prog="python -m jobs.score",
-        description="Score every scan of a manifest with a verified vit3d model; results land in Parquet.",
-        epilog="Reruns skip scans already scored, and known-bad scans: those whose last error was at validate, "
-        "decode or preprocess and whose file (path, size and mtime) is unchanged since; other failures (storage, "
-        "a worker's death, inference) are retried. Exit codes: 0 done within the error budget (failed / "
-        "attempted); 3 done but over it; 2 nothing scored (usage, manifest, model or output problem); 1 the run "
-        "broke mid-way (scored scans are kept: rerun to resume).",
-    )
+# --- command line (the parser: jobs.config.build_parser) ----------------------------------------------------------
 
 
 def main(argv=None, hooks=None):

@@ -1,0 +1,83 @@
+"""Reading a run from the job's output: its JSON report ``runs/<run_id>.json``, the earlier runs of the same model,
+and its rows of ``results/`` and ``errors/``. Everything else in the package works on what these return."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+from pyarrow import fs as pafs
+
+from jobs import storage
+from jobs.errors import ReportError
+
+if TYPE_CHECKING:
+    from jobs.output.store import OutputStore
+
+PREVIOUS_RUNS = 7
+
+
+def _report_files(store: OutputStore) -> list[pafs.FileInfo]:
+    """``runs/*.json`` entries of the output, newest first (by modification time: the report is written last)."""
+    folder = f"{store.root}/runs"
+    if store.filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
+        return []
+    entries = [
+        e
+        for e in store.filesystem.get_file_info(pafs.FileSelector(folder))
+        if e.base_name.endswith(".json") and not storage.is_staging_name(e.base_name)
+    ]
+    return sorted(entries, key=lambda e: (e.mtime_ns or 0, e.base_name), reverse=True)
+
+
+def _load(store: OutputStore, name: str) -> dict[str, Any]:
+    return json.loads(storage.read_bytes(store.child("runs", name), store.retry_s))
+
+
+def load_report(store: OutputStore, run_id: str | None = None) -> dict[str, Any]:
+    """The JSON report of run ``run_id`` (default: the last finished run); ReportError if there is none."""
+    if run_id is not None:
+        try:
+            return _load(store, f"{run_id}.json")
+        except FileNotFoundError as e:
+            raise ReportError(f"{store.uri} has no finished run {run_id!r} (no runs/{run_id}.json)") from e
+    files = _report_files(store)
+    if not files:
+        raise ReportError(f"{store.uri} has no finished run (no runs/*.json): is it a jobs.score --output?")
+    return _load(store, files[0].base_name)
+
+
+def previous_runs(store: OutputStore, report: dict[str, Any]) -> list[dict[str, Any]]:
+    """The last PREVIOUS_RUNS finished runs of the same model that finished before ``report``'s run started,
+    oldest first. Reads reports newest first and stops when it has them (a year of nights costs a few reads)."""
+    sha, started = report["model"]["sha256"], report["started_at"]
+    found = []
+    for entry in _report_files(store):
+        if entry.base_name == f"{report['run_id']}.json":
+            continue
+        other = _load(store, entry.base_name)
+        if (
+            other.get("model", {}).get("sha256") == sha
+            and other.get("finished_at", "") < started
+            and other.get("counts", {}).get("ok", 0) > 0
+        ):
+            found.append(other)
+        if len(found) == PREVIOUS_RUNS:
+            break
+    return sorted(found, key=lambda r: r["finished_at"])
+
+
+def read_rows(
+    store: OutputStore, kind: str, columns: Sequence[str], run_ids: Sequence[str], model_sha256: str
+) -> pa.Table | None:
+    """``columns`` of ``kind`` (results or errors) rows of ``run_ids`` for this model, as a table (maybe empty);
+    None when there is nothing to read (no runs asked for, or no such folder yet)."""
+    folder = f"{store.root}/{kind}"
+    if not run_ids or store.filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
+        return None
+    dataset = pads.dataset(folder, format="parquet", filesystem=store.filesystem)
+    wanted = (pads.field("run_id").isin(list(run_ids))) & (pads.field("model_sha256") == model_sha256)
+    return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names], filter=wanted)
