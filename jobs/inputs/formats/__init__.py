@@ -28,6 +28,7 @@ __all__ = [
 
 REGISTERED = (
     "jobs.inputs.formats.dicom:DicomFormat",
+    "jobs.inputs.formats.nrrd:NrrdFormat",
     "jobs.inputs.formats.nifti:NiftiFormat",
 )
 
