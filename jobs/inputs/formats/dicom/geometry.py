@@ -1,0 +1,153 @@
+"""Whether a series' frames form one regular 3-D grid, and its RAS affine: frames ordered along the slice normal,
+scouts left out, every other irregularity refused with its reason (:class:`BadSeries`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from jobs.inputs.formats.dicom.header import Frame
+
+# A slice may lie this far (3-D distance) from its place on the uniform grid through the first and last slice:
+# the larger of POSITION_TOL_MM and POSITION_TOL_REL x the slice spacing. Covers positions rounded to 0.01 mm.
+POSITION_TOL_MM = 0.02
+POSITION_TOL_REL = 0.02
+ORIENTATION_TOL = 1e-4  # on each direction cosine: slices with the same orientation
+SPACING_TOL_REL = 1e-3  # PixelSpacing equal within this fraction
+SCOUT_MAX_SLICES = 3  # another orientation with at most this many slices (or marked LOCALIZER) is a scout
+_LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+class BadSeries(Exception):
+    """The series' frames do not form one regular 3-D grid; str(e) says why."""
+
+
+@dataclasses.dataclass
+class Geometry:
+    frames: list[Frame]  # in slice order (increasing projection on the normal)
+    affine: np.ndarray  # RAS, 4x4, of voxels data[i (column), j (row), k (slice)]
+    zooms: tuple  # (column spacing, row spacing, slice spacing), mm
+    note: str  # what was left out (localizers), "" when nothing
+
+
+def _orientation_groups(frames):
+    groups = []
+    for f in frames:
+        for group in groups:
+            if np.abs(group[0].orientation - f.orientation).max() <= ORIENTATION_TOL:
+                group.append(f)
+                break
+        else:
+            groups.append([f])
+    return sorted(groups, key=len, reverse=True)
+
+
+def _describe(frame):
+    iop = ", ".join(f"{v:.3g}" for v in frame.orientation)
+    return f"[{iop}]"
+
+
+def _where(frame: Frame) -> str:
+    return frame.file.name if frame.file.frames == 1 else f"{frame.file.name} frame {frame.index + 1}"
+
+
+def series_geometry(frames: list[Frame]) -> Geometry:
+    """Order ``frames`` and build the affine; raises BadSeries for anything that is not one regular grid.
+
+    A minority orientation of at most SCOUT_MAX_SLICES frames (or frames whose ImageType says LOCALIZER) beside
+    a consistent main stack is left out as a scout, and the note says so.
+    """
+    groups = _orientation_groups(frames)
+    note = ""
+    main = groups[0]
+    if len(groups) > 1:
+        rest = [f for g in groups[1:] for f in g]
+        scouts = all(f.localizer for f in rest) or (len(rest) <= SCOUT_MAX_SLICES and len(main) > 2 * len(rest))
+        if not scouts or len(main) < 2:
+            listed = "; ".join(f"{len(g)} with {_describe(g[0])}" for g in groups[:4])
+            raise BadSeries(f"mixed orientations (ImageOrientationPatient) in one series: {listed}")
+        names = ", ".join(_where(f) for f in rest[:5]) + (", ..." if len(rest) > 5 else "")
+        note = f"left out {len(rest)} localizer/scout image(s) with another orientation: {names}"
+        frames = main
+    if len(frames) < 2:
+        raise BadSeries(f"single-slice series ({_where(frames[0])}): a 3-D volume needs at least 2 slices")
+
+    first = frames[0].file
+    sizes = {(f.file.rows, f.file.columns) for f in frames}
+    if len(sizes) > 1:
+        raise BadSeries(f"mixed image sizes (rows x columns) in one series: {sorted(sizes)}")
+    spacings = np.array([f.spacing for f in frames])
+    if np.abs(spacings - spacings[0]).max() > SPACING_TOL_REL * spacings[0].max():
+        distinct = sorted({tuple(round(v, 4) for v in s) for s in spacings.tolist()})
+        raise BadSeries(f"mixed PixelSpacing in one series: {distinct[:4]}")
+    if not (spacings[0] > 0).all():
+        raise BadSeries(f"PixelSpacing must be positive, got {spacings[0].tolist()}")
+
+    row_dir, col_dir = frames[0].orientation[:3], frames[0].orientation[3:]
+    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3:
+        raise BadSeries(f"ImageOrientationPatient {_describe(frames[0])} is not made of unit vectors")
+    if abs(float(row_dir @ col_dir)) > 1e-3:
+        raise BadSeries(f"ImageOrientationPatient {_describe(frames[0])} is not orthogonal")
+    normal = np.cross(row_dir, col_dir)
+    normal /= np.linalg.norm(normal)
+
+    depth = np.array([f.position @ normal for f in frames])
+    order = np.argsort(depth, kind="stable")
+    frames = [frames[i] for i in order]
+    depth = depth[order]
+    steps = np.diff(depth)
+    duplicate = np.flatnonzero(steps < POSITION_TOL_MM)
+    if duplicate.size:
+        i = int(duplicate[0])
+        raise BadSeries(
+            f"duplicate slice positions: {_where(frames[i])} and {_where(frames[i + 1])} are both at "
+            f"{depth[i]:.3f} mm along the slice normal ({duplicate.size} such pair(s); several echoes, phases or "
+            "acquisitions in one series?)"
+        )
+    spacing = (depth[-1] - depth[0]) / (len(frames) - 1)
+    median = float(np.median(steps))
+    tol = max(POSITION_TOL_MM, POSITION_TOL_REL * median)
+    big = np.flatnonzero(steps > 1.5 * median)
+    if big.size:
+        i = int(big[0])
+        ratio = steps[i] / median
+        if abs(ratio - round(ratio)) * median <= max(tol, 0.1 * median):
+            raise BadSeries(
+                f"missing slice(s): a gap of {steps[i]:.3f} mm between {_where(frames[i])} and "
+                f"{_where(frames[i + 1])} where the spacing is {median:.3f} mm (about {round(ratio) - 1} slice(s) "
+                f"missing; {big.size} gap(s) in all)"
+            )
+    tol = max(POSITION_TOL_MM, POSITION_TOL_REL * spacing)
+    origin = frames[0].position
+    expected = origin + np.outer(np.arange(len(frames)) * spacing, normal)
+    positions = np.array([f.position for f in frames])
+    offset = positions - expected
+    along = offset @ normal
+    across = np.linalg.norm(offset - np.outer(along, normal), axis=1)
+    if across.max() > tol:
+        k = int(np.argmax(across))
+        sideways = positions[-1] - origin
+        sideways -= (sideways @ normal) * normal
+        tilt = math.degrees(math.atan2(np.linalg.norm(sideways), depth[-1] - depth[0]))
+        raise BadSeries(
+            f"sheared geometry (gantry tilt of about {tilt:.1f} degrees): slice positions move {across[k]:.3f} mm "
+            f"sideways off the slice normal by {_where(frames[k])} (tolerance {tol:.3f} mm); resample the series "
+            "to an orthogonal grid first"
+        )
+    if np.abs(along).max() > tol:
+        k = int(np.argmax(np.abs(along)))
+        raise BadSeries(
+            f"non-uniform slice spacing: steps from {steps.min():.3f} to {steps.max():.3f} mm; {_where(frames[k])} "
+            f"lies {abs(along[k]):.3f} mm off a uniform {spacing:.3f} mm grid (tolerance {tol:.3f} mm)"
+        )
+
+    row_spacing, col_spacing = (float(v) for v in spacings[0])
+    lps = np.eye(4)
+    lps[:3, 0] = row_dir * col_spacing  # i: along a row, one column to the next
+    lps[:3, 1] = col_dir * row_spacing  # j: down a column, one row to the next
+    lps[:3, 2] = normal * spacing
+    lps[:3, 3] = origin
+    del first
+    return Geometry(frames, _LPS_TO_RAS @ lps, (col_spacing, row_spacing, float(spacing)), note)
