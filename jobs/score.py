@@ -23,7 +23,7 @@ from jobs.inputs import formats
 from jobs.inputs.manifest import read_manifest
 from jobs.observe import metrics
 from jobs.observe.cost import add_stage_seconds, per_1k_scans
-from jobs.observe.logs import configure_logging
+from jobs.observe.logs import configure_logging, filter_native_stderr
 from jobs.observe.progress import Progress
 from jobs.output.schema import MANIFEST_SHARED_COLUMNS, OPTION_COLUMNS, RESERVED_COLUMNS
 from jobs.output.sink import ResultSink
@@ -359,9 +359,10 @@ def _final_figures(progress):
 def main(argv=None, hooks=None):
     """The command line; returns the exit code. ``hooks`` is for tests only (see jobs.testing)."""
     args = build_parser().parse_args(argv)
-    configure_logging(args.progress, args.log_format)
+    configure_logging(args.progress, args.log_format, args.verbose)
     try:
-        report = run_job(JobConfig.from_args(args), hooks=hooks)
+        with filter_native_stderr():  # TensorFlow's and Ray's native start-up lines, unless --verbose
+            report = run_job(JobConfig.from_args(args), hooks=hooks)
     except JobError as e:
         logger.error("nothing scored: %s", e)
         return EXIT_USAGE

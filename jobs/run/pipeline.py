@@ -13,6 +13,7 @@ import math
 import os
 import time
 import uuid
+import warnings
 from collections.abc import Callable
 
 import numpy as np
@@ -23,6 +24,7 @@ from jobs.errors import JobError, ScanError
 from jobs.inputs import formats
 from jobs.inputs.load import load_scan, source_provenance
 from jobs.observe import metrics
+from jobs.observe.logs import VERBOSE_ENV, adopt_ray_logging, is_verbose
 from jobs.run.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.run.scorer import Scorer, node_id
 from jobs.run.watchdog import watch_for_stall
@@ -170,14 +172,17 @@ def connect_ray(ray_address, scoring_workers):
     if ray.is_initialized():
         return None
     address = ray_address or os.environ.get("RAY_ADDRESS") or "local"
+    # ray.init() sets the "ray" logger's level: keep the one the command line chose (jobs.observe.logs).
+    logging_level = logging.getLogger("ray").getEffectiveLevel()
     if address != "local":
-        ray.init(address=address)
+        ray.init(address=address, logging_level=logging_level)
         return None
     cores = os.cpu_count() or 1
     ray.init(
         address="local",
         num_cpus=cores + scoring_workers,
         include_dashboard=False,
+        logging_level=logging_level,
         runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}},
     )
     return cores
@@ -243,20 +248,26 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
     # Small blocks keep every decode slot busy; capped so huge manifests stay cheap to schedule.
     rows_per_block = max(1, min(8, math.ceil(len(items) / (4 * total_cpus))))
     ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
-    ds = ds.map_batches(
-        decode_batch,
-        fn_kwargs={
-            "spec": spec,
-            "ledger_name": ledger_name,
-            "before_attempt": hooks.decode,
-            "read_retry_s": config.storage_retry_s,
-        },
-        batch_size=rows_per_block,
-        batch_format="numpy",
-        num_cpus=1,
-        runtime_env=CPU_STAGE_ENV,
-        max_retries=retry_budget(rows_per_block),
-    )
+    worker_env = {VERBOSE_ENV: "1"} if is_verbose() else {}  # -v reaches the workers' TensorFlow start-up too
+    with warnings.catch_warnings():
+        # max_retries has no named parameter in Ray 2.60: only **ray_remote_args, which warns that it goes away in
+        # Ray 2.64 (ray.data.Dataset.map_batches). The bound matters (jobs.run.ledger): keep it, without the warning.
+        if not is_verbose():
+            warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
+        ds = ds.map_batches(
+            decode_batch,
+            fn_kwargs={
+                "spec": spec,
+                "ledger_name": ledger_name,
+                "before_attempt": hooks.decode,
+                "read_retry_s": config.storage_retry_s,
+            },
+            batch_size=rows_per_block,
+            batch_format="numpy",
+            num_cpus=1,
+            runtime_env={"env_vars": {**CPU_STAGE_ENV["env_vars"], **worker_env}},
+            max_retries=retry_budget(rows_per_block),
+        )
     resources = {"num_gpus": 1, "num_cpus": 1} if plan.device == "gpu" else {"num_cpus": plan.cpus_per_worker}
     return ds.map_batches(
         Scorer,
@@ -274,12 +285,13 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.workers),
         # CPU scoring actors must not grab a GPU the node happens to have.
-        runtime_env={"env_vars": QUIET_TF if plan.device == "gpu" else CPU_STAGE_ENV["env_vars"]},
-        max_restarts=-1,  # a dead scoring actor comes back (and reloads the model)...
-        # ...and its batches wait for it. Unbounded: an actor lost with its node is "unavailable" until the GCS
-        # notices the node is gone, and every call in that window fails at once and uses a retry (a budget of
-        # 5 went in under a second, measured). Poison scans are bounded by the crash ledger (MAX_CRASHES).
-        max_task_retries=-1,
+        runtime_env={"env_vars": {**(QUIET_TF if plan.device == "gpu" else CPU_STAGE_ENV["env_vars"]), **worker_env}},
+        # Ray Data's defaults for actor pools, not set here (they are not named parameters; **ray_remote_args is
+        # deprecated): max_restarts=-1, a dead scoring actor comes back (and reloads the model), and
+        # max_task_retries=-1, its batches wait for it. Unbounded: an actor lost with its node is "unavailable"
+        # until the GCS notices the node is gone, and every call in that window fails at once and uses a retry (a
+        # budget of 5 went in under a second, measured). Poison scans are bounded by the crash ledger (MAX_CRASHES).
+        # tests/test_quiet_logs.py holds Ray Data to these defaults.
         **resources,
     )
 
@@ -300,6 +312,7 @@ def scoring_pipeline(items, config, *, spec, model_sha256, hooks=None):
         plan = plan_workers(config.device, config.workers, config.wait_for_gpus, local_cores)
         logger.debug("worker plan: %s", plan)
         ray.data.DataContext.get_current().enable_progress_bars = False
+        adopt_ray_logging()  # after ray.init() and `import ray.data`: Ray's console lines in the CLI's terms
         ledger_name = f"vit3d-crash-ledger-{config.run_id}-{uuid.uuid4().hex[:8]}"
         # On the driver's node: a lost worker node must not take the crash accounting (and the run) with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)

@@ -9,11 +9,13 @@ scan never raises: it becomes an error row.
 import contextlib
 import logging
 import os
+import sys
 import time
 
 import numpy as np
 
 from jobs.observe import metrics
+from jobs.observe.logs import hide_native_stderr_lines, is_verbose, tensorflow_startup_noise
 from jobs.run.ledger import process_guarded
 
 logger = logging.getLogger(__name__)
@@ -34,13 +36,20 @@ def scores_from_logits(logits):
 
 
 def configure_tensorflow(threads=None):
-    """Memory growth on every visible GPU and a thread budget, before TF builds anything."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
+    """Memory growth on every visible GPU and a thread budget, before TF builds anything.
 
+    TensorFlow's first import and device listing in a process print start-up lines that TF_CPP_MIN_LOG_LEVEL
+    does not reach (see :func:`jobs.observe.logs.tensorflow_startup_noise`); those are hidden, unless verbose.
+    """
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    first = "tensorflow" not in sys.modules
+    with hide_native_stderr_lines(tensorflow_startup_noise, enabled=first and not is_verbose()):
+        import tensorflow as tf
+
+        gpus = tf.config.list_physical_devices("GPU")  # cuInit: its error, where no GPU can be, is start-up noise
     # RuntimeError: TensorFlow is already initialised in this process (a notebook, a bench): keep its settings.
     with contextlib.suppress(RuntimeError):
-        for gpu in tf.config.list_physical_devices("GPU"):
+        for gpu in gpus:
             tf.config.experimental.set_memory_growth(gpu, True)
     if threads:
         with contextlib.suppress(RuntimeError):
