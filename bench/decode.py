@@ -13,7 +13,6 @@ scl_slope/scl_inter, and what one copy of the voxel body would cost.
 """
 
 import argparse
-import gzip
 import os
 import sys
 import tempfile
@@ -21,45 +20,45 @@ import time
 
 import nibabel as nib
 import numpy as np
-from isal import igzip_lib
+from isal import igzip_lib, isal_zlib
 from scipy import ndimage
 
-from bench.cpu import header
-from bench.reference import preprocess_scipy, resize_numpy, zoom_scipy
+from jobs.errors import ScanError
 from jobs.inputs import resample
 from jobs.inputs.formats.base import read_scan
-from jobs.inputs.formats.nifti import _check_header, _inflate, _peek_gzip, decode_nifti
+from jobs.inputs.formats.nifti import decode_nifti
 from jobs.inputs.load import load_scan
 from jobs.inputs.preprocess import preprocess
+from jobs.testing.cpu import header
+from jobs.testing.nifti import VOX_OFFSET, write_nifti
+from jobs.testing.reference import preprocess_scipy, resize_numpy, zoom_scipy
+from jobs.testing.volumes import ct_like
 from vit3d.preprocessing import normalize_spec
 
 
-def ct_like(rng, shape):
-    """Smooth anatomy-like structure plus noise, int16 in HU, so it compresses like real CT."""
-    small = ndimage.zoom(
-        rng.normal(size=[max(4, n // 16) for n in shape]), [n / max(4, n // 16) for n in shape], order=3
-    )
-    body = np.where(small[: shape[0], : shape[1], : shape[2]] > -0.5, 40.0, -1000.0)
-    return (body + 300 * small[: shape[0], : shape[1], : shape[2]] + rng.normal(0, 20, shape)).astype(np.int16)
+def bounded_inflate(data, expected):
+    """The whole gzip stream through a decompressobj capped at ``expected + 1`` bytes: how decode_nifti inflates
+    (it can never allocate more than the header promised)."""
+    d = isal_zlib.decompressobj(31)
+    out = d.decompress(data, expected + 1)
+    assert len(out) == expected and d.eof
+    return out
 
 
-def write_scan(path, data, affine, endianness="<", slope=None, inter=0.0):
-    """A single-file NIfTI-1 in the given byte order and scaling, gzipped at level 1 (nibabel's default) if .gz.
+def with_bad_trailer(data):
+    """A .nii.gz whose gzip ISIZE trailer disagrees with its header: decode_nifti rejects it right after its header
+    checks (peek + check), before inflating the body, so timing it times the validate stage alone."""
+    isize = (int.from_bytes(data[-4:], "little") + 1) % 2**32
+    return data[:-4] + isize.to_bytes(4, "little")
 
-    Written by hand because nibabel's writer resets scl_slope/scl_inter for integer data it need not scale.
-    """
-    hdr = nib.Nifti1Header(endianness=endianness)
-    hdr.set_data_shape(data.shape)
-    hdr.set_data_dtype(data.dtype)
-    hdr.set_qform(affine, code=1)
-    hdr.set_sform(affine, code=1)
-    hdr["vox_offset"] = 352
-    if slope is not None:
-        hdr["scl_slope"], hdr["scl_inter"] = slope, inter
-    blob = hdr.binaryblock + bytes(4) + data.astype(data.dtype.newbyteorder(endianness)).tobytes(order="F")
-    with open(path, "wb") as f:
-        f.write(gzip.compress(blob, 1) if path.endswith(".gz") else blob)
-    return path
+
+def validate_only(data, path):
+    try:
+        decode_nifti(data, path)
+    except ScanError as e:
+        assert e.stage == "validate" and "trailer" in e.reason, e
+    else:
+        raise AssertionError("the bad trailer was not caught")
 
 
 def cpu_times(fns, inputs, repeat):
@@ -92,15 +91,16 @@ def main(argv=None):
         files = {"gz": [], "nii": [], "be": [], "slope": []}
         for i in range(args.scans):
             vol = ct_like(rng, tuple(args.shape))
-            files["gz"].append(write_scan(os.path.join(tmp, f"ct{i}.nii.gz"), vol, affine))
-            files["nii"].append(write_scan(os.path.join(tmp, f"ct{i}.nii"), vol, affine))
-            files["be"].append(write_scan(os.path.join(tmp, f"be{i}.nii.gz"), vol, affine, ">"))
-            files["slope"].append(write_scan(os.path.join(tmp, f"sl{i}.nii.gz"), vol, affine, "<", 0.5, -20.0))
+            files["gz"].append(write_nifti(os.path.join(tmp, f"ct{i}.nii.gz"), vol, affine))
+            files["nii"].append(write_nifti(os.path.join(tmp, f"ct{i}.nii"), vol, affine))
+            files["be"].append(write_nifti(os.path.join(tmp, f"be{i}.nii.gz"), vol, affine, endianness=">"))
+            files["slope"].append(write_nifti(os.path.join(tmp, f"sl{i}.nii.gz"), vol, affine, slope=0.5, inter=-20.0))
         raw = {kind: [read_scan(p) for p in paths] for kind, paths in files.items()}
+        bad_trailer = [with_bad_trailer(b) for b in raw["gz"]]
         vols = {kind: [decode_nifti(b, p) for b, p in zip(raw[kind], files[kind], strict=True)] for kind in raw}
         assert not vols["be"][0].data.dtype.isnative and vols["slope"][0].slope == 0.5
         nbytes = vols["gz"][0].data.nbytes
-        expected = 352 + nbytes  # vox_offset + body
+        expected = VOX_OFFSET + nbytes  # vox_offset + body
         for v in vols["gz"] + vols["be"] + vols["slope"]:
             preprocess(v, spec)  # compile the kernels for these dtypes (cached on disk after the first run)
 
@@ -116,8 +116,8 @@ def main(argv=None):
         t = cpu_times(
             {
                 "inflate": inflate,
-                "bounded inflate": lambda i: _inflate(raw["gz"][i], expected, files["gz"][i]),
-                "header": lambda i: _check_header(_peek_gzip(raw["gz"][i], files["gz"][i]), files["gz"][i]),
+                "bounded inflate": lambda i: bounded_inflate(raw["gz"][i], expected),
+                "header": lambda i: validate_only(bad_trailer[i], files["gz"][i]),
                 "copy": lambda i: vols["gz"][i].data.copy(order="K"),
                 "decode gz": lambda i: decode_nifti(raw["gz"][i], files["gz"][i]),
                 "decode nii": lambda i: decode_nifti(raw["nii"][i], files["nii"][i]),
@@ -147,19 +147,19 @@ def main(argv=None):
     floor = t["inflate"]
     rows = [
         ("inflate: isal, one call, exact buffer (the floor)", floor),
-        ("inflate: bounded stream, as decode does (_inflate)", t["bounded inflate"]),
-        ("header: gzip peek + NIfTI header check", t["header"]),
+        ("inflate: bounded stream, as decode does", t["bounded inflate"]),
+        ("header: gzip peek + NIfTI header check (validate)", t["header"]),
         (f"one copy of the {mb:.0f} MB voxel body (for scale)", t["copy"]),
         ("decode: jobs.inputs.formats.nifti .nii.gz (check + inflate + view)", t["decode gz"]),
         ("decode: jobs.inputs.formats.nifti .nii (no inflate)", t["decode nii"]),
         ("decode: jobs.inputs.formats.nifti big-endian .nii.gz", t["decode be"]),
         ("decode: jobs.inputs.formats.nifti scl_slope .nii.gz", t["decode slope"]),
-        ("preprocess: scipy zoom path (before, bench.reference)", t["prep scipy"]),
+        ("preprocess: scipy zoom path (before: testing.reference)", t["prep scipy"]),
         ("preprocess: jobs.inputs.preprocess.preprocess (now)", t["prep"]),
         ("preprocess: now, big-endian (byte swap first)", t["prep be"]),
         ("preprocess: now, scl_slope/scl_inter", t["prep slope"]),
         ("resize alone: scipy.ndimage.zoom(order=1)", t["resize scipy"]),
-        ("resize alone: NumPy gathers, float32 (bench.reference)", t["resize numpy"]),
+        ("resize alone: NumPy gathers, float32 (testing.reference)", t["resize numpy"]),
         ("resize alone: jobs.inputs.resample.resize (numba)", t["resize numba"]),
     ]
     print(

@@ -18,7 +18,6 @@ The process is pinned to one core. Best of ``--repeat``, interleaved. Exits 1 if
 
 import argparse
 import os
-import random
 import sys
 import tempfile
 import time
@@ -26,40 +25,22 @@ import time
 import numpy as np
 import pydicom
 from nibabel import orientations
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, RLELossless, generate_uid
+from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from bench.cpu import header
-from bench.decode import ct_like
-from jobs import dicom, readers
+from jobs.inputs.formats import dicom
 from jobs.inputs.formats.base import Volume
+from jobs.inputs.load import load_scan
 from jobs.inputs.preprocess import preprocess
+from jobs.testing.cpu import header
+from jobs.testing.dicom import write_series
+from jobs.testing.volumes import ct_like
 from vit3d.preprocessing import normalize_spec
 
-
-def write_series(folder, vol, syntax):
-    """``vol`` (slices, rows, columns) int16 as one file per slice, axial, 0.7 mm pixels, 1.25 mm slices."""
-    os.makedirs(folder)
-    series, study = generate_uid(), generate_uid()
-    names = list(range(vol.shape[0]))
-    random.Random(0).shuffle(names)
-    for k in range(vol.shape[0]):
-        ds = Dataset()
-        ds.file_meta = FileMetaDataset()
-        ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = CTImageStorage
-        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
-        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
-        ds.Modality, ds.StudyInstanceUID, ds.SeriesInstanceUID = "CT", study, series
-        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
-        ds.ImagePositionPatient = [-179.2, -179.2, round(-125 + 1.25 * k, 4)]
-        ds.PixelSpacing = [0.7, 0.7]
-        ds.SliceThickness = 1.25
-        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
-        ds.InstanceNumber = k + 1
-        ds.set_pixel_data(vol[k], "MONOCHROME2", 16)
-        if syntax != ExplicitVRLittleEndian:
-            ds.compress(syntax)
-        ds.save_as(os.path.join(folder, f"IM{names[k]:05d}.dcm"), enforce_file_format=True)
+# The series' geometry: axial, 0.7 mm pixels, 1.25 mm slices, as CT scanners write (RAS affine of voxel [i, j, k]:
+# i runs along the rows, j down the columns, k through the slices).
+AFFINE = np.diag([-1.0, -1.0, 1.0, 1.0]) @ np.array(
+    [[0.7, 0, 0, -179.2], [0, 0.7, 0, -179.2], [0, 0, 1.25, -125.0], [0, 0, 0, 1.0]]
+)
 
 
 def _volume(data_kji, affine, slope, inter, path):
@@ -128,7 +109,8 @@ def main():
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
     spec = normalize_spec({"orientation": "RAS"}, size=[args.target] * 3)
-    vol = ct_like(np.random.default_rng(0), (args.slices, args.size, args.size)) + 1024
+    vol = ct_like(np.random.default_rng(0), (args.slices, args.size, args.size)) + 1024  # (slices, rows, columns)
+    data = np.ascontiguousarray(vol.transpose(2, 1, 0))  # voxels [i, j, k]: slice k's pixels are data[:, :, k].T
     print(
         f"series: {args.slices} slices of {args.size}x{args.size} int16, file names shuffled; resized to "
         f"{args.target}^3; pinned to core {core}; best of {args.repeat}"
@@ -138,9 +120,9 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         for label, syntax in (("uncompressed", ExplicitVRLittleEndian), ("RLE", RLELossless)):
             folder = os.path.join(tmp, label)
-            write_series(folder, vol, syntax)
+            write_series(folder, data, AFFINE, syntax=syntax, inter=-1024.0, names="shuffled", phi=False)
             paths = {
-                "job": lambda f=folder: readers.load_scan(f, spec)[0],
+                "job": lambda f=folder: load_scan(f, spec)[0],
                 "job_rle": lambda f=folder: job_with("pylibjpeg-rle", f, spec),
                 "naive": lambda f=folder: naive(f, spec),
                 "sitk": lambda f=folder: simpleitk(f, spec),

@@ -4,7 +4,8 @@ python -m bench.gpu_feed [--scans 4] [--shape 256 256 160] [--batch-size 4] [--i
 
 - CPU cost per scan: the thread's CPU time of decode (``jobs.inputs.formats.nifti.decode_nifti``) + preprocess, the
   columns of the run report (``decode_s``, ``preprocess_s``), one core, for today's code
-  (``jobs.inputs.preprocess.preprocess``) and the scipy path it replaced (``bench.reference``), interleaved in one run.
+  (``jobs.inputs.preprocess.preprocess``) and the scipy path it replaced (``jobs.testing.reference``), interleaved in
+  one run.
 - Inference rate: a ViT-B-sized ViT3D (96^3, patch 16, hidden 768, 12 layers, 12 heads: 216 tokens) through a
   compiled fixed-batch ``tf.function`` as ``jobs.run.scorer`` builds it, on whatever device TensorFlow picks. Without
   a GPU that is this machine's CPU (all cores), and the printout says so.
@@ -20,12 +21,13 @@ import time
 
 import numpy as np
 
-from bench.cpu import header
-from bench.decode import ct_like, write_scan
-from bench.reference import preprocess_scipy
 from jobs.inputs.formats.base import read_scan
 from jobs.inputs.formats.nifti import decode_nifti
 from jobs.inputs.preprocess import preprocess
+from jobs.testing.cpu import header
+from jobs.testing.nifti import write_nifti
+from jobs.testing.reference import preprocess_scipy
+from jobs.testing.volumes import ct_like
 from vit3d.preprocessing import normalize_spec
 
 
@@ -92,7 +94,7 @@ def main(argv=None):
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         paths = [
-            write_scan(
+            write_nifti(
                 os.path.join(tmp, f"ct{i}.nii.gz"), ct_like(rng, tuple(args.shape)), np.diag([-0.8, -0.8, 1.5, 1])
             )
             for i in range(args.scans)

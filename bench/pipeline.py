@@ -31,10 +31,11 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from bench.cpu import header
-from bench.decode import ct_like
 from bench.scale import run_job
 from jobs.inputs.load import load_scan
+from jobs.testing.cpu import header
+from jobs.testing.nifti import write_nifti
+from jobs.testing.volumes import ct_like
 from vit3d.preprocessing import normalize_spec
 
 
@@ -76,8 +77,7 @@ def main():
         paths = []
         for i in range(args.scans):
             path = os.path.join(tmp, f"ct{i:03d}.nii.gz")
-            nib.save(nib.Nifti1Image(ct_like(rng, tuple(args.shape)), np.diag([-0.8, -0.8, 1.5, 1.0])), path)
-            paths.append(path)
+            paths.append(write_nifti(path, ct_like(rng, tuple(args.shape)), np.diag([-0.8, -0.8, 1.5, 1.0])))
         model = vit3d.ViT3D(
             args.img, 16, hidden_size=192, mlp_dim=768, num_layers=6, num_heads=3, classification=True, num_classes=2
         )

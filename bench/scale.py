@@ -10,7 +10,6 @@ size (PSS: shared pages such as the object store split between the processes map
 
 import argparse
 import contextlib
-import csv
 import os
 import shutil
 import subprocess
@@ -21,24 +20,25 @@ import time
 
 import numpy as np
 import psutil
-import pyarrow.dataset as pads
 
-from bench.cpu import header
+from jobs.testing.archive import DTYPES, ORIENTATIONS, write_csv
+from jobs.testing.cpu import header
+from jobs.testing.nifti import write_stored
+from jobs.testing.results import exactly_once, read_table
+from jobs.testing.volumes import synthetic_volume
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def make_archive(folder, count, distinct=24):
     """``count`` files (copies of ``distinct`` real NIfTI volumes: same bytes, different scan_ids)."""
-    from jobs.demo import DTYPES, ORIENTATIONS, synthetic_volume, write_scan
-
     rng = np.random.default_rng(0)
     os.makedirs(folder)
     templates = []
     for i in range(distinct):
         path = os.path.join(folder, f"template{i}.nii.gz")
         shape = tuple(int(n) for n in rng.integers(20, 32, 3))
-        write_scan(path, synthetic_volume(rng, shape, bool(i % 2)), rng, ORIENTATIONS[i % 6], DTYPES[i % 3])
+        write_stored(path, synthetic_volume(rng, shape, bool(i % 2)), rng, ORIENTATIONS[i % 6], DTYPES[i % 3])
         templates.append(path)
     rows = []
     for i in range(count):
@@ -48,13 +48,6 @@ def make_archive(folder, count, distinct=24):
         shutil.copyfile(templates[i % distinct], name)
         rows.append({"scan_id": f"scan{i:06d}", "path": name})
     return rows
-
-
-def write_manifest(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["scan_id", "path"])
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def tree_pss(root):
@@ -117,12 +110,6 @@ def run_job(manifest, model, output, batch_size, device="cpu", extra=()):
     return wall, peak[0], out
 
 
-def check_exactly_once(output, expected):
-    ids = pads.dataset(os.path.join(output, "results"), format="parquet").to_table(columns=["scan_id"])
-    ids = ids["scan_id"].to_pylist()
-    return len(ids) == len(set(ids)) == len(expected) and set(ids) == set(expected)
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scans", type=int, default=10_000)
@@ -144,10 +131,12 @@ def main():
         table, ok = [], True
         for count in (args.base, args.scans):
             manifest = os.path.join(tmp, f"manifest{count}.csv")
-            write_manifest(manifest, rows[:count])
+            write_csv(manifest, rows[:count])
             output = os.path.join(tmp, f"out{count}")
             wall, peak, _ = run_job(manifest, os.path.join(tmp, "model.keras"), output, args.batch_size)
-            once = check_exactly_once(output, [r["scan_id"] for r in rows[:count]])
+            once = exactly_once(
+                read_table(output, columns=["scan_id"])["scan_id"].to_pylist(), [r["scan_id"] for r in rows[:count]]
+            )
             ok &= once
             table.append((count, wall, count / wall, peak / 2**20, once))
     base_peak = table[0][3]

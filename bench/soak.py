@@ -11,66 +11,52 @@ python -m bench.soak [--scans 48] [--rounds 3] [--outage-s 20] [--stall-timeout-
    through the proxy, which is cut for --outage-s seconds, --rounds times, while --storage-retry-s is longer
    than one cut. Expected: exit 0 and every scan exactly once.
 
-Real processes throughout (``ray start`` nodes, the job as ``python -m jobs.testing``/``jobs.score``); uses the
-test suite's node and proxy helpers (tests/ray_nodes.py, tests/tcp_proxy.py). Exits 1 if any expectation fails.
+Real processes throughout (``ray start`` nodes, the job as ``python -m jobs.testing``/``jobs.score``); the nodes,
+the proxy and the archive are the test suite's own (``jobs.testing``). Exits 1 if any expectation fails.
 """
 
 import argparse
-import io
 import json
 import logging
 import os
 import signal
-import subprocess
 import sys
 import tempfile
 import time
 
+from jobs.testing.archive import write_archive, write_csv
+from jobs.testing.cpu import header
+from jobs.testing.processes import start_driver, wait_until
+from jobs.testing.results import committed, exactly_once, s3_rows, s3_visible
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.join(REPO, "tests")
-sys.path.insert(0, TESTS)
-
-from bench.cpu import header  # noqa: E402
-
-
-def committed(output, columns=("scan_id", "worker_pid")):
-    import pyarrow.dataset as pads
-
-    folder = os.path.join(output, "results")
-    dataset = pads.dataset(folder, format="parquet") if os.path.isdir(folder) else None
-    if dataset is None or not dataset.files:  # the folder appears with a first (hidden) staging file
-        return []
-    return dataset.to_table(columns=list(columns)).to_pylist()
-
-
-def exactly_once(ids, expected):
-    return len(ids) == len(set(ids)) and set(ids) == set(expected)
 
 
 def job(args, faults, env, log_path):
     """Start ``jobs.score``'s command line (through jobs.testing, which plants ``faults``) as its own process."""
     log = open(log_path, "a")  # noqa: SIM115 - handed to the child; closed when the bench's process ends
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.testing", json.dumps(faults), *args], env=env, stdout=log, stderr=log
-    )
+    return start_driver(faults, args, log, env)
 
 
 def node_loss_round(tmp, model, rows, manifest, worker_cpus, stall_s):
     """One node-loss run on a fresh cluster; returns a result dict."""
-    from conftest import wait_until
-    from ray_nodes import RayNode, ray_cluster_of
+    from jobs.testing.ray_nodes import RayNode, ray_cluster_of
 
     output, log_path = os.path.join(tmp, "out"), os.path.join(tmp, "driver.log")
     result = {"worker_cpus": worker_cpus}
     with ray_cluster_of(0, worker_cpus, worker_cpus) as (head, *workers):
-        env = {**head.env, "PYTHONPATH": os.pathsep.join([REPO, TESTS])}
+        env = {**head.env, "PYTHONPATH": REPO}
         args = ["--manifest", manifest, "--model", model, "--output", output, "--device", "cpu", "--workers",
                 "2", "--batch-size", "1", "--rows-per-file", "1", "--ray-address", head.gcs,
                 "--stall-timeout-s", str(stall_s), "--quiet"]  # fmt: skip
         started = time.monotonic()
         driver = job([*args, "--run-id", "soak"], {"scoring": {"sleep_s": 0.3}}, env, log_path)
         try:
-            scored = wait_until(lambda: committed(output), "a committed row", alive=lambda: driver.poll() is None)
+            scored = wait_until(
+                lambda: committed(output, ("scan_id", "worker_pid")),
+                "a committed row",
+                alive=lambda: driver.poll() is None,
+            )
             (victim,) = [n for n in workers if scored[0]["worker_pid"] in n.members()]
             victim.kill()
             killed = time.monotonic()
@@ -98,18 +84,15 @@ def node_loss_round(tmp, model, rows, manifest, worker_cpus, stall_s):
 
 def results_keys(client):
     """Committed (visible) results files of the outage run, listed directly (not through the proxy)."""
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket="soak", Prefix="out/results/")
-    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
-    return [k for k in keys if k.endswith(".parquet") and not k.rsplit("/", 1)[-1].startswith(".")]
+    return [k for k in s3_visible(client, "soak", "out/results/") if k.endswith(".parquet")]
 
 
 def outage_round(tmp, model, rows, outage_s, cuts):
     """One run on moto S3 through a proxy cut ``cuts`` times for ``outage_s`` each; returns a result dict."""
     import boto3
-    import pyarrow.parquet as pq
-    from conftest import wait_until
     from moto.server import ThreadedMotoServer
-    from tcp_proxy import TcpProxy
+
+    from jobs.testing.tcp_proxy import TcpProxy
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's request log
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
@@ -132,12 +115,9 @@ def outage_round(tmp, model, rows, outage_s, cuts):
                 manifest_rows.append(
                     {"scan_id": row["scan_id"], "path": f"s3://soak/scans/{row['path']}{proxy.query()}"}
                 )
-            from conftest import write_csv
-
             manifest = write_csv(os.path.join(tmp, "s3-manifest.csv"), manifest_rows)
             output = f"s3://soak/out{proxy.query()}"
-            env = {**os.environ, **creds, "AWS_EC2_METADATA_DISABLED": "true",
-                   "PYTHONPATH": os.pathsep.join([REPO, TESTS])}  # fmt: skip
+            env = {**os.environ, **creds, "AWS_EC2_METADATA_DISABLED": "true", "PYTHONPATH": REPO}
             env.pop("RAY_ADDRESS", None)
             args = ["--manifest", manifest, "--model", model, "--output", output, "--device", "cpu",
                     "--batch-size", "1", "--rows-per-file", "2", "--run-id", "outage",
@@ -159,10 +139,7 @@ def outage_round(tmp, model, rows, outage_s, cuts):
                 if driver.poll() is None:
                     driver.kill()
             total = time.monotonic() - started
-            ids = []
-            for key in results_keys(client):
-                body = client.get_object(Bucket="soak", Key=key)["Body"].read()
-                ids += pq.read_table(io.BytesIO(body), columns=["scan_id"])["scan_id"].to_pylist()
+            ids = [row["scan_id"] for row in s3_rows(client, "soak", "out/results/", ["scan_id"])]
     finally:
         server.stop()
     return {"code": code, "cuts": cuts, "outage_s": outage_s, "total_s": round(total, 1),
@@ -180,8 +157,6 @@ def main():
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(header("bench/soak.py: node loss and storage outages, repeated"))
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    from conftest import write_archive, write_csv
-
     import vit3d
 
     ok = True

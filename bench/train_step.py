@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from bench.cpu import header
+from jobs.testing.cpu import header
 
 TARGET_RATIO = 10.0
 SETTINGS = {"default": None, "oneDNN off": "0"}

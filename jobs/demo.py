@@ -5,67 +5,36 @@ some with a planted bright lesion; one deliberately truncated file), trains a
 tiny ViT3D on separate synthetic scans, saves it with its preprocessing, runs
 the real job on a local Ray instance, and reports the ROC AUC of the anomaly
 scores against the planted truth.
+
+Its scans are the test suite's (``jobs.testing``: the same synthetic volumes and
+NIfTI writer), so what the demo shows is what the tests check.
 """
 
 import argparse
-import csv
 import datetime as dt
 import os
 import sys
 import time
+from typing import Any
 
 import numpy as np
 
+from jobs.testing.archive import DTYPES, ORIENTATIONS, write_csv
+from jobs.testing.nifti import write_stored
+from jobs.testing.volumes import synthetic_volume
+
 IMG = 32
-ORIENTATIONS = ("RAS", "LPS", "LAS", "RPI", "ASR", "SLP")
-DTYPES = ("int16", "uint8", "float32")
 
 
-def synthetic_volume(rng, shape, anomaly):
-    """A smooth ellipsoid 'body' with texture; an anomaly is a bright ball inside it."""
-    from scipy import ndimage
-
-    grids = np.meshgrid(*[np.linspace(-1, 1, n) for n in shape], indexing="ij")
-    radii = rng.uniform(0.6, 0.9, 3)
-    body = sum((g / r) ** 2 for g, r in zip(grids, radii, strict=True)) <= 1.0
-    texture = ndimage.gaussian_filter(rng.normal(size=shape), 2.0) * 40
-    volume = np.where(body, 40.0 + texture, -1000.0) + rng.normal(0, 10, shape)
-    if anomaly:
-        center = [rng.uniform(-0.4, 0.4) * r for r in radii]
-        size = rng.uniform(0.18, 0.28)
-        ball = sum((g - c) ** 2 for g, c in zip(grids, center, strict=True)) <= size**2
-        volume[ball] += 700.0
-    return volume
-
-
-def write_scan(path, volume, rng, orientation, dtype):
-    """Save ``volume`` (RAS voxel order) as NIfTI stored in ``orientation`` with ``dtype``."""
-    import nibabel as nib
-
-    spacing = rng.uniform(0.7, 1.5, 3)
-    image = nib.Nifti1Image(volume.astype(np.float32), np.diag([*spacing, 1.0]))
-    target = nib.orientations.axcodes2ornt(tuple(orientation))
-    image = image.as_reoriented(nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine), target))
-    data = np.asanyarray(image.dataobj)
-    slope, inter = (8.0, -1000.0) if dtype == "uint8" else (None, None)  # uint8: stored scaled, as scanners do
-    if slope is not None:
-        data = np.clip(np.round((data - inter) / slope), 0, 255)
-    out = nib.Nifti1Image(data.astype(dtype), image.affine)
-    out.header.set_data_dtype(dtype)
-    out.header.set_slope_inter(slope, inter)
-    out.header.set_xyzt_units("mm")
-    nib.save(out, path)
-
-
-def make_archive(folder, count, rng):
+def make_archive(folder: str, count: int, rng: np.random.Generator) -> list[dict[str, Any]]:
     """The archive to score: (scan_id, relative path, planted truth) rows."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     for i in range(count):
         anomaly = bool(i % 2)
         shape = tuple(int(n) for n in rng.integers(40, 72, 3))
         name = f"scan_{i:03d}.nii" + ("" if i % 5 == 4 else ".gz")
         orientation, dtype = ORIENTATIONS[i % len(ORIENTATIONS)], DTYPES[i % len(DTYPES)]
-        write_scan(os.path.join(folder, name), synthetic_volume(rng, shape, anomaly), rng, orientation, dtype)
+        write_stored(os.path.join(folder, name), synthetic_volume(rng, shape, anomaly), rng, orientation, dtype)
         rows.append(
             {
                 "scan_id": f"scan_{i:03d}",
@@ -92,7 +61,9 @@ def make_archive(folder, count, rng):
     return rows
 
 
-def training_data(folder, count, rng, spec):
+def training_data(
+    folder: str, count: int, rng: np.random.Generator, spec: dict[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
     """Separate synthetic scans, written to NIfTI and preprocessed exactly as the job will."""
     from jobs.inputs.load import load_scan
 
@@ -101,13 +72,13 @@ def training_data(folder, count, rng, spec):
         anomaly = bool(i % 2)
         shape = tuple(int(n) for n in rng.integers(40, 72, 3))
         path = os.path.join(folder, f"train_{i:03d}.nii.gz")
-        write_scan(path, synthetic_volume(rng, shape, anomaly), rng, ORIENTATIONS[i % 6], DTYPES[i % 3])
+        write_stored(path, synthetic_volume(rng, shape, anomaly), rng, ORIENTATIONS[i % 6], DTYPES[i % 3])
         xs.append(load_scan(path, spec)[0])
         ys.append(int(anomaly))
     return np.stack(xs), np.array(ys)
 
 
-def train_model(x, y, seed, epochs=20):
+def train_model(x: np.ndarray, y: np.ndarray, seed: int, epochs: int = 20) -> Any:
     import keras
 
     import vit3d
@@ -125,7 +96,7 @@ def train_model(x, y, seed, epochs=20):
     return model
 
 
-def roc_auc(scores, truth):
+def roc_auc(scores: Any, truth: Any) -> float:
     """Probability that a random positive outscores a random negative (ties count half)."""
     scores, truth = np.asarray(scores, float), np.asarray(truth, bool)
     pos, neg = scores[truth], scores[~truth]
@@ -133,7 +104,7 @@ def roc_auc(scores, truth):
     return float(greater / (len(pos) * len(neg)))
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="demo-output", help="folder for this demo run (a new subfolder each run)")
     parser.add_argument("--scans", type=int, default=40, help="scans in the archive to score")
@@ -156,11 +127,7 @@ def main(argv=None):
 
     print(f"[demo] writing {args.scans} synthetic scans (+1 truncated) under {root}/archive")
     rows = make_archive(os.path.join(root, "archive"), args.scans, rng)
-    manifest = os.path.join(root, "manifest.csv")
-    with open(manifest, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    manifest = write_csv(os.path.join(root, "manifest.csv"), rows)
 
     print(f"[demo] training a tiny ViT3D on {args.train} separate synthetic scans")
     x, y = training_data(os.path.join(root, "train"), args.train, rng, spec)
@@ -189,11 +156,9 @@ def main(argv=None):
     )
     print(summary(report))
 
-    import pyarrow.dataset as pads
+    from jobs.testing.results import read_table
 
-    results = pads.dataset(os.path.join(root, "output", "results"), format="parquet").to_table(
-        columns=["scan_id", "score", "planted_anomaly"]
-    )
+    results = read_table(os.path.join(root, "output"), columns=["scan_id", "score", "planted_anomaly"])
     auc = roc_auc(results.column("score").to_numpy(), results.column("planted_anomaly").to_numpy())
     print(f"ROC AUC: {auc:.3f}")
     # Last: the page the on-call person opens in the morning (jobs.report), written by the job itself.

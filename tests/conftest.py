@@ -1,8 +1,11 @@
+"""Fixtures of the suite (moto S3, the session's Ray instance, a tiny model) and fresh_python. Helpers that the
+benches and the demo share with the tests (synthetic volumes, writers, readers of committed output, waiting) are in
+``jobs.testing``."""
+
 import os
 import subprocess
 import sys
 import tempfile
-import time
 import uuid
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -19,24 +22,6 @@ def fresh_python(args, timeout=600, **kwargs):
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-def wait_until(condition, what, timeout=600.0, alive=None, every=0.1):
-    """Poll ``condition()`` until it returns something truthy, and return that.
-
-    Waits on an observable condition, never a fixed time: ``timeout`` is a generous bound that only a
-    broken run reaches (a loaded CI host is slow, not stuck). ``alive()`` falsy stops the wait early: the
-    thing that should make the condition true is gone.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if alive is not None:
-            assert alive(), f"stopped before {what}"
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:.0f} s"
-        time.sleep(every)
 
 
 # --- S3 server on 127.0.0.1 --------------------------------------------------
@@ -121,39 +106,6 @@ def tiny_model(tmp_path_factory):
     return path, vit3d.save(model, path)
 
 
-def write_archive(folder, count, seed=0, start=0, prefix=""):
-    """``count`` small real NIfTI scans (varied shape/orientation/dtype) under ``folder``; manifest rows
-    whose paths are ``prefix`` + file name."""
-    import numpy as np
-
-    from jobs.demo import DTYPES, ORIENTATIONS, synthetic_volume, write_scan
-
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(start, start + count):
-        shape = tuple(int(n) for n in rng.integers(12, 24, 3))
-        name = f"s{i:03d}.nii" + ("" if i % 4 == 3 else ".gz")
-        write_scan(
-            os.path.join(folder, name),
-            synthetic_volume(rng, shape, bool(i % 2)),
-            rng,
-            ORIENTATIONS[i % len(ORIENTATIONS)],
-            DTYPES[i % len(DTYPES)],
-        )
-        rows.append({"scan_id": f"s{i:03d}", "path": prefix + name, "site": f"site-{i % 3}", "age": 40 + i})
-    return rows
-
-
-def write_csv(path, rows):
-    import csv
-
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    return str(path)
-
-
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory, s3_server):
     """One local Ray instance for the session: 4 logical CPUs and 2 logical GPUs (CPU machine).
@@ -180,3 +132,27 @@ def ray_cluster(tmp_path_factory, s3_server):
     )
     yield ray
     ray.shutdown()
+
+
+# The fast tier (`pytest -m "not slow"`) leaves out what runs a real pipeline: modules that run Ray end to end or
+# start drivers, heads and benches as processes, and any test that uses the session's Ray instance.
+SLOW_MODULES = {
+    "test_demo",
+    "test_faults",
+    "test_job",
+    "test_known_bad",
+    "test_metrics",
+    "test_node_loss",
+    "test_output_lock",
+    "test_progress",
+    "test_ray_job_submit",
+    "test_report",
+    "test_storage_outage",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in SLOW_MODULES or "ray_cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)

@@ -2,8 +2,9 @@
 
 import re
 
-import pyarrow.dataset as pads
 from conftest import fresh_python
+
+from jobs.testing.results import read_table
 
 
 def test_demo_trains_scores_and_separates_planted_anomalies(tmp_path, monkeypatch):
@@ -16,9 +17,9 @@ def test_demo_trains_scores_and_separates_planted_anomalies(tmp_path, monkeypatc
     assert auc >= 0.9, proc.stdout
     assert re.search(r"40 scored, 1 failed", proc.stdout), proc.stdout
     (run_dir,) = tmp_path.iterdir()
-    errors = pads.dataset(str(run_dir / "output" / "errors"), format="parquet").to_table().to_pylist()
+    errors = read_table(str(run_dir / "output"), "errors").to_pylist()
     assert [e["scan_id"] for e in errors] == ["scan_broken"] and "scan_broken.nii.gz" in errors[0]["error"]
-    results = pads.dataset(str(run_dir / "output" / "results"), format="parquet").to_table()
+    results = read_table(str(run_dir / "output"))
     assert set(results["stored_orientation"].to_pylist()) == {"RAS", "LPS", "LAS", "RPI", "ASR", "SLP"}
     # The summary's final progress figures (no ETA), and last the run report page.
     assert re.search(r"^  progress: 41/41 scans \(1 error\) in \d+ s, [0-9.]+ scans/s$", proc.stdout, re.M), proc.stdout

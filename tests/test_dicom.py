@@ -8,24 +8,12 @@ import random
 import shutil
 import zipfile
 
-import nibabel as nib
 import numpy as np
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pydicom
 import pydicom.data
 import pytest
-import scipy.ndimage
 import SimpleITK as sitk
-from dicom_series import (
-    PHI,
-    RT_STRUCTURE_SET,
-    SEGMENTATION,
-    edit,
-    write_enhanced,
-    write_report,
-    write_series,
-)
 from pydicom import uid
 
 import vit3d
@@ -36,6 +24,10 @@ from jobs.inputs.formats import dicom
 from jobs.inputs.load import load_scan
 from jobs.run.scorer import scores_from_logits
 from jobs.score import run, summary
+from jobs.testing.dicom import PHI, RT_STRUCTURE_SET, SEGMENTATION, edit, write_enhanced, write_report, write_series
+from jobs.testing.nifti import write_nifti
+from jobs.testing.results import rows_by_scan_id
+from jobs.testing.volumes import smooth_volume
 from vit3d.preprocessing import normalize_spec
 
 SHAPE = (34, 32, 6)  # J2K needs 32 x 32 or more
@@ -77,9 +69,8 @@ AFFINES = {
 
 
 def volume(seed, shape=SHAPE):
-    rng = np.random.default_rng(seed)
-    vol = scipy.ndimage.gaussian_filter(rng.normal(0, 400, shape), 2) * 8 + rng.normal(0, 30, shape)
-    return vol.astype(np.int16)
+    """CT-range int16 voxels, the same for the same seed."""
+    return smooth_volume(np.random.default_rng(seed), shape, np.int16, gain=8, noise=30)
 
 
 def spec(size=16):
@@ -104,13 +95,6 @@ def oracle(folder, series_uid=""):
     return sitk.GetArrayFromImage(image).transpose(2, 1, 0), np.diag([-1.0, -1, 1, 1]) @ lps
 
 
-def write_nifti(path, data, affine, slope=1.0, inter=0.0):
-    image = nib.Nifti1Image(data, affine)
-    image.header.set_slope_inter(slope, inter)
-    nib.save(image, str(path))
-    return str(path)
-
-
 # ------------------------------------------------------------------------------------- geometry and syntaxes
 
 
@@ -120,7 +104,7 @@ def test_series_match_simpleitk_and_the_same_volume_as_nifti(tmp_path, orientati
     equals the NIfTI written from the same voxels and affine."""
     affine = AFFINES[orientation]
     data = volume(1)
-    nifti = write_nifti(tmp_path / "twin.nii.gz", data, affine, 2.0, -1024.0)
+    nifti = write_nifti(tmp_path / "twin.nii.gz", data, affine, slope=2.0, inter=-1024.0)
     expected, _ = load_scan(nifti, spec())
     for n, (name, syntax) in enumerate(SYNTAXES.items()):
         folder = tmp_path / name
@@ -216,7 +200,7 @@ def test_enhanced_multiframe_uses_per_frame_functional_groups(tmp_path, syntax):
     np.testing.assert_allclose(vol.affine, affine, atol=1e-6)
     assert (vol.slope, vol.inter) == (1.5, -1000.0)
     tensor, prov = readers.load_scan(str(path), spec())
-    expected, _ = load_scan(write_nifti(tmp_path / "twin.nii", data, affine, 1.5, -1000.0), spec())
+    expected, _ = load_scan(write_nifti(tmp_path / "twin.nii", data, affine, slope=1.5, inter=-1000.0), spec())
     np.testing.assert_allclose(tensor, expected, atol=1e-6)
     assert prov["slices"] == SHAPE[2] and prov["modality"] == "CT"
 
@@ -428,9 +412,8 @@ def expected_scores(model_path, paths):
 
 
 def read_output(output):
-    results = pads.dataset(os.path.join(output, "results"), format="parquet").to_table()
-    errors = pads.dataset(os.path.join(output, "errors"), format="parquet").to_table()
-    return {r["scan_id"]: r for r in results.to_pylist()}, {r["scan_id"]: r for r in errors.to_pylist()}
+    """({scan_id: result row}, {scan_id: error row}) of ``output`` (a local folder or an S3 URI)."""
+    return rows_by_scan_id(output, "results"), rows_by_scan_id(output, "errors")
 
 
 def assert_no_phi(folder):
@@ -454,7 +437,7 @@ def test_score_dicom_beside_nifti_end_to_end(ray_cluster, tiny_model, tmp_path):
     rows, twins = [], {}
     for o, (orientation, affine) in enumerate(AFFINES.items()):
         data = volume(20 + o)
-        twins[orientation] = write_nifti(tmp_path / f"{orientation}.nii.gz", data, affine, 1.0, -1024.0)
+        twins[orientation] = write_nifti(tmp_path / f"{orientation}.nii.gz", data, affine, slope=1.0, inter=-1024.0)
         rows.append({"scan_id": f"nifti-{orientation}", "path": twins[orientation], "series_instance_uid": ""})
         for n, (name, syntax) in enumerate(SYNTAXES.items()):
             folder = tmp_path / "dicom" / f"{orientation}-{name}"
@@ -549,7 +532,7 @@ def test_dicom_archive_on_s3_listed_then_scored(ray_cluster, tiny_model, tmp_pat
 
     output = f"s3://{bucket}/results"
     report = run(manifest_uri, model_path, output, device="cpu", batch_size=4, max_error_rate=0.9, progress=False)
-    results, errors = read_output_s3(output)
+    results, errors = read_output(output)
     path_of = {r["scan_id"]: r["path"] for r in listing.to_pylist()}
     failed = {path_of[s].rstrip("/").rsplit("/", 1)[-1] for s in errors}
     # listed bad series: everything in the zoo but the folder with no image (not listed) and the split one
@@ -577,12 +560,3 @@ def test_dicom_archive_on_s3_listed_then_scored(ray_cluster, tiny_model, tmp_pat
     target = local / "manifest.parquet"
     target.write_bytes(client.get_object(Bucket=bucket, Key="manifests/night.parquet")["Body"].read())
     assert_no_phi(local)
-
-
-def read_output_s3(output):
-    from jobs import storage
-
-    filesystem, root = storage.resolve(output)
-    results = pads.dataset(f"{root}/results", format="parquet", filesystem=filesystem).to_table()
-    errors = pads.dataset(f"{root}/errors", format="parquet", filesystem=filesystem).to_table()
-    return {r["scan_id"]: r for r in results.to_pylist()}, {r["scan_id"]: r for r in errors.to_pylist()}

@@ -8,7 +8,6 @@ Tests wait on what they can observe (committed rows, a lock file), never on a fi
 """
 
 import gzip
-import json
 import os
 import resource
 import signal
@@ -21,19 +20,22 @@ from pathlib import Path
 import keras
 import numpy as np
 import psutil
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import REPO_ROOT, TESTS_DIR, wait_until, write_archive, write_csv
+from conftest import REPO_ROOT, TESTS_DIR
 from keras_test_models import SeedViT
-from test_volumes import edited, raw_header, write_raw
 
 import vit3d
 from jobs.errors import ScanError
 from jobs.inputs.formats.nifti import decode_nifti
 from jobs.run.ledger import MAX_CRASHES
 from jobs.score import JobError, run
+from jobs.testing import processes
+from jobs.testing.archive import write_archive, write_csv
 from jobs.testing.faults import hooks as fault_hooks
+from jobs.testing.nifti import edited_header, nifti_header, write_raw
+from jobs.testing.processes import wait_until
+from jobs.testing.results import committed, read_table, rows_by_scan_id
 
 
 def put(folder, name, data):
@@ -53,50 +55,58 @@ BAD_SCANS = {
         "",
     ),
     "huge_header": (
-        lambda d: write_raw(d / "huge.nii.gz", raw_header((2000, 2000, 1000)), body=b"\0" * 600) and "huge.nii.gz",
+        lambda d: write_raw(d / "huge.nii.gz", nifti_header((2000, 2000, 1000)), body=b"\0" * 600) and "huge.nii.gz",
         "validate",
         "",
     ),
     "dim0_9": (
         lambda d: (
-            write_raw(d / "dim9.nii", edited("dim", [9, 10, 12, 8, 1, 1, 1, 1]), body=b"\0" * 2000) and "dim9.nii"
+            write_raw(d / "dim9.nii", edited_header("dim", [9, 10, 12, 8, 1, 1, 1, 1]), body=b"\0" * 2000)
+            and "dim9.nii"
         ),
         "validate",
         "dim[0]=9",
     ),
     "zero_dim": (
         lambda d: (
-            write_raw(d / "zd.nii.gz", edited("dim", [3, 10, 0, 8, 1, 1, 1, 1]), body=b"\0" * 2000) and "zd.nii.gz"
+            write_raw(d / "zd.nii.gz", edited_header("dim", [3, 10, 0, 8, 1, 1, 1, 1]), body=b"\0" * 2000)
+            and "zd.nii.gz"
         ),
         "validate",
         "dim[2]=0",
     ),
     "negative_dim": (
-        lambda d: write_raw(d / "nd.nii", edited("dim", [3, 10, -12, 8, 1, 1, 1, 1]), body=b"\0" * 2000) and "nd.nii",
+        lambda d: (
+            write_raw(d / "nd.nii", edited_header("dim", [3, 10, -12, 8, 1, 1, 1, 1]), body=b"\0" * 2000) and "nd.nii"
+        ),
         "validate",
         "dim[2]=-12",
     ),
-    "two_d": (lambda d: write_raw(d / "2d.nii.gz", raw_header((10, 12))) and "2d.nii.gz", "validate", "2-D"),
-    "four_d": (lambda d: write_raw(d / "4d.nii.gz", raw_header((10, 12, 8, 2))) and "4d.nii.gz", "validate", "volumes"),
+    "two_d": (lambda d: write_raw(d / "2d.nii.gz", nifti_header((10, 12))) and "2d.nii.gz", "validate", "2-D"),
+    "four_d": (
+        lambda d: write_raw(d / "4d.nii.gz", nifti_header((10, 12, 8, 2))) and "4d.nii.gz",
+        "validate",
+        "volumes",
+    ),
     "pixdim_zero": (
-        lambda d: write_raw(d / "p0.nii", edited("pixdim", [1, 1, 0, 1, 1, 1, 1, 1])) and "p0.nii",
+        lambda d: write_raw(d / "p0.nii", edited_header("pixdim", [1, 1, 0, 1, 1, 1, 1, 1])) and "p0.nii",
         "validate",
         "pixdim",
     ),
     "singular_affine": (
-        lambda d: write_raw(d / "sa.nii.gz", edited("srow_x", [0, 0, 0, 0])) and "sa.nii.gz",
+        lambda d: write_raw(d / "sa.nii.gz", edited_header("srow_x", [0, 0, 0, 0])) and "sa.nii.gz",
         "validate",
         "singular",
     ),
     "complex": (
-        lambda d: write_raw(d / "cx.nii.gz", raw_header(dtype=np.complex64)) and "cx.nii.gz",
+        lambda d: write_raw(d / "cx.nii.gz", nifti_header(dtype=np.complex64)) and "cx.nii.gz",
         "validate",
         "complex",
     ),
     "nan_voxels": (
         lambda d: (
             write_raw(
-                d / "nan.nii.gz", raw_header(dtype=np.float32), body=np.full(10 * 12 * 8, np.nan, "<f4").tobytes()
+                d / "nan.nii.gz", nifti_header(dtype=np.float32), body=np.full(10 * 12 * 8, np.nan, "<f4").tobytes()
             )
             and "nan.nii.gz"
         ),
@@ -146,7 +156,7 @@ def test_every_bad_scan_gives_one_error_row_and_its_batch_is_scored(ray_cluster,
         "ok": 8,
         "error": len(expected),
     }
-    errors = pads.dataset(str(tmp_path / "out" / "errors"), format="parquet").to_table().to_pylist()
+    errors = read_table(str(tmp_path / "out"), "errors").to_pylist()
     assert sorted(e["scan_id"] for e in errors) == sorted(expected), "exactly one error row per bad scan"
     paths = {r["scan_id"]: str(folder / r["path"]) for r in rows}
     for e in errors:
@@ -160,13 +170,13 @@ def test_every_bad_scan_gives_one_error_row_and_its_batch_is_scored(ray_cluster,
         assert e["permanent"] == (e["stage"] != "read"), e  # a verdict on the bytes; read failures are retried
         fingerprint = None if e["stage"] == "read" else os.path.getsize(e["path"])
         assert e["source_size"] == fingerprint and (e["source_mtime"] is None) == (fingerprint is None), e
-    results = pads.dataset(str(tmp_path / "out" / "results"), format="parquet").to_table(columns=["scan_id"])
+    results = read_table(str(tmp_path / "out"), columns=["scan_id"])
     assert sorted(results["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in good)
 
 
 def test_huge_header_is_rejected_before_any_allocation(tmp_path):
     """2000x2000x1000 int16 claimed by a 1 kB file: no 8 GB allocation, no time spent."""
-    path = write_raw(tmp_path / "huge.nii.gz", raw_header((2000, 2000, 1000)), body=b"\0" * 600)
+    path = write_raw(tmp_path / "huge.nii.gz", nifti_header((2000, 2000, 1000)), body=b"\0" * 600)
     data = Path(path).read_bytes()
     assert len(data) < 2000
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -189,19 +199,6 @@ def scoring_actor_pids():
         if "MapBatches(Scorer)" in title:
             pids.append(proc.pid)
     return pids
-
-
-def results_of(output):
-    return pads.dataset(os.path.join(output, "results"), format="parquet").to_table(columns=["scan_id"])
-
-
-def committed(output, columns=("scan_id",)):
-    """Rows committed so far under output/results (complete files only: staging names are hidden)."""
-    folder = os.path.join(output, "results")
-    dataset = pads.dataset(folder, format="parquet") if os.path.isdir(folder) else None
-    if dataset is None or not dataset.files:  # the folder appears with a first (hidden) staging file
-        return []
-    return dataset.to_table(columns=list(columns)).to_pylist()
 
 
 def hold_hook(scan_id, release):
@@ -253,7 +250,7 @@ def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_pa
     assert "error" not in outcome, repr(outcome.get("error"))
     report = outcome["report"]
     assert report["counts"] == {"manifest": 16, "skipped_done": 0, "skipped_known_bad": 0, "ok": 16, "error": 0}
-    ids = results_of(output)["scan_id"].to_pylist()
+    ids = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows), "every scan exactly once"
     loads = report["model"]["loads_per_worker"]
     assert set(loads.values()) == {1} and len(loads) >= 2 and str(victim) in loads, (
@@ -271,50 +268,23 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
         manifest, model_path, output, device="cpu", batch_size=4, max_error_rate=0.2, progress=False, hooks=hooks
     )
     assert report["counts"] == {"manifest": 16, "skipped_done": 0, "skipped_known_bad": 0, "ok": 14, "error": 2}
-    errors = {e["scan_id"]: e for e in pads.dataset(os.path.join(output, "errors")).to_table().to_pylist()}
+    errors = rows_by_scan_id(output, "errors")
     assert sorted(errors) == ["s005", "s010"]
     assert errors["s005"]["stage"] == "infer" and errors["s010"]["stage"] == "decode"
     for e in errors.values():
         assert f"died {MAX_CRASHES} times" in e["error"] and e["path"] in e["error"]
         assert e["permanent"] is False  # a worker's death is not a verdict on the file: the next run retries it
-    ids = results_of(str(tmp_path / "out"))["scan_id"].to_pylist()
+    ids = read_table(str(tmp_path / "out"), columns=["scan_id"])["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows if r["scan_id"] not in errors)
 
 
 def start_driver(manifest, model, output, gcs_address, hooks, log, run_id="nightly", extra=()):
     """`jobs.score`'s command line as its own process (through ``python -m jobs.testing FAULTS``, which plants
-    ``hooks``), joined to the session's Ray instance; output to ``log`` (a file, not a pipe nobody reads while it
-    runs: a full pipe would stall the driver)."""
+    ``hooks``), joined to the session's Ray instance; output to ``log``."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR])}
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "jobs.testing",
-            json.dumps(hooks),
-            "--manifest",
-            manifest,
-            "--model",
-            model,
-            "--output",
-            output,
-            "--device",
-            "cpu",
-            "--batch-size",
-            "1",
-            "--rows-per-file",
-            "2",
-            "--run-id",
-            run_id,
-            "--ray-address",
-            gcs_address,
-            "--quiet",
-            *extra,
-        ],
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    argv = ["--manifest", manifest, "--model", model, "--output", output, "--device", "cpu", "--batch-size", "1",
+            "--rows-per-file", "2", "--run-id", run_id, "--ray-address", gcs_address, "--quiet", *extra]  # fmt: skip
+    return processes.start_driver(hooks, argv, log, env)
 
 
 def test_driver_killed_then_rerun_and_concurrent_runs(ray_cluster, tiny_model, archive16, tmp_path):
@@ -365,7 +335,7 @@ def test_driver_killed_then_rerun_and_concurrent_runs(ray_cluster, tiny_model, a
         driver.send_signal(signal.SIGKILL)
         driver.wait(timeout=60)
         release.touch()  # the held scan is for the rerun to score
-        done = results_of(output)["scan_id"].to_pylist()
+        done = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
         assert 4 <= len(done) < 16 and len(set(done)) == len(done)
 
         report = run(manifest, model_path, output, device="cpu", run_id="nightly", progress=False)
@@ -380,7 +350,7 @@ def test_driver_killed_then_rerun_and_concurrent_runs(ray_cluster, tiny_model, a
     assert not unreadable, unreadable
     assert report["counts"]["skipped_done"] == len(done)
     assert report["counts"]["ok"] == 16 - len(done)
-    ids = results_of(output)["scan_id"].to_pylist()
+    ids = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows), "exactly one row per scan after the rerun"
     assert not [n for n in os.listdir(os.path.join(output, "results")) if n.startswith(".")]
     assert not os.path.exists(os.path.join(output, "_lock.json"))
@@ -410,13 +380,13 @@ def test_stalled_pipeline_exits_1_and_rerun_completes(ray_cluster, tiny_model, a
     text = log_path.read_text()
     assert code == 1, text[-4000:]
     assert "no scan was scored for 15 s (--stall-timeout-s)" in text and "node(s) alive; total CPU" in text, text
-    done = results_of(output)["scan_id"].to_pylist()
+    done = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
     assert held not in done and len(set(done)) == len(done)
     assert not os.path.exists(os.path.join(output, "_lock.json")), "the stalled run released its lock"
 
     report = run(manifest, model_path, output, device="cpu", run_id="rerun", progress=False)
     assert report["counts"]["skipped_done"] == len(done) and report["counts"]["ok"] == 16 - len(done)
-    ids = results_of(output)["scan_id"].to_pylist()
+    ids = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows), "exactly one row per scan after the rerun"
 
 

@@ -8,18 +8,18 @@ import duckdb
 import numpy as np
 import polars as pl
 import pyarrow as pa
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-from conftest import fresh_python, write_archive, write_csv
+from conftest import fresh_python
 
 import vit3d
-from jobs import storage
 from jobs.inputs.load import load_scan
 from jobs.report import read_page_data
 from jobs.run.scorer import scores_from_logits
 from jobs.score import JobError, main, run
+from jobs.testing.archive import write_archive, write_csv
 from jobs.testing.faults import hooks as fault_hooks
+from jobs.testing.results import read_table
 
 
 @pytest.fixture
@@ -59,7 +59,7 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
     assert set(report["model"]["loads_per_worker"].values()) == {1}
     assert json.loads((output / "runs" / f"{report['run_id']}.json").read_text())["counts"]["ok"] == 8
 
-    results = pads.dataset(str(output / "results"), format="parquet").to_table().to_pandas()
+    results = read_table(str(output)).to_pandas()
     assert sorted(results.scan_id) == sorted(r["scan_id"] for r in rows[:8])
     expected = expected_outputs(model_path, folder, rows[:8], "score")
     for row in results.itertuples():
@@ -87,7 +87,7 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
         assert from_rows > 0 and cost[key] == pytest.approx(from_rows, abs=1e-3), key
     assert json.loads((output / "runs" / f"{report['run_id']}.json").read_text())["cost_per_1k_scans"] == cost
 
-    errors = pads.dataset(str(output / "errors"), format="parquet").to_table().to_pylist()
+    errors = read_table(str(output), "errors").to_pylist()
     assert len(errors) == 1 and errors[0]["scan_id"] == "broken"
     assert errors[0]["stage"] in ("validate", "decode") and "broken.nii.gz" in errors[0]["error"]
 
@@ -112,7 +112,7 @@ def test_embed_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
         manifest, model_path, str(tmp_path / "emb"), mode="embed", device="cpu", max_error_rate=0.2, progress=False
     )
     assert report["counts"]["ok"] == 8
-    table = pads.dataset(str(tmp_path / "emb" / "results"), format="parquet").to_table()
+    table = read_table(str(tmp_path / "emb"))
     kind = table.schema.field("embedding").type
     assert pa.types.is_fixed_size_list(kind) and kind.list_size == 16 and kind.value_type == pa.float32()
     expected = expected_outputs(model_path, folder, rows[:8], "embed")
@@ -138,10 +138,10 @@ def test_rerun_is_incremental_and_retries_failures(ray_cluster, tiny_model, arch
     grown = run(manifest, model_path, output, device="cpu", progress=False)
     assert grown["counts"] == {"manifest": 12, "skipped_done": 8, "skipped_known_bad": 0, "ok": 4, "error": 0}
 
-    results = pads.dataset(output + "/results", format="parquet").to_table(columns=["scan_id"])
+    results = read_table(output, columns=["scan_id"])
     ids = results["scan_id"].to_pylist()
     assert len(ids) == len(set(ids)) == 12, "each scan exactly once"
-    errors = pads.dataset(output + "/errors", format="parquet").to_table(columns=["scan_id", "run_id"])
+    errors = read_table(output, "errors", columns=["scan_id", "run_id"])
     assert errors.num_rows == 1  # one row per failed attempt
 
 
@@ -156,7 +156,7 @@ def test_gpu_actors_are_pinned_one_per_gpu(ray_cluster, tiny_model, archive, tmp
         hooks=both,
     )  # fmt: skip
     assert report["config"]["device"] == "gpu" and report["config"]["workers"] == 2
-    table = pads.dataset(str(tmp_path / "gpu" / "results"), format="parquet").to_table(columns=["device"])
+    table = read_table(str(tmp_path / "gpu"), columns=["device"])
     devices = table["device"].to_pylist()
     assert set(devices) == {"gpu:0", "gpu:1"}, devices
     assert len(report["model"]["loads_per_worker"]) == 2
@@ -318,8 +318,7 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
         data = read_page_data(page)
         assert data["run_id"] == night["run_id"] and data["counts"] == night["counts"]
     assert read_page_data(page)["previous_runs"] == [report["run_id"]]  # the rerun sees the first night
-    fs, path = storage.resolve(output + "/results")
-    table = pads.dataset(path, filesystem=fs, format="parquet").to_table()
+    table = read_table(output)
     assert sorted(table["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in rows[:8])
     assert all(p.startswith(f"s3://{bucket}/nightly/archive/") for p in table["path"].to_pylist())
 
@@ -337,7 +336,7 @@ def test_mixed_bfloat16_precision_scores_close_to_float32(ray_cluster, tiny_mode
         progress=False,
     )
     assert report["counts"]["ok"] == 8 and report["config"]["precision"] == "mixed_bfloat16"
-    table = pads.dataset(str(tmp_path / "bf16" / "results"), format="parquet").to_table(columns=["scan_id", "score"])
+    table = read_table(str(tmp_path / "bf16"), columns=["scan_id", "score"])
     expected = expected_outputs(model_path, folder, rows[:8], "score")
     for scan_id, score in zip(table["scan_id"].to_pylist(), table["score"].to_pylist(), strict=True):
         assert score == pytest.approx(float(expected[scan_id][0]), abs=0.05)
@@ -356,7 +355,7 @@ def test_any_keras_classifier_scores_not_only_vit3d(ray_cluster, archive, tmp_pa
         manifest, info.path, str(tmp_path / "f"), device="cpu", batch_size=3, max_error_rate=0.2, progress=False
     )
     assert report["counts"]["ok"] == 8 and report["counts"]["error"] == 1
-    table = pads.dataset(str(tmp_path / "f" / "results"), format="parquet").to_table().to_pylist()
+    table = read_table(str(tmp_path / "f")).to_pylist()
     expected = expected_outputs(info.path, folder, rows[:8], "score")
     for row in table:
         assert len(row["probabilities"]) == 3

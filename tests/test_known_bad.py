@@ -10,21 +10,20 @@ import json
 import os
 import shutil
 
-import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from conftest import write_archive, write_csv
 
 from jobs.output.schema import ERROR_SCHEMA
 from jobs.score import main, run
+from jobs.testing.archive import write_archive, write_csv
 from jobs.testing.faults import hooks as fault_hooks
+from jobs.testing.results import read_table
 
 EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def error_rows(output):
     """Every error row (files of the old format too: their missing columns read as null)."""
-    folder = os.path.join(output, "errors")
-    return pads.dataset(folder, schema=ERROR_SCHEMA, format="parquet").to_table().to_pylist()
+    return read_table(output, "errors", schema=ERROR_SCHEMA).to_pylist()
 
 
 def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_path, capsys):
@@ -90,7 +89,7 @@ def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_pa
     assert report["counts"] == {"manifest": 13, "skipped_done": 12, "skipped_known_bad": 1, "ok": 0, "error": 0}
     attempts = sorted((e["run_id"], e["scan_id"]) for e in error_rows(output))
     assert attempts == [("n1", "notes"), ("n1", "truncated"), ("n3", "notes"), ("n4", "notes")]
-    results = pads.dataset(os.path.join(output, "results"), format="parquet").to_table(columns=["scan_id"])
+    results = read_table(output, columns=["scan_id"])
     assert sorted(results["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in rows if r["scan_id"] != "notes")
 
 

@@ -10,11 +10,13 @@ import urllib.request
 import duckdb
 import psutil
 import pytest
-from conftest import REPO_ROOT, wait_until, write_archive, write_csv
+from conftest import REPO_ROOT
 from prometheus_client.parser import text_string_to_metric_families
-from ray_nodes import RayNode, ray_env
 
 from jobs.observe.metrics import BOUNDARIES, STAGES
+from jobs.testing.archive import write_archive, write_csv
+from jobs.testing.processes import wait_until
+from jobs.testing.ray_nodes import RayNode, ray_env
 
 
 @pytest.fixture

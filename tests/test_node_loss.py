@@ -11,22 +11,15 @@ on the driver's node.
 
 import json
 import os
-import subprocess
-import sys
 
-import pyarrow.dataset as pads
-from conftest import REPO_ROOT, TESTS_DIR, wait_until, write_archive, write_csv
-from ray_nodes import ray_cluster_of
+from conftest import REPO_ROOT, TESTS_DIR
+
+from jobs.testing.archive import write_archive, write_csv
+from jobs.testing.processes import start_driver, wait_until
+from jobs.testing.ray_nodes import ray_cluster_of
+from jobs.testing.results import committed
 
 SCANS = 16
-
-
-def committed(output):
-    folder = os.path.join(output, "results")
-    dataset = pads.dataset(folder, format="parquet") if os.path.isdir(folder) else None
-    if dataset is None or not dataset.files:  # the folder appears with a first (hidden) staging file
-        return []
-    return dataset.to_table(columns=["scan_id", "worker_pid"]).to_pylist()
 
 
 def test_worker_node_lost_mid_run(tiny_model, tmp_path):
@@ -43,11 +36,13 @@ def test_worker_node_lost_mid_run(tiny_model, tmp_path):
         args = ["--manifest", manifest, "--model", model_path, "--output", output, "--device", "cpu",
                 "--workers", "2", "--batch-size", "1", "--rows-per-file", "1", "--run-id", "node-loss",
                 "--ray-address", head.gcs]  # fmt: skip
-        driver = subprocess.Popen(
-            [sys.executable, "-m", "jobs.testing", json.dumps(faults), *args], env=env, stdout=log, stderr=log
-        )
+        driver = start_driver(faults, args, log, env)
         try:
-            scored = wait_until(lambda: committed(output), "a committed row", alive=lambda: driver.poll() is None)
+            scored = wait_until(
+                lambda: committed(output, ["scan_id", "worker_pid"]),
+                "a committed row",
+                alive=lambda: driver.poll() is None,
+            )
             victim_pid = scored[0]["worker_pid"]
             (victim,) = [n for n in workers if victim_pid in n.members()]
             victim.kill()

@@ -13,15 +13,16 @@ import signal
 import socket
 import time
 
-import pyarrow.dataset as pads
 import pytest
-from conftest import wait_until, write_archive, write_csv
 from lock_contender import contend
 from test_faults import hold_hook, start_driver
 
 from jobs import storage
 from jobs.output.lock import LockLost, OutputError, OutputLock
 from jobs.output.store import OutputStore
+from jobs.testing.archive import write_archive, write_csv
+from jobs.testing.processes import wait_until
+from jobs.testing.results import read_table
 
 BACKENDS = ["local", "s3"]
 
@@ -152,11 +153,6 @@ def archive6(tmp_path):
     return rows, write_csv(tmp_path / "manifest.csv", rows)
 
 
-def results_table(output):
-    filesystem, path = storage.resolve(storage.join(output, "results"))
-    return pads.dataset(path, filesystem=filesystem, format="parquet").to_table(columns=["scan_id", "run_id"])
-
-
 def run_drivers(count, manifest, model, output, gcs, hooks, tmp_path):
     """``count`` `jobs.score` drivers (own processes), each with its own run id; returns [(code, log)]."""
     logs = [open(tmp_path / f"driver-{i}.log", "w") for i in range(count)]  # noqa: SIM115 - closed below
@@ -191,7 +187,7 @@ def test_eight_runs_started_at_once_exactly_one_scores(ray_cluster, tiny_model, 
     for code, log in outcomes:
         if code == 2:
             assert f"is being written by run {winner!r}" in log, log[-3000:]
-    table = results_table(output)
+    table = read_table(output, columns=["scan_id", "run_id"])
     assert sorted(table["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in rows), "each scan exactly once"
     assert set(table["run_id"].to_pylist()) == {winner}
     report = json.loads(storage.read_bytes(storage.join(output, "runs", f"{winner}.json")))
@@ -224,7 +220,7 @@ def test_a_run_whose_lock_is_taken_over_while_paused_commits_nothing_more(
 
     def committed_rows():
         files = [n for n in listing(output) if n.startswith("results/part-")]
-        return len(files) == 2 and results_table(output).num_rows == 4
+        return len(files) == 2 and read_table(output, columns=["scan_id", "run_id"]).num_rows == 4
 
     try:
         wait_until(committed_rows, "2 committed files of 2 rows", alive=driver_alive)

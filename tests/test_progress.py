@@ -7,10 +7,10 @@ import re
 import select
 
 import pytest
-from conftest import write_archive, write_csv
 
 from jobs.observe.progress import Progress
 from jobs.score import run, summary
+from jobs.testing.archive import write_archive, write_csv
 
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
 

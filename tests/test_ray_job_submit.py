@@ -2,10 +2,12 @@
 
 import subprocess
 
-import pyarrow.dataset as pads
 import pytest
-from conftest import REPO_ROOT, write_archive, write_csv
-from ray_nodes import RAY, ray_cluster_of
+from conftest import REPO_ROOT
+
+from jobs.testing.archive import write_archive, write_csv
+from jobs.testing.ray_nodes import RAY, ray_cluster_of
+from jobs.testing.results import read_table
 
 
 @pytest.fixture
@@ -56,7 +58,7 @@ def test_ray_job_submit_scores_the_manifest(ray_head, tiny_model, tmp_path):
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "succeeded" in proc.stdout
     assert "6 scored, 0 failed" in proc.stdout
-    table = pads.dataset(str(output / "results"), format="parquet").to_table(columns=["scan_id", "run_id"])
+    table = read_table(str(output), columns=["scan_id", "run_id"])
     assert sorted(table["scan_id"].to_pylist()) == [r["scan_id"] for r in rows]
     assert set(table["run_id"].to_pylist()) == {"submitted"}
     assert (output / "runs" / "submitted.json").exists()

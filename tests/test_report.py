@@ -13,12 +13,12 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import write_archive, write_csv
 from scipy import stats
 
 from jobs import report as report_module
 from jobs.report import ks_distance, ks_threshold, read_page_data
 from jobs.score import run
+from jobs.testing.archive import write_archive, write_csv
 
 REQUIRE_BROWSER_ENV = "VIT3D_REQUIRE_BROWSER"
 

@@ -1,7 +1,8 @@
-"""jobs.inputs.resample against the scipy path it replaced (bench.reference, scipy.ndimage.zoom): equal within 1e-5.
+"""jobs.inputs.resample against the scipy path it replaced (jobs.testing.reference, scipy.ndimage.zoom): equal within
+1e-5.
 
-Real NIfTI files written here (every stored dtype, both byte orders, scl_slope/scl_inter, RAS and oblique
-storage) go through ``jobs.inputs.preprocess.preprocess`` and ``bench.reference.preprocess_scipy`` for every spec kind.
+Real NIfTI files written here (every stored dtype, both byte orders, scl_slope/scl_inter, RAS and oblique storage) go
+through ``jobs.inputs.preprocess.preprocess`` and ``jobs.testing.reference.preprocess_scipy`` for every spec kind.
 """
 
 import itertools
@@ -10,36 +11,23 @@ import numpy as np
 import pytest
 import scipy.ndimage
 
-from bench.decode import write_scan
-from bench.reference import preprocess_scipy, zoom_scipy
 from jobs.errors import ScanError
 from jobs.inputs import resample
 from jobs.inputs.formats.base import read_scan
 from jobs.inputs.formats.nifti import decode_nifti
 from jobs.inputs.preprocess import preprocess, zoom_factors
+from jobs.testing.nifti import write_nifti
+from jobs.testing.reference import preprocess_scipy, zoom_scipy
+from jobs.testing.volumes import tissue
 from vit3d.preprocessing import normalize_spec
 
 # A CT-like oblique, anisotropic, left-handed affine: reorientation flips and permutes axes.
 OBLIQUE = np.array([[0.0, -0.9, 0.0, 30.0], [0.0, 0.0, -1.1, 40.0], [2.0, 0.0, 0.0, -20.0], [0, 0, 0, 1]])
 
 
-def tissue(rng, shape, dtype):
-    """Smooth structure + noise in a range typical of the dtype (HU for int16, counts for unsigned, floats)."""
-    vol = scipy.ndimage.gaussian_filter(rng.normal(0, 1, shape), 1.5)
-    vol = vol / (np.abs(vol).max() + 1e-9) + rng.normal(0, 0.05, shape)
-    kind = np.dtype(dtype)
-    if kind == np.uint8:
-        return np.clip(128 + 100 * vol, 0, 255).astype(dtype)
-    if kind.kind == "u":
-        return np.clip(2000 + 1500 * vol, 0, None).astype(dtype)
-    if kind.kind == "i":
-        return (-300 + 1200 * vol).astype(dtype)
-    return (50 + 400 * vol).astype(dtype)
-
-
-def write_nifti(path, data, affine, endianness="<", slope=None, inter=0.0):
-    """A single-file NIfTI-1 with the voxels stored exactly as given (bench.decode's writer), decoded by the job."""
-    write_scan(str(path), data, affine, endianness, slope, inter)
+def stored(path, data, affine, endianness="<", slope=None, inter=0.0):
+    """A single-file NIfTI-1 with the voxels stored exactly as given, decoded by the job."""
+    write_nifti(path, data, affine, endianness=endianness, slope=slope, inter=inter)
     volume = decode_nifti(read_scan(str(path)), str(path))
     assert volume.data.dtype.isnative == (endianness == "<" or data.dtype.itemsize == 1)
     return volume
@@ -127,7 +115,7 @@ def test_preprocess_equals_scipy_path_for_every_spec(tmp_path, rng, dtype, order
     data = tissue(rng, shape, dtype)
     unsaturated = 0.0
     for affine, suffix in ((np.diag([-0.8, -0.8, 1.5, 1.0]), ".nii.gz"), (OBLIQUE, ".nii")):
-        volume = write_nifti(tmp_path / f"scan{suffix}", data, affine, order, slope, inter)
+        volume = stored(tmp_path / f"scan{suffix}", data, affine, order, slope, inter)
         if order == ">":
             assert not volume.data.dtype.isnative
         if slope is not None:
@@ -147,14 +135,14 @@ def test_preprocess_equals_scipy_path_for_every_spec(tmp_path, rng, dtype, order
 def test_constant_volume_is_zeros_and_non_finite_rejected(tmp_path, rng):
     """A constant volume stays exactly constant in float32 (z-score: zeros, like scipy's path)."""
     for value, dtype in ((7, "int16"), (0.1, "float32"), (-3.3, "float64")):
-        volume = write_nifti(tmp_path / "c.nii", np.full((11, 13, 9), value, dtype), np.eye(4))
+        volume = stored(tmp_path / "c.nii", np.full((11, 13, 9), value, dtype), np.eye(4))
         for size in ([16, 16, 16], [5, 7, 3]):
             spec = normalize_spec(None, size=size)
             assert not np.any(preprocess(volume, spec))
             assert not np.any(preprocess_scipy(volume, spec))
     data = tissue(rng, (12, 12, 12), "float32")
     data[2, 5, 6] = np.nan  # a voxel no tap of a 12 -> 4 resize reads: caught by the input check anyway
-    volume = write_nifti(tmp_path / "nan.nii", data, np.eye(4))
+    volume = stored(tmp_path / "nan.nii", data, np.eye(4))
     with pytest.raises(ScanError, match="NaN or Inf") as info:
         preprocess(volume, normalize_spec(None, size=[4, 4, 4]))
     assert info.value.stage == "preprocess" and info.value.path.endswith("nan.nii")

@@ -1,6 +1,6 @@
 """Storage goes away mid-run, and a driver is killed inside a slow commit.
 
-Everything is real: a moto S3 server on 127.0.0.1, a TCP proxy in front of it (``tcp_proxy``) that the test
+Everything is real: a moto S3 server on 127.0.0.1, a TCP proxy in front of it (``jobs.testing.tcp_proxy``) that the test
 cuts (live and new connections reset), restores and throttles, a real Ray instance, the driver as its own
 process where it must die or exit. The job reaches S3 only through the proxy (``?endpoint_override=`` on every
 URI); the test looks at the bucket directly. Waits are on what can be observed (the proxy's counters, log
@@ -8,24 +8,23 @@ records of a retry, committed objects), never a fixed sleep.
 """
 
 import base64
-import io
-import json
 import logging
 import os
 import signal
-import subprocess
-import sys
 import threading
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
-from conftest import REPO_ROOT, TESTS_DIR, wait_until, write_archive, write_csv
-from tcp_proxy import TcpProxy
+from conftest import REPO_ROOT, TESTS_DIR
 
 from jobs import storage
 from jobs.run.pipeline import decode_batch
 from jobs.score import run
+from jobs.testing import processes
+from jobs.testing.archive import write_archive, write_csv
+from jobs.testing.processes import wait_until
+from jobs.testing.results import s3_keys, s3_rows, s3_visible
+from jobs.testing.tcp_proxy import TcpProxy
 
 
 @pytest.fixture
@@ -34,33 +33,9 @@ def proxy(s3_server):
         yield p
 
 
-def keys(client, bucket, prefix):
-    pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]
-
-
-def visible(client, bucket, prefix):
-    """Object keys under ``prefix`` that readers see: no hidden staging names, no folder markers ("out/")."""
-    return [k for k in keys(client, bucket, prefix) if not k.rsplit("/", 1)[-1].startswith(".") and k[-1] != "/"]
-
-
 def committed_ids(client, bucket, prefix):
     """scan_ids of every visible Parquet file under ``prefix``; each file must read as complete Parquet."""
-    ids = []
-    for key in visible(client, bucket, prefix):
-        try:
-            body = client.get_object(Bucket=bucket, Key=key)["Body"].read()
-        except client.exceptions.NoSuchKey:
-            continue
-        ids += pq.read_table(io.BytesIO(body), columns=["scan_id"])["scan_id"].to_pylist()
-    return ids
-
-
-def error_rows(client, bucket, prefix):
-    rows = []
-    for key in visible(client, bucket, prefix):
-        rows += pq.read_table(io.BytesIO(client.get_object(Bucket=bucket, Key=key)["Body"].read())).to_pylist()
-    return rows
+    return [row["scan_id"] for row in s3_rows(client, bucket, prefix, ["scan_id"])]
 
 
 def retried(caplog, what):
@@ -114,7 +89,7 @@ def test_cut_connection_is_transient_retried_within_bounds_and_not_found_is_not(
     writer.join(300)
     assert read == {"value": b"a" * 1000} and wrote == {"value": None}
     assert client.get_object(Bucket=bucket, Key="b.bin")["Body"].read() == b"b" * 5000
-    assert not [k for k in keys(client, bucket, "") if "/." in k or k.startswith(".")], "staging left behind"
+    assert not [k for k in s3_keys(client, bucket, "") if "/." in k or k.startswith(".")], "staging left behind"
 
     # Permanent errors are raised at once, never retried.
     caplog.clear()
@@ -142,17 +117,17 @@ def test_commit_cut_mid_upload_leaves_no_visible_partial_file(s3_env, s3_bucket,
     thread, outcome = cut_mid_upload(f"s3://{bucket}/out/gone.parquet{proxy.query()}", retry_s=0)
     thread.join(300)
     assert isinstance(outcome.get("error"), storage.StorageUnreachable), outcome
-    assert visible(client, bucket, "out/") == [], "a cut upload left a visible object"
+    assert s3_visible(client, bucket, "out/") == [], "a cut upload left a visible object"
 
     proxy.restore()
     thread, outcome = cut_mid_upload(f"s3://{bucket}/out/kept.parquet{proxy.query()}", retry_s=600)
     wait_until(lambda: retried(caplog, "writing kept.parquet"), "a retry of the cut upload", alive=thread.is_alive)
-    assert visible(client, bucket, "out/") == []
+    assert s3_visible(client, bucket, "out/") == []
     proxy.throttle(None)
     proxy.restore()
     thread.join(300)
     assert outcome == {"value": None}
-    assert visible(client, bucket, "out/") == ["out/kept.parquet"]
+    assert s3_visible(client, bucket, "out/") == ["out/kept.parquet"]
     assert client.get_object(Bucket=bucket, Key="out/kept.parquet")["Body"].read() == data
 
 
@@ -222,8 +197,8 @@ def test_outage_within_bounds_run_completes_exactly_once(
     report = outcome["value"]
     assert report["counts"] == {"manifest": 12, "skipped_done": 0, "skipped_known_bad": 0, "ok": 12, "error": 0}
     assert sorted(committed_ids(client, bucket, "out/results/")) == sorted(r["scan_id"] for r in rows)
-    assert visible(client, bucket, "out/errors/") == []
-    assert not [k for k in keys(client, bucket, "out/") if "/." in k], "staging objects left behind"
+    assert s3_visible(client, bucket, "out/errors/") == []
+    assert not [k for k in s3_keys(client, bucket, "out/") if "/." in k], "staging objects left behind"
 
 
 def alive(driver, log_path):
@@ -239,9 +214,7 @@ def start_driver(manifest, model, output, gcs, hooks, log, *args):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR])}
     argv = ["--manifest", manifest, "--model", model, "--output", output, "--device", "cpu", "--run-id", "night"]
     argv += ["--ray-address", gcs, "--quiet", *args]
-    return subprocess.Popen(
-        [sys.executable, "-m", "jobs.testing", json.dumps(hooks), *argv], env=env, stdout=log, stderr=subprocess.STDOUT
-    )
+    return processes.start_driver(hooks, argv, log, env)
 
 
 def test_outage_past_bounds_exits_1_then_rerun_exactly_once(
@@ -278,7 +251,7 @@ def test_outage_past_bounds_exits_1_then_rerun_exactly_once(
     assert "run failed" in text and "storage unreachable" in text, text[-4000:]
     done = committed_ids(client, bucket, "out/results/")
     assert 2 <= len(done) < 12 and len(set(done)) == len(done)
-    assert {e["stage"] for e in error_rows(client, bucket, "out/errors/")} <= {"read-transient"}
+    assert {e["stage"] for e in s3_rows(client, bucket, "out/errors/")} <= {"read-transient"}
 
     proxy.restore()
     report = run(manifest, model_path, output, device="cpu", run_id="night", progress=False)
@@ -290,7 +263,7 @@ def test_outage_past_bounds_exits_1_then_rerun_exactly_once(
         "error": 0,
     }
     assert sorted(committed_ids(client, bucket, "out/results/")) == sorted(r["scan_id"] for r in rows)
-    assert not [k for k in keys(client, bucket, "out/") if "/." in k], "staging objects left behind"
+    assert not [k for k in s3_keys(client, bucket, "out/") if "/." in k], "staging objects left behind"
 
 
 def test_driver_killed_during_a_slow_commit_upload(ray_cluster, tiny_model, s3_bucket, proxy, tmp_path):
@@ -340,7 +313,7 @@ def test_driver_killed_during_a_slow_commit_upload(ray_cluster, tiny_model, s3_b
                 alive=alive(driver, log_path),
             )
             at_kill = proxy.bytes_up
-            assert visible(client, bucket, "out/results/") == []
+            assert s3_visible(client, bucket, "out/results/") == []
             driver.send_signal(signal.SIGKILL)
             driver.wait(timeout=60)
         finally:
@@ -348,15 +321,15 @@ def test_driver_killed_during_a_slow_commit_upload(ray_cluster, tiny_model, s3_b
                 driver.kill()
                 driver.wait()
     try:
-        assert visible(client, bucket, "out/results/") == [], "a partial results file became visible"
+        assert s3_visible(client, bucket, "out/results/") == [], "a partial results file became visible"
         proxy.throttle(None)
         report = run(manifest, model_path, output, device="cpu", run_id="night", progress=False)
     finally:
         stop.set()
         watcher.join()
     assert not bad, bad
-    [key] = visible(client, bucket, "out/results/")
+    [key] = s3_visible(client, bucket, "out/results/")
     assert at_kill < client.head_object(Bucket=bucket, Key=key)["ContentLength"], "the kill came after the upload"
     assert report["counts"] == {"manifest": 24, "skipped_done": 0, "skipped_known_bad": 0, "ok": 24, "error": 0}
     assert sorted(committed_ids(client, bucket, "out/results/")) == sorted(r["scan_id"] for r in big)
-    assert not [k for k in keys(client, bucket, "out/") if "/." in k], "staging objects left behind"
+    assert not [k for k in s3_keys(client, bucket, "out/") if "/." in k], "staging objects left behind"

@@ -17,41 +17,16 @@ from jobs.inputs.formats.nifti import decode_nifti
 from jobs.inputs.load import load_scan, source_provenance
 from jobs.inputs.preprocess import preprocess, zoom, zoom_factors
 from jobs.output.schema import DECODE_PROVENANCE
+from jobs.testing.nifti import edited_header, nifti_header, write_raw
+from jobs.testing.volumes import smooth_volume
 from vit3d.preprocessing import normalize_spec
 
 LPS = np.array([[-0.9, 0, 0, 30.0], [0, -1.1, 0, 40.0], [0, 0, 2.0, -20.0], [0, 0, 0, 1]])
 BIG_ENDIAN_ANATOMICAL = os.path.join(os.path.dirname(nib.__file__), "tests", "data", "anatomical.nii")
 
 
-def smooth_volume(rng, shape=(20, 24, 16), dtype=np.int16):
-    vol = scipy.ndimage.gaussian_filter(rng.normal(0, 400, shape), 2) + rng.normal(0, 20, shape)
-    return vol.astype(dtype)
-
-
 def spec(**kw):
     return normalize_spec(kw, size=kw.pop("size", [16, 16, 16]))
-
-
-def raw_header(shape=(10, 12, 8), dtype=np.int16, affine=None, endianness="<"):
-    """A valid single-file NIfTI-1 header built with nibabel, for tests to edit."""
-    hdr = nib.Nifti1Header(endianness=endianness)
-    hdr.set_data_shape(shape)
-    hdr.set_data_dtype(dtype)
-    aff = np.diag([1.0, 1.0, 1.0, 1.0]) if affine is None else affine
-    hdr.set_qform(aff, code=1)
-    hdr.set_sform(aff, code=1)
-    hdr["vox_offset"] = 352
-    return hdr
-
-
-def write_raw(path, hdr, body=None, compress=None):
-    """Header bytes + extension flag + body (default: zeros of the header's size), gzipped if the name says so."""
-    if body is None:
-        body = bytes(int(np.prod(hdr.get_data_shape())) * hdr.get_data_dtype().itemsize)
-    blob = hdr.binaryblock + b"\x00" * 4 + body
-    compress = str(path).endswith(".gz") if compress is None else compress
-    path.write_bytes(gzip.compress(blob, 1) if compress else blob)
-    return str(path)
 
 
 def decode_file(path):
@@ -131,7 +106,7 @@ def test_gzip_detected_by_magic_not_name(tmp_path, rng):
 
 
 def test_scl_slope_and_inter_are_applied(tmp_path):
-    hdr = raw_header(shape=(6, 6, 6))
+    hdr = nifti_header(shape=(6, 6, 6))
     hdr["scl_slope"] = 2.0
     hdr["scl_inter"] = -100.0
     data = np.arange(216, dtype=np.int16).reshape(6, 6, 6)
@@ -170,7 +145,7 @@ def test_rejected_shapes_and_types(tmp_path, shape, dtype, words):
 
 
 def test_rgb_rejected(tmp_path):
-    hdr = raw_header()
+    hdr = nifti_header()
     hdr["datatype"] = 128  # RGB24
     hdr["bitpix"] = 24
     expect_error("validate", write_raw(tmp_path / "rgb.nii", hdr, bytes(3 * 960)), words=["unsupported datatype"])
@@ -428,7 +403,7 @@ def test_truncated_nii(tmp_path, rng):
 
 @pytest.mark.parametrize("name", ["huge.nii.gz", "huge.nii"])
 def test_huge_header_rejected_before_allocation(tmp_path, name):
-    hdr = raw_header(shape=(2000, 2000, 1000))
+    hdr = nifti_header(shape=(2000, 2000, 1000))
     path = write_raw(tmp_path / name, hdr, body=bytes(600))
     assert os.path.getsize(path) < 1200
     start = time.thread_time()  # CPU time of this thread: a loaded machine does not inflate it
@@ -438,7 +413,7 @@ def test_huge_header_rejected_before_allocation(tmp_path, name):
 
 def test_huge_header_with_matching_isize_still_rejected(tmp_path):
     # 40000 x 40000 x 2 int16 = 6 GiB (wraps mod 2**32); the size cap applies first.
-    hdr = raw_header(shape=(30000, 30000, 2))
+    hdr = nifti_header(shape=(30000, 30000, 2))
     path = tmp_path / "huge2.nii.gz"
     blob = gzip.compress(hdr.binaryblock + bytes(4) + bytes(600))
     expected = (352 + 30000 * 30000 * 2 * 2) % 2**32
@@ -448,32 +423,21 @@ def test_huge_header_with_matching_isize_still_rejected(tmp_path):
     assert time.thread_time() - start < 0.5
 
 
-def edited(field, value):
-    hdr = raw_header()
-    arr = hdr[field].copy()
-    if callable(value):
-        value(arr)
-    else:
-        arr = value
-    hdr[field] = arr
-    return hdr
-
-
 @pytest.mark.parametrize(
     ("hdr_fn", "words"),
     [
-        (lambda: edited("dim", [9, 10, 12, 8, 1, 1, 1, 1]), ["dim[0]=9"]),
-        (lambda: edited("dim", [0, 10, 12, 8, 1, 1, 1, 1]), ["dim[0]=0"]),
-        (lambda: edited("dim", [3, 10, 0, 8, 1, 1, 1, 1]), ["dim[2]=0"]),
-        (lambda: edited("dim", [3, 10, -12, 8, 1, 1, 1, 1]), ["dim[2]=-12"]),
-        (lambda: edited("pixdim", [1, 1, 0, 1, 1, 1, 1, 1]), ["pixdim"]),
-        (lambda: edited("pixdim", [1, 1, -2, 1, 1, 1, 1, 1]), ["pixdim"]),
-        (lambda: edited("pixdim", [1, np.nan, 1, 1, 1, 1, 1, 1]), ["pixdim"]),
-        (lambda: edited("magic", b"ni1"), ["separate .hdr/.img"]),
-        (lambda: edited("magic", b"abc"), ["magic"]),
-        (lambda: edited("vox_offset", 100), ["vox_offset"]),
-        (lambda: edited("srow_x", [0, 0, 0, 0]), ["singular"]),
-        (lambda: edited("srow_y", [0, np.inf, 0, 0]), ["non-finite"]),
+        (lambda: edited_header("dim", [9, 10, 12, 8, 1, 1, 1, 1]), ["dim[0]=9"]),
+        (lambda: edited_header("dim", [0, 10, 12, 8, 1, 1, 1, 1]), ["dim[0]=0"]),
+        (lambda: edited_header("dim", [3, 10, 0, 8, 1, 1, 1, 1]), ["dim[2]=0"]),
+        (lambda: edited_header("dim", [3, 10, -12, 8, 1, 1, 1, 1]), ["dim[2]=-12"]),
+        (lambda: edited_header("pixdim", [1, 1, 0, 1, 1, 1, 1, 1]), ["pixdim"]),
+        (lambda: edited_header("pixdim", [1, 1, -2, 1, 1, 1, 1, 1]), ["pixdim"]),
+        (lambda: edited_header("pixdim", [1, np.nan, 1, 1, 1, 1, 1, 1]), ["pixdim"]),
+        (lambda: edited_header("magic", b"ni1"), ["separate .hdr/.img"]),
+        (lambda: edited_header("magic", b"abc"), ["magic"]),
+        (lambda: edited_header("vox_offset", 100), ["vox_offset"]),
+        (lambda: edited_header("srow_x", [0, 0, 0, 0]), ["singular"]),
+        (lambda: edited_header("srow_y", [0, np.inf, 0, 0]), ["non-finite"]),
     ],
     ids=[
         "dim0=9",
@@ -497,7 +461,7 @@ def test_bad_headers_rejected_in_validate(tmp_path, hdr_fn, words, suffix):
 
 
 def test_bad_header_big_endian(tmp_path):
-    hdr = raw_header(endianness=">")
+    hdr = nifti_header(endianness=">")
     hdr["dim"] = [3, 10, 0, 8, 1, 1, 1, 1]
     expect_error("validate", write_raw(tmp_path / "be.nii", hdr), words=["dim[2]=0"])
 
@@ -506,7 +470,7 @@ def test_valid_raw_header_decodes(tmp_path):
     # The crafted headers above differ from this valid one only in the edited field.
     for endianness in "<>":
         data = np.arange(960, dtype=np.int16).reshape(10, 12, 8)
-        hdr = raw_header(endianness=endianness)
+        hdr = nifti_header(endianness=endianness)
         body = data.astype(hdr.get_data_dtype()).tobytes(order="F")
         for suffix in (".nii", ".nii.gz"):
             path = write_raw(tmp_path / f"ok{endianness == '>'}{suffix}", hdr, body)

@@ -5,8 +5,11 @@ load lazily, so ``vit3d.storage`` and ``vit3d.preprocessing`` can be used (by
 CPU decode workers) without importing TensorFlow.
 """
 
+from __future__ import annotations
+
 import importlib
 import os
+from typing import Any
 
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
@@ -27,7 +30,7 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
+def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'vit3d' has no attribute {name!r}")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
@@ -35,5 +38,5 @@ def __getattr__(name):
     return value
 
 
-def __dir__():
+def __dir__() -> list[str]:
     return sorted(set(globals()) | set(_EXPORTS))

@@ -4,15 +4,18 @@
 ``verify`` loads it with every check and exits 1 with the reason if one fails.
 """
 
+from __future__ import annotations
+
 import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Sequence
 
 import vit3d
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vit3d", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     show = sub.add_parser("inspect", help="print an artifact's sha256, preprocessing and config (no model build)")

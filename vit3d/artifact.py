@@ -10,6 +10,8 @@ them. The record lives in ``metadata.json`` rather than in extra zip entries
 because Keras extracts the whole archive to disk when it has more than three.
 """
 
+from __future__ import annotations
+
 import base64
 import dataclasses
 import hashlib
@@ -19,6 +21,8 @@ import logging
 import os
 import tempfile
 import zipfile
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import h5py
 import keras
@@ -28,6 +32,9 @@ import vit3d.model  # noqa: F401  (registers ViT3D's classes, so load() knows th
 from vit3d import storage
 from vit3d.preprocessing import normalize_spec
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
 FORMAT = "vit3d-artifact"
 FORMAT_VERSION = 1
 PROBE_SEED = 20240611
@@ -36,12 +43,13 @@ logger = logging.getLogger(__name__)
 _METADATA = "metadata.json"
 _CONFIG = "config.json"
 _WEIGHTS = "model.weights.h5"
+T = TypeVar("T")
 
 
 class ArtifactError(Exception):
     """An artifact cannot be used; ``path`` names it and ``reason`` says why."""
 
-    def __init__(self, path, reason):
+    def __init__(self, path: str | os.PathLike[str], reason: str) -> None:
         super().__init__(f"{path}: {reason}")
         self.path = str(path)
         self.reason = reason
@@ -71,15 +79,15 @@ class ArtifactInfo:
     sha256: str
     size_bytes: int
     class_name: str
-    config: dict
-    input_shape: tuple
-    preprocessing: dict
+    config: dict[str, Any]
+    input_shape: tuple[int | None, ...]
+    preprocessing: dict[str, Any]
     weight_count: int
     keras_version: str
     saved_at: str
 
 
-def probe_input(shape, seed=PROBE_SEED):
+def probe_input(shape: Sequence[int], seed: int = PROBE_SEED) -> np.ndarray:
     """A deterministic input in [-2, 2), identical across NumPy versions.
 
     Built from PCG64's raw bit stream, which NumPy keeps stable, rather than
@@ -91,7 +99,7 @@ def probe_input(shape, seed=PROBE_SEED):
     return (4.0 * unit - 2.0).astype(np.float32).reshape(shape)
 
 
-def without_tf32(fn):
+def without_tf32(fn: Callable[[], T]) -> T:
     """Run ``fn`` with TF32 matmuls off, so a GPU reproduces a float32 probe to 1e-5."""
     import tensorflow as tf
 
@@ -103,10 +111,10 @@ def without_tf32(fn):
         tf.config.experimental.enable_tensor_float_32_execution(was_enabled)
 
 
-def probe_outputs(model, x):
+def probe_outputs(model: keras.Model, x: np.ndarray) -> dict[str, np.ndarray]:
     """Every output of ``model(x)`` (and ``model.embed(x)`` if it has one), as float64 arrays."""
 
-    def run():
+    def run() -> dict[str, np.ndarray]:
         outputs = {"call": model(x, training=False)}
         if callable(getattr(model, "embed", None)):
             outputs["embed"] = model.embed(x)
@@ -119,12 +127,13 @@ def probe_outputs(model, x):
     return without_tf32(run)
 
 
-def model_input_shape(model):
+def model_input_shape(model: keras.Model) -> tuple[None, Unpack[tuple[int, ...]]]:
     """The model's input shape, batch dimension None, from its inputs or its build."""
     try:
         inputs = model.inputs  # functional and sequential models
     except (AttributeError, ValueError):
         inputs = None
+    shape: tuple[Any, ...] | None
     if inputs:
         if len(inputs) != 1:
             raise ValueError(f"vit3d artifacts hold single-input models; this one has {len(inputs)}")
@@ -139,7 +148,7 @@ def model_input_shape(model):
     return (None, *(int(d) for d in shape[1:]))
 
 
-def unbuilt_layers(layer, prefix=""):
+def unbuilt_layers(layer: keras.layers.Layer, prefix: str = "") -> list[str]:
     """Paths (``model/block_0/dense``) of every layer, ``layer`` included, that is not built."""
     path = f"{prefix}/{layer.name}" if prefix else layer.name
     found = [] if layer.built else [path]
@@ -159,7 +168,7 @@ def _decode_arrays(text):
         return {k.replace("__", "/"): npz[k] for k in npz.files}
 
 
-def save(model, path, preprocessing=None):
+def save(model: keras.Model, path: str | os.PathLike[str], preprocessing: dict[str, Any] | None = None) -> ArtifactInfo:
     """Write ``model`` as ONE verified ``.keras`` file at ``path`` (local or URI).
 
     The file also carries the preprocessing spec, the weight-array count and a probe (a fixed input and
@@ -297,7 +306,7 @@ def _info(path, data, archive):
     )
 
 
-def inspect(path):
+def inspect(path: str | os.PathLike[str]) -> ArtifactInfo:
     """Read an artifact's :class:`ArtifactInfo` (sha256, preprocessing, config) without building it.
 
     Args:
@@ -320,14 +329,14 @@ def _check_sha256(path, actual, expected):
         raise ChecksumMismatchError(path, f"sha256 is {actual}, expected {expected}")
 
 
-def with_dtype_policy(model, policy):
+def with_dtype_policy(model: keras.Model, policy: str) -> keras.Model:
     """``model`` rebuilt under ``policy`` (e.g. "mixed_bfloat16") with the same weights.
 
     ``load_model`` has no dtype argument and ignores the global policy (saved configs say float32), so the
     config is rewritten and the already-verified float32 weights are copied in; variables stay float32.
     """
 
-    def rewrite(node):
+    def rewrite(node: Any) -> Any:
         if isinstance(node, dict):
             if node.get("class_name") == "DTypePolicy" and node.get("module") == "keras":
                 return {**node, "config": {**node["config"], "name": policy}}
@@ -343,7 +352,12 @@ def with_dtype_policy(model, policy):
     return rebuilt
 
 
-def load_with_info(path, expected_sha256=None, probe_atol=PROBE_ATOL, dtype_policy=None):
+def load_with_info(
+    path: str | os.PathLike[str],
+    expected_sha256: str | None = None,
+    probe_atol: float = PROBE_ATOL,
+    dtype_policy: str | None = None,
+) -> tuple[keras.Model, ArtifactInfo]:
     """Like :func:`load`, also returning the artifact's :class:`ArtifactInfo`."""
     path = os.fspath(path)
     data = _read(path)
@@ -373,7 +387,12 @@ def load_with_info(path, expected_sha256=None, probe_atol=PROBE_ATOL, dtype_poli
     return model, info
 
 
-def load(path, expected_sha256=None, probe_atol=PROBE_ATOL, dtype_policy=None):
+def load(
+    path: str | os.PathLike[str],
+    expected_sha256: str | None = None,
+    probe_atol: float = PROBE_ATOL,
+    dtype_policy: str | None = None,
+) -> keras.Model:
     """Load a vit3d artifact (``safe_mode=True``) and prove it holds the saved weights.
 
     Before returning, checks that every layer is built, that the model has as
@@ -397,7 +416,9 @@ def load(path, expected_sha256=None, probe_atol=PROBE_ATOL, dtype_policy=None):
     return load_with_info(path, expected_sha256, probe_atol, dtype_policy)[0]
 
 
-def verify(model, path, saved_arrays, probe, probe_atol=PROBE_ATOL):
+def verify(
+    model: keras.Model, path: str, saved_arrays: int, probe: dict[str, Any], probe_atol: float = PROBE_ATOL
+) -> None:
     """Raise ModelReloadError unless ``model`` provably holds the saved weights."""
     unbuilt = unbuilt_layers(model)
     if unbuilt:

@@ -12,13 +12,20 @@ Neither torch nor monai is imported when this module is imported: state dict val
 tensors or NumPy arrays, and torch is loaded only by the CLI to read the checkpoint file.
 """
 
+from __future__ import annotations
+
 import argparse
 import json
 import os
 import re
 import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from vit3d.model import ViT3D
 
 # MONAI ViT's keyword arguments and their defaults (monai.networks.nets.ViT, MONAI 1.x).
 MONAI_DEFAULTS = {
@@ -60,7 +67,13 @@ _ANCHORS = (
 class CheckpointMismatchError(ValueError):
     """The state dict does not fit the configuration; ``missing``, ``unexpected``, ``mismatched`` say how."""
 
-    def __init__(self, message, missing=(), unexpected=(), mismatched=()):
+    def __init__(
+        self,
+        message: str,
+        missing: Iterable[str] = (),
+        unexpected: Iterable[str] = (),
+        mismatched: Iterable[tuple[str, tuple[int, ...], tuple[int, ...]]] = (),
+    ) -> None:
         super().__init__(message)
         self.missing = list(missing)
         self.unexpected = list(unexpected)
@@ -73,7 +86,7 @@ def _names(keys, limit=25):
     return shown + (f" (and {len(keys) - limit} more)" if len(keys) > limit else "")
 
 
-def vit3d_kwargs(**monai_kwargs):
+def vit3d_kwargs(**monai_kwargs: Any) -> dict[str, Any]:
     """The ViT3D constructor arguments equivalent to MONAI ``ViT(**monai_kwargs)``.
 
     MONAI's defaults fill absent arguments (they differ from ViT3D's: post_activation "Tanh",
@@ -152,7 +165,7 @@ def _is_tensor_map(obj):
     return isinstance(obj, dict) and any(hasattr(v, "shape") for v in obj.values())
 
 
-def normalize_state_dict(checkpoint):
+def normalize_state_dict(checkpoint: Any) -> tuple[dict[str, Any], list[str]]:
     """The bare MONAI-named state dict inside ``checkpoint`` and notes on what was done to it.
 
     Unwraps ``{"state_dict": ...}`` / ``{"model": ...}`` containers, strips a prefix such as
@@ -201,18 +214,18 @@ def normalize_state_dict(checkpoint):
     return out, notes
 
 
-def projection_type(monai_kwargs):
+def projection_type(monai_kwargs: Mapping[str, Any]) -> str:
     """MONAI's patch projection for ``monai_kwargs``: "conv" or "perceptron" (validated by vit3d_kwargs)."""
     value = monai_kwargs.get("proj_type", monai_kwargs.get("pos_embed", MONAI_DEFAULTS["proj_type"]))
     return str(value).lower()
 
 
-def projection_key(proj_type):
+def projection_key(proj_type: str) -> str:
     """The state-dict prefix of MONAI's patch projection: a Conv3d, or the Linear after Rearrange."""
     return "patch_embedding.patch_embeddings." + ("1." if proj_type == "perceptron" else "")
 
 
-def expected_shapes(cfg, proj_type="conv"):
+def expected_shapes(cfg: Mapping[str, Any], proj_type: str = "conv") -> dict[str, tuple[int, ...]]:
     """MONAI's state-dict keys and their (torch-layout) shapes for the ViT3D arguments ``cfg``."""
     from vit3d.layers import as_triple, grid_shape
 
@@ -220,7 +233,7 @@ def expected_shapes(cfg, proj_type="conv"):
     grid = grid_shape(cfg["img_size"], cfg["patch_size"])
     patch = as_triple(cfg["patch_size"], "patch_size")
     projection = projection_key(proj_type)
-    shapes = {
+    shapes: dict[str, tuple[int, ...]] = {
         "patch_embedding.position_embeddings": (1, grid[0] * grid[1] * grid[2], hidden),
         projection + "weight": (hidden, c, *patch) if proj_type == "conv" else (hidden, c * int(np.prod(patch))),
         projection + "bias": (hidden,),
@@ -288,7 +301,7 @@ def _shape(value):
     return tuple(int(n) for n in (shape if shape is not None else np.shape(value)))
 
 
-def check_state_dict(state_dict, cfg, proj_type="conv"):
+def check_state_dict(state_dict: Mapping[str, Any], cfg: Mapping[str, Any], proj_type: str = "conv") -> None:
     """Raise CheckpointMismatchError naming every missing, unexpected and wrongly shaped key."""
     shapes = expected_shapes(cfg, proj_type)
     missing, unexpected = set(shapes) - set(state_dict), set(state_dict) - set(shapes)
@@ -312,7 +325,7 @@ def check_state_dict(state_dict, cfg, proj_type="conv"):
         )
 
 
-def from_monai(state_dict, **monai_kwargs):
+def from_monai(state_dict: Any, **monai_kwargs: Any) -> ViT3D:
     """A built :class:`vit3d.ViT3D` holding the weights of MONAI ``ViT(**monai_kwargs)``'s ``state_dict``.
 
     ``state_dict`` may be wrapped (``{"state_dict": ...}``, ``{"model": ...}``, ``module.`` keys)
@@ -348,7 +361,7 @@ def from_monai(state_dict, **monai_kwargs):
         (model.norm.beta, arrays["norm.bias"]),
     ]
 
-    def linear(dense, key):  # torch Linear weight (out, in) -> Dense kernel (in, out)
+    def linear(dense: Any, key: str) -> None:  # torch Linear weight (out, in) -> Dense kernel (in, out)
         pairs.append((dense.kernel, arrays[key + ".weight"].T))
         if dense.use_bias:
             pairs.append((dense.bias, arrays[key + ".bias"]))
@@ -383,7 +396,9 @@ def from_monai(state_dict, **monai_kwargs):
 # --- parity against MONAI itself (optional: only when monai is installed) ---------------------------
 
 
-def monai_parity(model, state_dict, monai_kwargs, x):
+def monai_parity(
+    model: ViT3D, state_dict: Any, monai_kwargs: Mapping[str, Any], x: np.ndarray
+) -> dict[str, float] | None:
     """Max abs differences between ``model`` and MONAI's own ViT on ``x`` (NDHWC), TF32 off.
 
     Returns {"output": d, "tokens": d}, or None when monai is not installed. Tokens are the
@@ -405,7 +420,7 @@ def monai_parity(model, state_dict, monai_kwargs, x):
     leftover = [k for k in result.missing_keys if not _IGNORED.match(k)] + list(result.unexpected_keys)
     if leftover:
         raise CheckpointMismatchError(f"MONAI's ViT itself does not accept the checkpoint: {_names(leftover)}")
-    captured = {}
+    captured: dict[str, Any] = {}
     handle = net.norm.register_forward_hook(lambda _m, _i, out: captured.update(tokens=out))
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
@@ -416,7 +431,7 @@ def monai_parity(model, state_dict, monai_kwargs, x):
         handle.remove()
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
 
-    def run():
+    def run() -> tuple[np.ndarray, np.ndarray]:
         import keras
 
         return (
@@ -472,7 +487,7 @@ def _one_line(text):
     return " ".join(str(text).split())
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Convert, check parity against MONAI (when installed), save with vit3d.save and reload to verify."""
     parser = argparse.ArgumentParser(prog="python -m vit3d.convert", description=__doc__.splitlines()[0])
     parser.add_argument("--monai", required=True, metavar="CKPT.pt", help="torch.save'd MONAI ViT state dict")
@@ -504,7 +519,7 @@ def main(argv=None) -> int:
     print(f"converted {args.monai}: {len(model.weights)} weights" + (f" ({'; '.join(notes)})" if notes else ""))
     x = probe_input((1, *model.volume_shape[1:]))
     try:
-        parity = monai_parity(model, state_dict, config, x)
+        parity: dict[str, float] | str | None = monai_parity(model, state_dict, config, x)
     except CheckpointMismatchError as e:
         print(f"error: {_one_line(e)}", file=sys.stderr)
         return 2

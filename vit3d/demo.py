@@ -1,5 +1,7 @@
 """``python -m vit3d.demo``: build a small ViT3D, save it, reload and verify it in a fresh process."""
 
+from __future__ import annotations
+
 import subprocess
 import sys
 import tempfile
@@ -9,7 +11,7 @@ import numpy as np
 import vit3d
 
 
-def main():
+def main() -> int:
     model = vit3d.ViT3D(
         (32, 32, 24),
         (8, 8, 6),

@@ -6,13 +6,18 @@ without tracing ``call`` — the property whose absence makes ``load_model``
 succeed silently with random weights (see the project README).
 """
 
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
 import keras
 from keras import ops
 
 PACKAGE = "vit3d"
 
 
-def as_triple(value, name):
+def as_triple(value: int | Iterable[int], name: str) -> tuple[int, int, int]:
     """An int or a length-3 sequence of positive ints, as a tuple of 3 ints."""
     triple = (value, value, value) if isinstance(value, int) else tuple(int(v) for v in value)
     if len(triple) != 3 or any(v < 1 for v in triple):
@@ -20,7 +25,7 @@ def as_triple(value, name):
     return triple
 
 
-def grid_shape(img_size, patch_size):
+def grid_shape(img_size: int | Iterable[int], patch_size: int | Iterable[int]) -> tuple[int, ...]:
     """Number of patches along (D, H, W); img_size must tile exactly."""
     img, patch = as_triple(img_size, "img_size"), as_triple(patch_size, "patch_size")
     if any(i % p for i, p in zip(img, patch, strict=True)):
@@ -28,7 +33,7 @@ def grid_shape(img_size, patch_size):
     return tuple(i // p for i, p in zip(img, patch, strict=True))
 
 
-def patchify(volumes, patch_size):
+def patchify(volumes: Any, patch_size: Sequence[int]) -> Any:
     """``(B, D, H, W, C)`` → ``(B, N, pD·pH·pW·C)``: each non-overlapping patch flattened, row-major.
 
     Patches follow (D', H', W') row-major order and each patch's values follow (pD, pH, pW, C), the
@@ -62,13 +67,13 @@ class PatchProjection3D(keras.layers.Layer):
     TensorShape([2, 64, 48])
     """
 
-    def __init__(self, patch_size, in_channels, filters, **kwargs):
+    def __init__(self, patch_size: int | Iterable[int], in_channels: int, filters: int, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.patch_size = as_triple(patch_size, "patch_size")
         self.in_channels = int(in_channels)
         self.filters = int(filters)
 
-    def build(self, input_shape=None):
+    def build(self, input_shape: tuple[int | None, ...] | None = None) -> None:
         self.kernel = self.add_weight(
             name="kernel",
             shape=(*self.patch_size, self.in_channels, self.filters),
@@ -77,16 +82,17 @@ class PatchProjection3D(keras.layers.Layer):
         self.bias = self.add_weight(name="bias", shape=(self.filters,), initializer="zeros")
         self.built = True
 
-    def call(self, inputs):
+    def call(self, inputs: Any) -> Any:
         patches = patchify(inputs, self.patch_size)
         kernel = ops.reshape(self.kernel, (-1, self.filters))
         return ops.matmul(patches, kernel) + self.bias
 
-    def compute_output_shape(self, input_shape):
-        grid = grid_shape(input_shape[1:4], self.patch_size)
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
+        # The spatial dims are known here (patchify reshapes with them); only the batch dim may be None.
+        grid = grid_shape(input_shape[1:4], self.patch_size)  # type: ignore[arg-type]
         return (input_shape[0], grid[0] * grid[1] * grid[2], self.filters)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(patch_size=self.patch_size, in_channels=self.in_channels, filters=self.filters)
         return config
@@ -111,7 +117,15 @@ class PatchEmbedding3D(keras.layers.Layer):
     TensorShape([2, 64, 48])
     """
 
-    def __init__(self, img_size, patch_size, in_channels, hidden_size, dropout_rate=0.0, **kwargs):
+    def __init__(
+        self,
+        img_size: int | Iterable[int],
+        patch_size: int | Iterable[int],
+        in_channels: int,
+        hidden_size: int,
+        dropout_rate: float = 0.0,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.img_size = as_triple(img_size, "img_size")
         self.patch_size = as_triple(patch_size, "patch_size")
@@ -126,7 +140,7 @@ class PatchEmbedding3D(keras.layers.Layer):
         )
         self.dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy, name="dropout")
 
-    def build(self, input_shape=None):
+    def build(self, input_shape: tuple[int | None, ...] | None = None) -> None:
         self.projection.build((None, *self.img_size, self.in_channels))
         self.position_embeddings = self.add_weight(
             name="position_embeddings",
@@ -136,15 +150,15 @@ class PatchEmbedding3D(keras.layers.Layer):
         self.dropout.build((None, self.num_patches, self.hidden_size))
         self.built = True
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         x = self.projection(inputs)
         x = x + ops.cast(self.position_embeddings, x.dtype)
         return self.dropout(x, training=training)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return (input_shape[0], self.num_patches, self.hidden_size)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             img_size=self.img_size,
@@ -175,7 +189,9 @@ class MultiHeadSelfAttention(keras.layers.Layer):
     TensorShape([2, 9, 64])
     """
 
-    def __init__(self, hidden_size, num_heads, qkv_bias=False, dropout_rate=0.0, **kwargs):
+    def __init__(
+        self, hidden_size: int, num_heads: int, qkv_bias: bool = False, dropout_rate: float = 0.0, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         if hidden_size % num_heads:
             raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
@@ -191,7 +207,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         )
         self.output_dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy, name="output_dropout")
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         batch, tokens = input_shape[0], input_shape[1]
         self.qkv.build((batch, tokens, self.hidden_size))
         self.out_proj.build((batch, tokens, self.hidden_size))
@@ -199,7 +215,7 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         self.output_dropout.build((batch, tokens, self.hidden_size))
         self.built = True
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         tokens = ops.shape(inputs)[1]
         qkv = ops.reshape(self.qkv(inputs), (-1, tokens, 3, self.num_heads, self.head_dim))
         qkv = ops.transpose(qkv, (2, 0, 3, 1, 4))  # (3, B, heads, N, head_dim)
@@ -212,10 +228,10 @@ class MultiHeadSelfAttention(keras.layers.Layer):
         out = ops.reshape(out, (-1, tokens, self.hidden_size))
         return self.output_dropout(self.out_proj(out), training=training)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return tuple(input_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             hidden_size=self.hidden_size,
@@ -241,7 +257,7 @@ class MLPBlock(keras.layers.Layer):
     TensorShape([2, 9, 64])
     """
 
-    def __init__(self, hidden_size, mlp_dim, dropout_rate=0.0, **kwargs):
+    def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float = 0.0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.hidden_size = int(hidden_size)
         self.mlp_dim = int(mlp_dim)
@@ -251,7 +267,7 @@ class MLPBlock(keras.layers.Layer):
         self.hidden_dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy, name="hidden_dropout")
         self.output_dropout = keras.layers.Dropout(self.dropout_rate, dtype=self.dtype_policy, name="output_dropout")
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         batch, tokens = input_shape[0], input_shape[1]
         self.linear1.build((batch, tokens, self.hidden_size))
         self.hidden_dropout.build((batch, tokens, self.mlp_dim))
@@ -259,15 +275,15 @@ class MLPBlock(keras.layers.Layer):
         self.output_dropout.build((batch, tokens, self.hidden_size))
         self.built = True
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         x = ops.gelu(self.linear1(inputs), approximate=False)
         x = self.linear2(self.hidden_dropout(x, training=training))
         return self.output_dropout(x, training=training)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return tuple(input_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(hidden_size=self.hidden_size, mlp_dim=self.mlp_dim, dropout_rate=self.dropout_rate)
         return config
@@ -294,14 +310,14 @@ class TransformerBlock(keras.layers.Layer):
 
     def __init__(
         self,
-        hidden_size,
-        mlp_dim,
-        num_heads,
-        dropout_rate=0.0,
-        qkv_bias=False,
-        layer_norm_epsilon=1e-5,
-        **kwargs,
-    ):
+        hidden_size: int,
+        mlp_dim: int,
+        num_heads: int,
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = False,
+        layer_norm_epsilon: float = 1e-5,
+        **kwargs: Any,
+    ) -> None:
         super().__init__(**kwargs)
         self.hidden_size = int(hidden_size)
         self.mlp_dim = int(mlp_dim)
@@ -325,7 +341,7 @@ class TransformerBlock(keras.layers.Layer):
         )
         self.mlp = MLPBlock(self.hidden_size, self.mlp_dim, self.dropout_rate, dtype=self.dtype_policy, name="mlp")
 
-    def build(self, input_shape):
+    def build(self, input_shape: tuple[int | None, ...]) -> None:
         shape = (input_shape[0], input_shape[1], self.hidden_size)
         self.norm1.build(shape)
         self.attn.build(shape)
@@ -333,14 +349,14 @@ class TransformerBlock(keras.layers.Layer):
         self.mlp.build(shape)
         self.built = True
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         x = inputs + self.attn(self.norm1(inputs), training=training)
         return x + self.mlp(self.norm2(x), training=training)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         return tuple(input_shape)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         config = super().get_config()
         config.update(
             hidden_size=self.hidden_size,

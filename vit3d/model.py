@@ -1,11 +1,16 @@
 """ViT3D: a 3-D Vision Transformer with MONAI's argument names and token layout."""
 
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
 import keras
 from keras import ops
 
 from vit3d.layers import PACKAGE, PatchEmbedding3D, TransformerBlock, as_triple
 
-POST_ACTIVATIONS = {None: None, "tanh": ops.tanh}
+POST_ACTIVATIONS: dict[str | None, Callable[[Any], Any] | None] = {None: None, "tanh": ops.tanh}
 
 
 @keras.saving.register_keras_serializable(package=PACKAGE)
@@ -46,21 +51,21 @@ class ViT3D(keras.Model):
 
     def __init__(
         self,
-        img_size,
-        patch_size,
-        in_channels=1,
-        hidden_size=768,
-        mlp_dim=3072,
-        num_layers=12,
-        num_heads=12,
-        classification=False,
-        num_classes=2,
-        dropout_rate=0.0,
-        qkv_bias=False,
-        layer_norm_epsilon=1e-5,
-        post_activation=None,
-        **kwargs,
-    ):
+        img_size: int | Iterable[int],
+        patch_size: int | Iterable[int],
+        in_channels: int = 1,
+        hidden_size: int = 768,
+        mlp_dim: int = 3072,
+        num_layers: int = 12,
+        num_heads: int = 12,
+        classification: bool = False,
+        num_classes: int = 2,
+        dropout_rate: float = 0.0,
+        qkv_bias: bool = False,
+        layer_norm_epsilon: float = 1e-5,
+        post_activation: str | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("name", "vit3d")
         super().__init__(**kwargs)
         if not 0.0 <= dropout_rate <= 1.0:
@@ -115,16 +120,16 @@ class ViT3D(keras.Model):
         )
 
     @property
-    def num_tokens(self):
+    def num_tokens(self) -> int:
         """Tokens seen by the transformer blocks: patches, plus one class token."""
         return self.patch_embedding.num_patches + int(self.classification)
 
     @property
-    def volume_shape(self):
+    def volume_shape(self) -> tuple[None, int, int, int, int]:
         """The input shape the model takes, batch dimension None."""
         return (None, *self.img_size, self.in_channels)
 
-    def build(self, input_shape=None):
+    def build(self, input_shape: tuple[int | None, ...] | None = None) -> None:
         if input_shape is not None and tuple(input_shape[1:]) != self.volume_shape[1:]:
             raise ValueError(f"ViT3D expects inputs of shape {self.volume_shape}, got {tuple(input_shape)}")
         self.patch_embedding.build(self.volume_shape)
@@ -138,12 +143,12 @@ class ViT3D(keras.Model):
             self.head.build((None, self.hidden_size))
         self.built = True
 
-    def get_build_config(self):
+    def get_build_config(self) -> dict[str, Any] | None:
         # Everything build() needs comes from the config; record the shape so
         # that Keras rebuilds the model on load even if build() got no shape.
         return {"input_shape": self.volume_shape} if self.built else None
 
-    def encode(self, inputs, training=None):
+    def encode(self, inputs: Any, training: bool | None = None) -> Any:
         """All tokens after the final norm: ``(B, num_tokens, hidden_size)``."""
         if not self.built:
             self.build(self.volume_shape)
@@ -156,25 +161,25 @@ class ViT3D(keras.Model):
             x = block(x, training=training)
         return self.norm(x)
 
-    def call(self, inputs, training=None):
+    def call(self, inputs: Any, training: bool | None = None) -> Any:
         tokens = self.encode(inputs, training=training)
         if not self.classification:
             return tokens
-        out = self.head(tokens[:, 0])
+        out = self.head(tokens[:, 0])  # type: ignore[misc]  # a classifier always has a head
         activation = POST_ACTIVATIONS[self.post_activation]
         return out if activation is None else activation(out)
 
-    def embed(self, inputs):
+    def embed(self, inputs: Any) -> Any:
         """One vector per volume: ``(B, hidden_size)``, inference mode."""
         tokens = self.encode(inputs, training=False)
         return tokens[:, 0] if self.classification else ops.mean(tokens, axis=1)
 
-    def compute_output_shape(self, input_shape):
+    def compute_output_shape(self, input_shape: tuple[int | None, ...]) -> tuple[int | None, ...]:
         if self.classification:
             return (input_shape[0], self.num_classes)
         return (input_shape[0], self.patch_embedding.num_patches, self.hidden_size)
 
-    def get_config(self):
+    def get_config(self) -> dict[str, Any]:
         return {
             "name": self.name,
             "trainable": self.trainable,
@@ -195,7 +200,7 @@ class ViT3D(keras.Model):
         }
 
     @classmethod
-    def from_config(cls, config):
+    def from_config(cls, config: dict[str, Any]) -> ViT3D:
         config = dict(config)
         if isinstance(config.get("dtype"), dict):
             config["dtype"] = keras.dtype_policies.deserialize(config["dtype"])

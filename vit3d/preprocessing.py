@@ -13,10 +13,14 @@ Keys:
 - ``interpolation_order``: spline order of the resize (1 = linear).
 """
 
+from __future__ import annotations
+
 import copy
 import math
+from collections.abc import Iterable
+from typing import Any
 
-DEFAULT_PREPROCESSING = {
+DEFAULT_PREPROCESSING: dict[str, Any] = {
     "orientation": "RAS",
     "spacing": None,
     "size": None,
@@ -34,7 +38,7 @@ def _positive_triple(value, key, cast):
     return triple
 
 
-def normalize_spec(spec=None, size=None):
+def normalize_spec(spec: dict[str, Any] | None = None, size: Iterable[int] | None = None) -> dict[str, Any]:
     """A complete, validated copy of ``spec`` (None: the default), ``size`` filling a missing size."""
     merged = copy.deepcopy(DEFAULT_PREPROCESSING)
     if spec is not None:

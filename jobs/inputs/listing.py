@@ -32,7 +32,7 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def some(items: Iterable) -> str:
+def some(items: Iterable[object]) -> str:
     """'a, b, c' for the first few items, with the total when there are more."""
     items = list(items)
     shown = ", ".join(str(i) for i in items[:_SHOW])

@@ -43,7 +43,7 @@ def empty_provenance() -> dict[str, Any]:
 
 
 def load_scan(
-    path: str, spec: dict, read_retry_s: float | None = None, **options: Any
+    path: str, spec: dict[str, Any], read_retry_s: float | None = None, **options: Any
 ) -> tuple[np.ndarray, dict[str, Any]]:
     """read -> check -> decode -> preprocess: (model input, provenance), any format. Raises ScanError.
 

@@ -139,6 +139,7 @@ def read_manifest(uri: str | os.PathLike) -> pa.Table:
             f"manifest {uri}: {len(blank_rows)} row(s) with an empty scan_id, "
             f"at data row(s) {_some(blank_rows)} (1-based, header not counted)"
         )
+    duplicates: dict[str, int]
     seen, duplicates = set(), {}
     for scan_id in ids:
         if scan_id in seen:

@@ -8,6 +8,8 @@ fused); other orders ``scipy.ndimage.zoom``. Nothing here imports TensorFlow, Ke
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.ndimage
@@ -18,7 +20,7 @@ from jobs.inputs import resample
 from jobs.inputs.formats.base import MAX_VOXEL_BYTES, Volume
 
 
-def zoom_factors(shape, target):
+def zoom_factors(shape: Sequence[int], target: Sequence[int]) -> list[float]:
     """Per-axis factors for which scipy's round(n * f) is exactly ``target``."""
     factors = []
     for n, t in zip(shape, target, strict=True):
@@ -34,7 +36,7 @@ def zoom_factors(shape, target):
     return factors
 
 
-def zoom(array: np.ndarray, target, order: int) -> np.ndarray:
+def zoom(array: np.ndarray, target: Iterable[int], order: int) -> np.ndarray:
     """``scipy.ndimage.zoom`` to exactly ``target`` shape, float32 output.
 
     Order 1 runs :func:`jobs.inputs.resample.resize` (same coordinates and values, float32, one pass over the
@@ -54,7 +56,7 @@ def zoom(array: np.ndarray, target, order: int) -> np.ndarray:
     return out
 
 
-def preprocess(volume: Volume, spec: dict) -> np.ndarray:
+def preprocess(volume: Volume, spec: dict[str, Any]) -> np.ndarray:
     """The model input for ``volume``: float32, C-contiguous, (D, H, W, 1) with (D, H, W) the (x, y, z) axes."""
     path = volume.path or "<volume>"
     array = volume.data
@@ -114,7 +116,7 @@ def _scale_and_normalize(out, slope, inter, intensity):
     return bool(np.isfinite(out).all())
 
 
-def decode_provenance(volume: Volume, t0: float, t1: float, t2: float, t3: float) -> dict:
+def decode_provenance(volume: Volume, t0: float, t1: float, t2: float, t3: float) -> dict[str, Any]:
     """The decode-stage result columns (``jobs.output.sink.DECODE_PROVENANCE``) of a scan read over [t0, t1], decoded
     over [t1, t2] and preprocessed over [t2, t3] (``time.perf_counter`` stamps); any format."""
     return {

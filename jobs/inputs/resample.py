@@ -13,7 +13,11 @@ kept, so a model's stored spec means what it meant when it was trained). Results
 float32 rounding (``tests/test_resample.py``).
 """
 
+from __future__ import annotations
+
 import math
+from collections.abc import Iterable
+from typing import Any
 
 import numba
 import numpy as np
@@ -25,7 +29,7 @@ _KERNEL_DTYPES = frozenset(
 _BLOCK = 16  # float32 values per 64-byte cache line
 
 
-def linear_taps(n: int, m: int):
+def linear_taps(n: int, m: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """``(lo, hi, t, inside)`` per output sample of an ``n`` -> ``m`` linear resize, as scipy's zoom maps them.
 
     The value is ``src[lo] + t * (src[hi] - src[lo])`` where ``inside``, else 0. The lerp form keeps a constant
@@ -170,7 +174,7 @@ def _resize_memory_order(array, target):
     return out, perm
 
 
-def resize(array: np.ndarray, target) -> np.ndarray:
+def resize(array: np.ndarray, target: Iterable[int]) -> np.ndarray:
     """``scipy.ndimage.zoom(array, factors, order=1, output=np.float32)`` to exactly ``target`` shape.
 
     Returns float32 of shape ``target``, possibly a transposed view of a C-contiguous buffer (as the job's
@@ -180,7 +184,9 @@ def resize(array: np.ndarray, target) -> np.ndarray:
     return out.transpose(np.argsort(perm))
 
 
-def resize_intensity(array: np.ndarray, target, slope: float, inter: float, intensity: dict):
+def resize_intensity(
+    array: np.ndarray, target: Iterable[int], slope: float, inter: float, intensity: dict[str, Any]
+) -> tuple[np.ndarray, bool]:
     """(model input, all finite): ``array`` resized to ``target``, scaled by slope/intercept, then normalised.
 
     ``intensity`` is the spec's ``{"kind": "zscore"}`` or ``{"kind": "clip", "window": [lo, hi]}``. The output

@@ -4,6 +4,8 @@ Library code only calls ``logging.getLogger(__name__)``; a command line calls :f
 The root logger is left alone, so embedding ``jobs`` does not change anyone else's logging.
 """
 
+from __future__ import annotations
+
 import contextlib
 import datetime as dt
 import json
@@ -13,6 +15,7 @@ import re
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Iterator
 
 PACKAGES = ("jobs", "vit3d")
 # Set by the command line's -v/--verbose and passed on to Ray workers (jobs.run.pipeline): then nothing below is
@@ -23,10 +26,10 @@ RAY_NOISE = (
     "Token authentication is enabled for this Ray cluster.",  # a local ray.init() turns token auth on (good)
     "Progress bars disabled.",  # Ray Data's: jobs.run.pipeline turns them off, jobs.observe.progress shows progress
 )
-_cli = {}  # what configure_logging chose, for Ray's loggers (adopt_ray_logging); empty when embedded
+_cli: dict[str, bool] = {}  # what configure_logging chose, for Ray's loggers (adopt_ray_logging); empty when embedded
 
 
-def is_verbose():
+def is_verbose() -> bool:
     """True when -v/--verbose asked for everything (this process or, through the env, the driver's)."""
     return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
 
@@ -38,7 +41,7 @@ def _not_ray_noise(record):
 class JsonLogFormatter(logging.Formatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message (and the exception, if any)."""
 
-    def format(self, record):
+    def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": dt.datetime.fromtimestamp(record.created, dt.timezone.utc).isoformat(),
             "level": record.levelname,
@@ -50,7 +53,7 @@ class JsonLogFormatter(logging.Formatter):
         return json.dumps(entry)
 
 
-def configure_logging(progress=True, log_format="text", verbose=False):
+def configure_logging(progress: bool = True, log_format: str = "text", verbose: bool = False) -> None:
     """The CLI's logging: ``jobs`` and ``vit3d`` to stderr; INFO with progress, else warnings and errors only.
 
     Ray's loggers: WARNING and up (all with ``verbose``); :func:`adopt_ray_logging` gives them the same format
@@ -76,7 +79,7 @@ def configure_logging(progress=True, log_format="text", verbose=False):
     _cli.update(json=log_format == "json")
 
 
-def adopt_ray_logging():
+def adopt_ray_logging() -> None:
     """Ray's console handlers (loggers ``ray`` and ``ray.data``) in the CLI's terms; call after ray.init() and
     ``import ray.data``. JSON logs: Ray's lines become JSON objects too. Ray Data's console shows WARNING and up
     (its per-dataset INFO lines stay in Ray's ``ray-data.log``) unless verbose. A no-op for a program that embeds
@@ -103,12 +106,12 @@ _ABSL_BANNER = "WARNING: All log messages before absl::InitializeLog() is called
 _SEVERITY = {"I": 0, "W": 1, "E": 2, "F": 3}  # TF_CPP_MIN_LOG_LEVEL's numbers
 
 
-def no_gpu_expected():
+def no_gpu_expected() -> bool:
     """True when this process cannot have a GPU: CUDA_VISIBLE_DEVICES hides them all, or no NVIDIA device node."""
     return os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1") or not os.path.exists("/dev/nvidiactl")
 
 
-def tensorflow_startup_noise(line, min_level=None, no_gpu=None):
+def tensorflow_startup_noise(line: str, min_level: int | None = None, no_gpu: bool | None = None) -> bool:
     """True for a line TensorFlow's native code prints at start-up that TF_CPP_MIN_LOG_LEVEL means to hide.
 
     TensorFlow's libraries log from static initializers when they load (oneDNN on, no CUDA driver), before
@@ -136,7 +139,7 @@ def tensorflow_startup_noise(line, min_level=None, no_gpu=None):
 
 
 @contextlib.contextmanager
-def hide_native_stderr_lines(noise, enabled=True):
+def hide_native_stderr_lines(noise: Callable[[str], bool], enabled: bool = True) -> Iterator[None]:
     """Inside the block, lines written to file descriptor 2 (native code, and Python's stderr) are held back;
     at the end those for which ``noise(line)`` is false are written out, in order.
 
@@ -183,7 +186,7 @@ def native_noise(line: str) -> bool:
 
 
 @contextlib.contextmanager
-def filter_native_stderr(noise=native_noise, enabled: bool = True):
+def filter_native_stderr(noise: Callable[[str], bool] = native_noise, enabled: bool = True) -> Iterator[None]:
     """For a command line's whole run: what native code (and child processes) write to file descriptor 2 passes
     through a pipe, and a thread forwards every line for which ``noise(line)`` is false, as it comes.
 
@@ -235,7 +238,8 @@ def filter_native_stderr(noise=native_noise, enabled: bool = True):
             python_stderr.flush()
         os.dup2(saved, 2)  # closes our write end of the pipe: the thread ends once child processes close theirs
         thread.join(timeout=2.0)
-        os.close(saved)
+        if not thread.is_alive():  # else a child still holds the pipe: the thread keeps the descriptor it writes to
+            os.close(saved)
 
 
 def _write_all(fd: int, data: bytes) -> None:

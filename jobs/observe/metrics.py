@@ -16,8 +16,12 @@ is its own series (tag ``WorkerId``): sum over it.
 if Ray's metrics cannot be recorded, nothing is recorded (one warning per process).
 """
 
+from __future__ import annotations
+
 import logging
 import sys
+from collections.abc import Iterable
+from typing import Any
 
 import numpy as np
 
@@ -33,7 +37,7 @@ STAGES = stages.TIMED  # read, decode, preprocess, infer
 # Seconds per scan: 1 ms (a tiny volume's read) to 2 min (a huge scan on a slow store).
 BOUNDARIES = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0]
 
-_metrics = {}
+_metrics: dict = {}
 _state = {"warned": False}
 
 
@@ -70,7 +74,7 @@ def _safely(record):
             logger.warning("Ray metrics not recorded: %s: %s", type(e).__name__, e)
 
 
-def observe_stages(batch, stages):
+def observe_stages(batch: dict[str, Any], stages: Iterable[str]) -> None:
     """Stage seconds of ``batch``'s successful rows (columns ``<stage>_s``), one observation per scan."""
 
     def record():
@@ -85,7 +89,7 @@ def observe_stages(batch, stages):
     _safely(record)
 
 
-def committed(batch, fresh, mode, model_sha256):
+def committed(batch: dict[str, Any], fresh: np.ndarray, mode: str, model_sha256: str) -> None:
     """Count the rows the sink has just committed (``fresh``: new rows, not a retried task's repeats)."""
 
     def record():
@@ -103,7 +107,7 @@ def committed(batch, fresh, mode, model_sha256):
     _safely(record)
 
 
-def model_loaded(device, model_sha256):
+def model_loaded(device: str, model_sha256: str) -> None:
     """One model load by a scoring actor on ``device`` ("cpu" or "gpu:N")."""
 
     def record():

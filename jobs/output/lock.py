@@ -24,6 +24,8 @@ the renewal fails and :class:`LockLost` (exit 1) stops the run before its next c
 right before a commit means no other run may judge the lock stale for STALE_AFTER_S from then on.
 """
 
+from __future__ import annotations
+
 import contextlib
 import fcntl
 import hashlib
@@ -35,9 +37,13 @@ import threading
 import time
 import urllib.parse
 import uuid
+from typing import TYPE_CHECKING, Any
 
 from jobs import storage
 from jobs.errors import LockLost, OutputError
+
+if TYPE_CHECKING:
+    from jobs.output.store import OutputStore
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +63,17 @@ class OutputLock:
     SETTLE_S = 0.5  # claim-and-read-back stores only
     ATTEMPTS = 20  # create / judge / take over rounds before giving up (each round means another run moved)
 
-    def __init__(self, store, run_id):
+    def __init__(self, store: OutputStore, run_id: str) -> None:
         self.store, self.run_id = store, run_id
         self.token = uuid.uuid4().hex
         self.host, self.pid = socket.gethostname(), os.getpid()
-        self.version = None  # of the lock as this run last wrote it
-        self.lost = None  # the lock found in our place (a dict, {} if none) once another run took over
+        self.version: str | None = None  # of the lock as this run last wrote it
+        # the lock found in our place (a dict, {} if none) once another run took over
+        self.lost: dict[str, Any] | None = None
         self._backend = backend_for(store, self.NAME)
         self._mutex = threading.Lock()  # one renewal at a time (the heartbeat thread and the committing thread)
         self._stop = threading.Event()
-        self._thread = None
+        self._thread: threading.Thread | None = None
 
     def _claim(self):
         claim = {"run_id": self.run_id, "token": self.token, "host": self.host, "pid": self.pid}
@@ -84,7 +91,7 @@ class OutputLock:
                 pass
         return time.time() - float(lock["heartbeat"]) > self.STALE_AFTER_S
 
-    def acquire(self):
+    def acquire(self) -> OutputLock:
         """Take the lock (atomically; a stale one is taken over atomically) or raise OutputError."""
         for _ in range(self.ATTEMPTS):
             self.version = self._backend.create(self._claim())
@@ -141,7 +148,7 @@ class OutputLock:
             "more (what it committed before stays; a later run scores what is missing)"
         )
 
-    def ensure_held(self):
+    def ensure_held(self) -> None:
         """Call right before a commit: renews the lock, or raises LockLost if another run has taken it.
 
         Transient storage errors are retried within the run's storage budget (then StorageUnreachable), as
@@ -159,7 +166,7 @@ class OutputLock:
             except Exception as e:  # storage hiccup: try again at the next beat (a commit checks for itself)
                 logger.warning("%s: lock heartbeat failed: %s", self.store.uri, e)
 
-    def release(self):
+    def release(self) -> None:
         """Stop the heartbeat and delete the lock if it is still ours. Safe to call more than once."""
         self._stop.set()
         if self._thread is not None:
@@ -183,7 +190,7 @@ def _digest(data):
     return hashlib.sha256(data).hexdigest()
 
 
-def backend_for(store, name):
+def backend_for(store: OutputStore, name: str) -> LocalLockFile | S3LockObject | ReadBackLock:
     """The lock primitives for ``store``'s filesystem: local disk, S3, or claim-and-read-back."""
     kind = store.filesystem.type_name
     if kind == "local":
@@ -208,12 +215,12 @@ class LocalLockFile:
 
     GUARD_WAIT_S = 30.0
 
-    def __init__(self, path):
+    def __init__(self, path: str) -> None:
         self.path = path
         folder, name = os.path.split(path)
         self.guard_path = os.path.join(folder, f".{name}.guard")
 
-    def read(self):
+    def read(self) -> tuple[dict[str, Any] | None, str | None]:
         try:
             with open(self.path, "rb") as f:
                 data = f.read()
@@ -265,7 +272,7 @@ class LocalLockFile:
             finally:
                 os.close(fd)  # drops the flock
 
-    def create(self, data):
+    def create(self, data: bytes) -> str | None:
         staged = self._staged(data)
         try:
             os.link(staged, self.path)
@@ -275,14 +282,14 @@ class LocalLockFile:
             os.unlink(staged)
         return _digest(data)
 
-    def replace(self, data, version):
+    def replace(self, data: bytes, version: str | None) -> str | None:
         with self._guard():
             if self.read()[1] != version:
                 return None
             os.replace(self._staged(data), self.path)
             return _digest(data)
 
-    def delete(self, version):
+    def delete(self, version: str) -> None:
         with self._guard():
             if self.read()[1] == version:
                 os.unlink(self.path)
@@ -296,7 +303,7 @@ class S3LockObject:
     configuration (AWS_ENDPOINT_URL, the AWS_* credential variables, profiles).
     """
 
-    def __init__(self, uri, root, name, region=None):
+    def __init__(self, uri: str, root: str, name: str, region: str | None = None) -> None:
         import boto3
         import botocore.config
 
@@ -338,21 +345,21 @@ class S3LockObject:
             raise OSError(f"{self.uri}: {e}") from e
 
     # 412: the condition failed; 409: a concurrent conditional write to the key (AWS: retry); 404: no such key.
-    def read(self):
+    def read(self) -> tuple[dict[str, Any] | None, str | None]:
         response = self._call("get_object", refused=(404,))
         if response is None:
             return None, None
         return _parse(response["Body"].read()), response["ETag"]
 
-    def create(self, data):
+    def create(self, data: bytes) -> str | None:
         response = self._call("put_object", refused=(409, 412), Body=data, IfNoneMatch="*")
         return None if response is None else response["ETag"]
 
-    def replace(self, data, version):
+    def replace(self, data: bytes, version: str | None) -> str | None:
         response = self._call("put_object", refused=(404, 409, 412), Body=data, IfMatch=version)
         return None if response is None else response["ETag"]
 
-    def delete(self, version):
+    def delete(self, version: str) -> None:
         members = self.client.meta.service_model.operation_model("DeleteObject").input_shape.members
         if "IfMatch" in members:
             self._call("delete_object", refused=(404, 409, 412), IfMatch=version)
@@ -365,10 +372,10 @@ class ReadBackLock:
     wins, unless one writes more than SETTLE_S after the other read back). The version is the sha256 of the bytes.
     """
 
-    def __init__(self, uri):
+    def __init__(self, uri: str) -> None:
         self.uri = uri
 
-    def read(self):
+    def read(self) -> tuple[dict[str, Any] | None, str | None]:
         try:
             data = storage.read_bytes(self.uri)
         except FileNotFoundError:
@@ -380,12 +387,12 @@ class ReadBackLock:
         time.sleep(OutputLock.SETTLE_S)
         return _digest(data) if self.read()[1] == _digest(data) else None
 
-    def create(self, data):
+    def create(self, data: bytes) -> str | None:
         return None if self.read()[0] is not None else self._write_and_check(data)
 
-    def replace(self, data, version):
+    def replace(self, data: bytes, version: str | None) -> str | None:
         return self._write_and_check(data) if self.read()[1] == version else None
 
-    def delete(self, version):
+    def delete(self, version: str) -> None:
         if self.read()[1] == version:
             storage.delete(self.uri)

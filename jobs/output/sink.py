@@ -30,6 +30,8 @@ import datetime as dt
 import json
 import logging
 import time
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
 import pyarrow as pa
@@ -48,6 +50,9 @@ from jobs.output.schema import (
     result_schema,
 )
 from jobs.output.store import KINDS, OutputStore, part_name
+
+if TYPE_CHECKING:
+    from vit3d.artifact import ArtifactInfo
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +106,18 @@ class ResultSink:
             (``jobs.storage.RETRY_S``).
     """
 
-    def __init__(self, uri, *, mode, run_id, model, manifest, rows_per_file=50_000, flush_seconds=300.0, retry_s=None):
+    def __init__(
+        self,
+        uri: str,
+        *,
+        mode: str,
+        run_id: str,
+        model: ArtifactInfo,
+        manifest: pa.Table,
+        rows_per_file: int = 50_000,
+        flush_seconds: float = 300.0,
+        retry_s: float | None = None,
+    ) -> None:
         self.store = OutputStore(uri, retry_s)
         self.mode, self.run_id, self.model_sha256 = mode, run_id, model.sha256
         shared = [name for name in manifest.column_names if name in MANIFEST_SHARED_COLUMNS | OPTION_COLUMNS]
@@ -113,16 +129,16 @@ class ResultSink:
             kind: _Buffer(self.store, kind, run_id, metadata, rows_per_file, flush_seconds, self._ensure_held)
             for kind in KINDS
         }
-        self._seen = set()
-        self._lock = None
+        self._seen: set[str] = set()
+        self._lock: OutputLock | None = None
         self.counts = {"ok": 0, "error": 0}
         self.unreachable = 0  # error rows of scans whose storage was unreachable (read-transient): not bad files
 
     @property
-    def uri(self):
+    def uri(self) -> str:
         return self.store.uri
 
-    def claim(self):
+    def claim(self) -> set[str]:
         """Take the output for this run; returns the scan_ids already scored by this model (to skip).
 
         Refuses (OutputError) a foreign or other-mode folder, a finished run id, or a live run's lock.
@@ -137,7 +153,7 @@ class ResultSink:
             self.release()
             raise OutputError(str(e)) from e
 
-    def known_bad(self, pending):
+    def known_bad(self, pending: Mapping[str, str]) -> set[str]:
         """The scan_ids of ``pending`` (scan_id -> path, not done) to skip as known bad. Call after :meth:`claim`.
 
         A scan is known bad when its latest error row for this model (by ``failed_at``) is ``permanent`` and
@@ -159,7 +175,7 @@ class ResultSink:
                 skip.add(scan_id)
         return skip
 
-    def write(self, batch):
+    def write(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
         """Take one batch of pipeline rows (NumPy columns): buffer the new ones, commit full files.
 
         Returns which rows were new (a boolean mask): the others repeat rows of a retried task.
@@ -181,13 +197,13 @@ class ResultSink:
         self.unreachable += transient
         return fresh
 
-    def complete(self):
+    def complete(self) -> dict[str, list[str]]:
         """Commit everything buffered; returns ``{"results_files": [...], "errors_files": [...]}``."""
         for buffer in self._buffers.values():
             buffer.flush()
         return {f"{kind}_files": list(buffer.files) for kind, buffer in self._buffers.items()}
 
-    def fail(self, error):
+    def fail(self, error: BaseException) -> NoReturn:
         """The pipeline broke: commit what is buffered, as far as storage allows, and raise JobFailed.
 
         If the lock was lost, nothing more is committed: LockLost (a JobFailed) names the run that took over.
@@ -207,14 +223,14 @@ class ResultSink:
             f"({kept}; rerunning the same command scores what is missing): {type(error).__name__}: {error}"
         ) from error
 
-    def write_report(self, report):
+    def write_report(self, report: dict[str, Any]) -> str:
         """Write ``runs/<run_id>.json`` (what makes the run id finished); returns its URI."""
         uri = self.store.child("runs", f"{self.run_id}.json")
         self._ensure_held()
         storage.write_bytes(uri, json.dumps(report, indent=2).encode(), self.store.retry_s)
         return uri
 
-    def write_page(self, html):
+    def write_page(self, html: str) -> str:
         """Write the run's HTML page ``runs/<run_id>.html`` (:mod:`jobs.report`); returns its URI."""
         uri = self.store.child("runs", f"{self.run_id}.html")
         self._ensure_held()
@@ -226,7 +242,7 @@ class ResultSink:
         if self._lock is not None:
             self._lock.ensure_held()
 
-    def release(self):
+    def release(self) -> None:
         """Give the output back (stop the heartbeat, remove our lock if still ours). Safe to call more than once."""
         if self._lock is not None:
             self._lock.release()
@@ -278,22 +294,34 @@ class ResultSink:
 class _Buffer:
     """Rows waiting to become one Parquet file of a sensible size."""
 
-    def __init__(self, store, kind, run_id, metadata, rows_per_file, flush_seconds, before_commit):
+    tables: list[pa.Table]
+    files: list[str]
+
+    def __init__(
+        self,
+        store: OutputStore,
+        kind: str,
+        run_id: str,
+        metadata: dict[bytes, bytes],
+        rows_per_file: int,
+        flush_seconds: float,
+        before_commit: Callable[[], None],
+    ) -> None:
         self.store, self.kind, self.run_id, self.metadata = store, kind, run_id, metadata
         self.before_commit = before_commit
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
         self.tables, self.rows, self.since, self.files = [], 0, time.monotonic(), []
-        self.name = None  # the file name of the rows being committed: kept until a commit succeeds
+        self.name: str | None = None  # the file name of the rows being committed: kept until a commit succeeds
 
-    def add(self, table):
+    def add(self, table: pa.Table) -> None:
         self.tables.append(table)
         self.rows += table.num_rows
 
-    def flush_if_due(self):
+    def flush_if_due(self) -> None:
         if self.rows >= self.rows_per_file or (self.rows and time.monotonic() - self.since >= self.flush_seconds):
             self.flush()
 
-    def flush(self):
+    def flush(self) -> None:
         if self.rows:
             table = pa.concat_tables(self.tables)
             table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
@@ -304,7 +332,7 @@ class _Buffer:
         self.tables, self.rows, self.since, self.name = [], 0, time.monotonic(), None
 
 
-def schema_metadata(info, mode):
+def schema_metadata(info: ArtifactInfo, mode: str) -> dict[bytes, bytes]:
     """Parquet key-value metadata: what produced these rows."""
     return {
         b"vit3d.mode": mode.encode(),

@@ -8,6 +8,8 @@ from __future__ import annotations
 import io
 import json
 import uuid
+from collections.abc import Collection
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -26,19 +28,19 @@ KINDS = ("results", "errors")
 class OutputStore:
     """The files of an output location; knows nothing of runs' rows (that is ResultSink's job)."""
 
-    def __init__(self, uri, retry_s=None):
+    def __init__(self, uri: str, retry_s: float | None = None) -> None:
         self.uri = str(uri).rstrip("/")
         self.retry_s = retry_s  # for transient storage errors; None: jobs.storage.RETRY_S
         self.filesystem, self.root = storage.resolve(self.uri)
 
-    def child(self, *parts):
+    def child(self, *parts: str) -> str:
         """The URI of ``parts`` under this location (a URI's query kept at the end)."""
         return storage.join(self.uri, *parts)
 
     def _exists(self, path):
         return self.filesystem.get_file_info(path).type != pafs.FileType.NotFound
 
-    def prepare(self, mode, run_id):
+    def prepare(self, mode: str, run_id: str) -> None:
         """Claim the location for ``mode``; refuse foreign or mismatched contents, and finished run ids."""
         marker_path = f"{self.root}/{MARKER}"
         info = self.filesystem.get_file_info(self.root)
@@ -66,7 +68,7 @@ class OutputStore:
         if self._exists(f"{self.root}/runs/{run_id}.json"):
             raise OutputError(f"run id {run_id!r} already finished in {self.uri}: choose another --run-id")
 
-    def remove_staging_leftovers(self):
+    def remove_staging_leftovers(self) -> None:
         """Delete hidden staging files of runs that died mid-write (call only while holding the lock)."""
         for kind in ("results", "errors", "runs"):
             folder = f"{self.root}/{kind}"
@@ -76,7 +78,7 @@ class OutputStore:
                 if storage.is_staging_name(entry.base_name):
                     self.filesystem.delete_file(entry.path)
 
-    def done_scan_ids(self, model_sha256):
+    def done_scan_ids(self, model_sha256: str) -> set[str]:
         """scan_ids already scored by this model into results/."""
         results = f"{self.root}/results"
         if not self._exists(results):
@@ -85,7 +87,7 @@ class OutputStore:
         table = dataset.to_table(columns=["scan_id"], filter=pads.field("model_sha256") == model_sha256)
         return set(table.column("scan_id").to_pylist())
 
-    def latest_errors(self, model_sha256, scan_ids):
+    def latest_errors(self, model_sha256: str, scan_ids: Collection[str]) -> dict[str, dict[str, Any]]:
         """scan_id -> its latest error row (dict) for this model, for the scans in ``scan_ids``.
 
         Files written before a column existed read it as null (the dataset is read with ERROR_SCHEMA);
@@ -107,7 +109,7 @@ class OutputStore:
                 latest[row["scan_id"]] = row
         return latest
 
-    def commit(self, kind, table, name):
+    def commit(self, kind: str, table: pa.Table, name: str) -> str:
         """Write ``table`` as one complete Parquet file ``name`` (see :func:`part_name`) under ``kind``."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import math
+from typing import Any, cast
 
 import nibabel as nib
 import numpy as np
@@ -38,6 +39,8 @@ _SUPPORTED_DTYPES = {
     1280: "uint64",
 }
 _HEADER_CLASSES = {348: nib.Nifti1Header, 540: nib.Nifti2Header}
+# python-isal's stub declares ``error: Exception`` (an instance); at runtime it is the exception class.
+_GZIP_ERROR = cast("type[Exception]", isal_zlib.error)
 
 
 # --------------------------------------------------------------------------------------------------- decode
@@ -152,7 +155,7 @@ def _peek_gzip(data: bytes, path: str) -> bytes:
     try:
         while len(head) < _HEADER_PEEK and not d.eof:
             if d.unconsumed_tail:
-                piece = d.unconsumed_tail
+                piece: bytes | memoryview = d.unconsumed_tail
             elif pos < len(data):
                 piece = view[pos : pos + chunk]
                 pos += len(piece)
@@ -160,7 +163,7 @@ def _peek_gzip(data: bytes, path: str) -> bytes:
             else:
                 break
             head += d.decompress(piece, _HEADER_PEEK - len(head))
-    except isal_zlib.error as e:
+    except _GZIP_ERROR as e:
         raise ScanError("validate", path, f"not a valid gzip stream: {e}") from e
     return head
 
@@ -170,7 +173,7 @@ def _inflate(data: bytes, expected: int, path: str) -> bytes:
     d = isal_zlib.decompressobj(31)
     try:
         out = d.decompress(data, expected + 1)
-    except isal_zlib.error as e:
+    except _GZIP_ERROR as e:
         raise ScanError("decode", path, f"corrupt gzip data: {e}") from e
     if len(out) < expected:
         raise ScanError("decode", path, f"truncated: expected {expected} bytes, got {len(out)}")
@@ -180,7 +183,7 @@ def _inflate(data: bytes, expected: int, path: str) -> bytes:
         # All data is there, but the stream's end (and CRC) is not: check whether input is left over or missing.
         try:
             rest = d.decompress(d.unconsumed_tail, 1)
-        except isal_zlib.error as e:
+        except _GZIP_ERROR as e:
             raise ScanError("decode", path, f"corrupt gzip data: {e}") from e
         if rest:
             raise ScanError("decode", path, f"gzip stream holds more than the {expected} bytes the header describes")
@@ -248,7 +251,7 @@ class NiftiFormat(Format):
     def fetch(self, path: str, retry_s: float | None, first: bytes | None = None) -> bytes:
         return first if first is not None else read_scan(path, retry_s)
 
-    def check(self, path: str, raw: bytes, options: dict) -> tuple[str, bytes]:
+    def check(self, path: str, raw: bytes, options: dict[str, Any]) -> tuple[str, bytes]:
         return path, raw
 
     def decode(self, checked: tuple[str, bytes]) -> Volume:

@@ -1,12 +1,15 @@
-"""Write DICOM series from a NIfTI-style volume (voxels data[i, j, k] + RAS affine) with pydicom, for the tests.
+"""DICOM written with pydicom from a NIfTI-style volume (voxels data[i, j, k] + RAS affine), for the tests and
+benches: a series and its NIfTI twin then hold the same voxels in the same place, whatever the syntax or naming.
 
-The geometry is DICOM's own definition, independent of jobs.inputs.formats.dicom: L = diag(-1, -1, 1, 1) @ affine (LPS);
-slice k's pixels are data[:, :, k].T (rows = j, columns = i); ImageOrientationPatient = the unit columns 0 and 1
-of L (row direction first); PixelSpacing = (|L[:3, 1]|, |L[:3, 0]|); ImagePositionPatient_k = L @ (0, 0, k, 1).
+The geometry is DICOM's own definition, independent of jobs.inputs.formats.dicom: L = diag(-1, -1, 1, 1) @ affine
+(LPS); slice k's pixels are data[:, :, k].T (rows = j, columns = i); ImageOrientationPatient = the unit columns 0
+and 1 of L (row direction first); PixelSpacing = (|L[:3, 1]|, |L[:3, 0]|); ImagePositionPatient_k = L @ (0, 0, k, 1).
+Files carry planted patient data (:data:`PHI`) unless ``phi=False``: tests check none of it reaches the output.
 """
 
 import os
 import random
+from typing import Any, SupportsFloat
 
 import numpy as np
 import pydicom
@@ -25,15 +28,18 @@ from pydicom.uid import (
     generate_uid,
 )
 
+# Patient data planted in every file written with phi=True: it must appear nowhere in the job's output.
 PHI = {"PatientName": "Zzyzx^Quentavious", "PatientID": "PHI-ID-7741093", "PatientBirthDate": "19230417"}
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
 
-def ds_number(value):
+def ds_number(value: SupportsFloat) -> float:
+    """``value`` as a DS (decimal string) element holds it: 12 significant digits."""
     return float(f"{float(value):.12g}")
 
 
-def geometry(affine, nk):
+def geometry(affine: np.ndarray, nk: int) -> tuple[list[float], list[float], list[np.ndarray]]:
+    """(ImageOrientationPatient, PixelSpacing, ImagePositionPatient of each of ``nk`` slices) for a RAS ``affine``."""
     lps = LPS_FROM_RAS @ np.asarray(affine, dtype=np.float64)
     col_step, row_step = np.linalg.norm(lps[:3, 0]), np.linalg.norm(lps[:3, 1])
     iop = [*(lps[:3, 0] / col_step), *(lps[:3, 1] / row_step)]
@@ -109,27 +115,27 @@ def jpeg_lossless(pixels: np.ndarray) -> bytes:
 
 
 def write_series(
-    folder,
-    data,
-    affine,
+    folder: str | os.PathLike,
+    data: np.ndarray,
+    affine: np.ndarray,
     *,
-    syntax=ExplicitVRLittleEndian,
-    slope=1.0,
-    inter=0.0,
-    names="ordered",
-    series=None,
-    study=None,
-    modality="CT",
-    seed=0,
-    phi=True,
-    prefix="IM",
-    pixel_spacing=None,
-):
+    syntax: str = ExplicitVRLittleEndian,
+    slope: float = 1.0,
+    inter: float = 0.0,
+    names: str = "ordered",
+    series: str | None = None,
+    study: str | None = None,
+    modality: str = "CT",
+    seed: int = 0,
+    phi: bool = True,
+    prefix: str = "IM",
+    pixel_spacing: list[float] | None = None,
+) -> str:
     """One file per slice k = 0..n-1 of ``data`` (stored dtype int16/uint16) into ``folder``; returns the series UID.
 
     names: "ordered" (IM0000 = k 0), "reversed" (IM0000 = the last slice, InstanceNumber reversed too),
     "shuffled" (random names and InstanceNumbers). syntax: any of the uncompressed ones, "deflated", RLE, JPEG
-    lossless SV1 or JPEG 2000 lossless.
+    lossless SV1 or JPEG 2000 lossless. phi: plant :data:`PHI`.
     """
     os.makedirs(folder, exist_ok=True)
     series = series or generate_uid()
@@ -183,7 +189,17 @@ def write_series(
     return series
 
 
-def write_enhanced(path, data, affine, *, slope=1.0, inter=0.0, series=None, phi=True, syntax=None):
+def write_enhanced(
+    path: str | os.PathLike,
+    data: np.ndarray,
+    affine: np.ndarray,
+    *,
+    slope: float = 1.0,
+    inter: float = 0.0,
+    series: str | None = None,
+    phi: bool = True,
+    syntax: str | None = None,
+) -> str:
     """One enhanced CT file (multi-frame, per-frame functional groups) of ``data`` (int16), frames shuffled."""
     series = series or generate_uid()
     nk = data.shape[2]
@@ -228,7 +244,13 @@ RT_STRUCTURE_SET = "1.2.840.10008.5.1.4.1.1.481.3"
 BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
 
 
-def write_report(path, series=None, phi=True, sop_class=BASIC_TEXT_SR, modality="SR"):
+def write_report(
+    path: str | os.PathLike,
+    series: str | None = None,
+    phi: bool = True,
+    sop_class: str = BASIC_TEXT_SR,
+    modality: str = "SR",
+) -> None:
     """A non-image object (a report by default; a SEG gets pixel data, as real ones have) for a series folder."""
     ds = _base(sop_class, series or generate_uid(), generate_uid(), modality, phi)
     ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
@@ -241,7 +263,7 @@ def write_report(path, series=None, phi=True, sop_class=BASIC_TEXT_SR, modality=
     ds.save_as(path, enforce_file_format=True)
 
 
-def edit(path, **attributes):
+def edit(path: str | os.PathLike, **attributes: Any) -> None:
     """Rewrite one file with some attributes changed (e.g. a moved ImagePositionPatient)."""
     ds = pydicom.dcmread(path)
     for key, value in attributes.items():

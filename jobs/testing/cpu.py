@@ -1,4 +1,5 @@
-"""The CPU a bench ran on, printed at the top of every bench: speeds differ by vendor, model and SIMD set.
+"""The CPU a bench ran on, printed at the top of every bench (and checked by a test): speeds differ by vendor,
+model and SIMD set.
 
 A TensorFlow Conv3D filter gradient took 177 s on an AVX2-only AMD EPYC and 2 ms on an AVX-512 Xeon, so a
 figure without its CPU is not a figure.
@@ -6,6 +7,7 @@ figure without its CPU is not a figure.
 
 import os
 import platform
+from typing import Any
 
 # The SIMD and matrix extensions that change which kernels NumPy, oneDNN and Eigen run.
 SIMD_FLAGS = (
@@ -14,7 +16,7 @@ SIMD_FLAGS = (
 )  # fmt: skip
 
 
-def cpu_info():
+def cpu_info() -> dict[str, Any]:
     """``{"model", "vendor", "simd", "cores"}`` read from /proc/cpuinfo (platform's words elsewhere)."""
     fields = {}
     try:
@@ -35,7 +37,7 @@ def cpu_info():
     }
 
 
-def header(title):
+def header(title: str) -> str:
     """The lines every bench prints first: what it measures and on which CPU."""
     info = cpu_info()
     onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "unset (TensorFlow decides by CPU)")

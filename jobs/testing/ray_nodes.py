@@ -1,4 +1,4 @@
-"""Real Ray nodes for tests: `ray start --block` processes of our own, each in its own process group.
+"""Real Ray nodes for tests and benches: `ray start --block` processes of our own, each in its own process group.
 
 Every node takes its ports from one block of consecutive ports checked free as a whole (a clash between the
 check and Ray's bind is retried), so nodes never collide with each other or with the session's Ray instance.
@@ -18,10 +18,12 @@ import sys
 import tempfile
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
-from conftest import wait_until
+
+from jobs.testing.processes import wait_until
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 # Ports every node needs, and those only a head has.
@@ -38,7 +40,7 @@ WORKER_PORTS = 61
 START_TRIES = 3
 
 
-def ray_env():
+def ray_env() -> dict[str, str]:
     """The environment for our nodes and the CLI/drivers that talk to them: a token of their own."""
     env = {
         **os.environ,
@@ -51,7 +53,7 @@ def ray_env():
     return env
 
 
-def port_ranges(count):
+def port_ranges(count: int) -> list[range]:
     """Where a block of ``count`` ports may start: above the ports other Ray instances use by default (6379,
     8265, 10001, workers 10002-19999, as the session's own instance does) and outside the kernel's ephemeral
     range, from which any process's outgoing connections and bind-to-0 sockets take their ports."""
@@ -60,7 +62,7 @@ def port_ranges(count):
     return [range(a, b - count + 1) for a, b in ranges if b - a >= count]
 
 
-def free_port_block(count):
+def free_port_block(count: int) -> list[int]:
     """``count`` consecutive ports on 127.0.0.1, all free at once (checked as a whole)."""
     starts = [p for r in port_ranges(count) for p in r]
     for base in random.sample(starts, min(len(starts), 200)):
@@ -78,7 +80,7 @@ def free_port_block(count):
     raise AssertionError(f"no {count} consecutive free ports on 127.0.0.1")
 
 
-def group_alive(pgid):
+def group_alive(pgid: int) -> list[int]:
     """Processes of group ``pgid`` that are still running (zombies excluded: they hold nothing)."""
     alive = []
     for proc in psutil.process_iter():
@@ -88,7 +90,7 @@ def group_alive(pgid):
     return alive
 
 
-def stop_group(proc, sig=signal.SIGTERM):
+def stop_group(proc: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
     """End the process group we started (`ray start` and its children) and wait until none of it runs."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
@@ -109,11 +111,19 @@ def stop_group(proc, sig=signal.SIGTERM):
 class RayNode:
     """One `ray start --block` process group: a head (``gcs_address`` None) or a worker joining a head."""
 
-    def __init__(self, env, temp_dir, num_cpus, gcs_address=None, resources=None):
+    def __init__(
+        self,
+        env: dict[str, str],
+        temp_dir: str,
+        num_cpus: int,
+        gcs_address: str | None = None,
+        resources: str | None = None,
+    ) -> None:
         self.env, self.temp_dir, self.num_cpus = env, temp_dir, num_cpus
         self.is_head = gcs_address is None
         self.gcs_address, self.resources = gcs_address, resources
-        self.proc = None
+        self.proc: subprocess.Popen | None = None
+        self.ports: dict[str, int] = {}
 
     def _command(self, ports):
         named = HEAD_PORTS + NODE_PORTS if self.is_head else NODE_PORTS
@@ -134,7 +144,7 @@ class RayNode:
             command.append(f"--address={self.gcs_address}")
         return command, dict(zip(named, ports, strict=False))
 
-    def start(self):
+    def start(self) -> "RayNode":
         """Start and wait until the node is up; retried on a port clash. Returns self."""
         for _ in range(START_TRIES):
             count = len(HEAD_PORTS + NODE_PORTS if self.is_head else NODE_PORTS) + WORKER_PORTS
@@ -153,11 +163,11 @@ class RayNode:
         raise AssertionError(f"a Ray node hit a port clash {START_TRIES} times")
 
     @property
-    def gcs(self):
+    def gcs(self) -> str | None:
         return f"127.0.0.1:{self.ports['port']}" if self.is_head else self.gcs_address
 
     @property
-    def dashboard(self):
+    def dashboard(self) -> str:
         return f"http://127.0.0.1:{self.ports['dashboard-port']}"  # heads only
 
     def _state(self):
@@ -176,26 +186,28 @@ class RayNode:
             s.settimeout(2)
             return "up" if s.connect_ex(("127.0.0.1", self.ports["node-manager-port"])) == 0 else None
 
-    def stop(self, sig=signal.SIGTERM):
+    def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc is not None:
             stop_group(self.proc, sig)
 
-    def members(self):
+    def members(self) -> set[int]:
         """PIDs of this node's processes: its process group and every descendant (Ray workers leave the group)."""
+        assert self.proc is not None, "not started"
         pids = set(group_alive(self.proc.pid))
         with contextlib.suppress(psutil.Error):
             pids |= {p.pid for p in psutil.Process(self.proc.pid).children(recursive=True)}
         return pids
 
-    def kill(self):
+    def kill(self) -> None:
         """SIGKILL every process of the node at once (raylet, its workers, agents): a node lost."""
+        assert self.proc is not None, "not started"
         for pid in self.members():
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait()
 
 
-def active_nodes(head):
+def active_nodes(head: RayNode) -> list[str]:
     """Node ids the head's GCS lists as active (`ray status`)."""
     out = subprocess.run(
         [RAY, "status", f"--address={head.gcs}"], env=head.env, capture_output=True, text=True, timeout=120
@@ -205,7 +217,7 @@ def active_nodes(head):
 
 
 @contextlib.contextmanager
-def ray_cluster_of(*cpus, resources=None):
+def ray_cluster_of(*cpus: int, resources: dict[int, str] | None = None) -> Iterator[list[RayNode]]:
     """A head with ``cpus[0]`` CPUs and one worker node per further entry; yields the nodes (head first)."""
     env = ray_env()
     temp_dir = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")  # short: socket paths

@@ -1,10 +1,13 @@
-"""The job's preprocessing before jobs.inputs.resample (scipy.ndimage.zoom in float64, NumPy intensity), kept verbatim.
+"""The job's preprocessing before jobs.inputs.resample (scipy.ndimage.zoom in float64, NumPy intensity), kept
+verbatim: the oracle.
 
-The benches time it side by side with ``jobs.inputs.preprocess.preprocess``, and tests/test_resample.py takes it as the
-truth the new path must equal (within 1e-5): a model's stored spec must keep meaning what it meant.
+tests/test_resample.py takes it as the truth the new path must equal (within 1e-5): a model's stored spec must keep
+meaning what it meant. The benches (bench.decode, bench.gpu_feed) time it side by side with
+``jobs.inputs.preprocess.preprocess``.
 """
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import scipy.ndimage
@@ -15,7 +18,7 @@ from jobs.inputs.formats.base import MAX_VOXEL_BYTES, Volume
 from jobs.inputs.preprocess import zoom_factors
 
 
-def zoom_scipy(array: np.ndarray, target, order: int) -> np.ndarray:
+def zoom_scipy(array: np.ndarray, target: Sequence[int], order: int) -> np.ndarray:
     """``scipy.ndimage.zoom`` to exactly ``target`` shape, float32 output.
 
     Zooms a transposed view whose axes run from largest to smallest stride (for nibabel's Fortran-ordered
@@ -93,7 +96,7 @@ def _all_finite(array: np.ndarray) -> bool:
     return bool(np.isfinite(array).all())
 
 
-def resize_numpy(array: np.ndarray, target) -> np.ndarray:
+def resize_numpy(array: np.ndarray, target: Sequence[int]) -> np.ndarray:
     """The order-1 resize in plain NumPy (gathers + weighted adds in float32), the alternative numba was chosen
     over: timed by bench.decode."""
     from jobs.inputs.resample import linear_taps

@@ -1,4 +1,4 @@
-"""A small threaded TCP forwarder on 127.0.0.1 that a test controls: storage outages and slow uploads.
+"""A small threaded TCP forwarder on 127.0.0.1 that a test or bench controls: storage outages and slow uploads.
 
 ``TcpProxy(target_port)`` listens on a free port (read back from the OS) and forwards every connection to
 ``127.0.0.1:target_port``. :meth:`TcpProxy.cut` resets every live connection and every new one (the client
@@ -13,6 +13,7 @@ import socket
 import struct
 import threading
 import time
+from typing import Any
 
 _CHUNK = 16 * 1024
 
@@ -30,14 +31,14 @@ def _reset(sock):
 class TcpProxy:
     """Forwards 127.0.0.1:``port`` to 127.0.0.1:``target_port``; ``cut``/``restore``/``throttle`` at will."""
 
-    def __init__(self, target_port, target_host="127.0.0.1"):
+    def __init__(self, target_port: int, target_host: str = "127.0.0.1") -> None:
         self.target = (target_host, int(target_port))
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = self._listener.getsockname()[1]
         self._lock = threading.Lock()
-        self._live = set()  # sockets of forwarded connections (both ends)
+        self._live: set[socket.socket] = set()  # sockets of forwarded connections (both ends)
         self._cut = False
-        self._rate = None  # bytes/s client -> server, None: unlimited
+        self._rate: float | None = None  # bytes/s client -> server, None: unlimited
         self.bytes_up = 0  # client -> server bytes forwarded
         self.bytes_down = 0
         self.connections = 0  # forwarded connections opened
@@ -47,14 +48,14 @@ class TcpProxy:
         self._thread.start()
 
     @property
-    def endpoint(self):
+    def endpoint(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    def query(self):
+    def query(self) -> str:
         """The URI query that points pyarrow at this proxy: ``?endpoint_override=127.0.0.1:PORT&scheme=http``."""
         return f"?endpoint_override={self.endpoint}&scheme=http"
 
-    def cut(self):
+    def cut(self) -> None:
         """Storage goes away: reset live connections, and reset every new one until :meth:`restore`."""
         with self._lock:
             self._cut = True
@@ -62,25 +63,25 @@ class TcpProxy:
         for sock in live:
             _reset(sock)
 
-    def restore(self):
+    def restore(self) -> None:
         with self._lock:
             self._cut = False
 
-    def throttle(self, bytes_per_s):
+    def throttle(self, bytes_per_s: float | None) -> None:
         """Forward client -> server at most ``bytes_per_s`` (None: unlimited again)."""
         self._rate = bytes_per_s
 
-    def close(self):
+    def close(self) -> None:
         self._closed = True
         self.cut()
         with contextlib.suppress(OSError):
             self._listener.close()
         self._thread.join(timeout=10)
 
-    def __enter__(self):
+    def __enter__(self) -> "TcpProxy":
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: Any) -> None:
         self.close()
 
     # --- the forwarding --------------------------------------------------------------------------------------
