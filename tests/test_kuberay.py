@@ -213,5 +213,5 @@ def test_dockerfile_install_step_in_a_fresh_venv(tmp_path):
     shutil.rmtree(context)
     files = "import importlib.metadata as m; print(sorted(str(f) for f in m.files('vit3d-batch')))"
     listed = subprocess.run([python, "-c", files], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
-    for module in ("jobs/score.py", "jobs/pipeline.py", "vit3d/model.py", "vit3d/artifact.py"):
+    for module in ("jobs/score.py", "jobs/run/pipeline.py", "jobs/inputs/formats/dicom/header.py", "vit3d/model.py"):
         assert module in listed.stdout, listed.stdout + listed.stderr

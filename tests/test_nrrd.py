@@ -371,6 +371,14 @@ def test_bad_files_are_one_clear_error_each(tmp_path):
         assert "\n" not in str(err) and len(err.reason) < 400, (name, str(err))
 
 
+@pytest.mark.parametrize("shape", [(12, 10, 1), (1, 10, 8)])
+def test_a_single_slice_is_not_a_3d_scan(tmp_path, shape):
+    """As NIfTI and DICOM: one slice is refused from the header, never scored as a volume."""
+    path = tmp_path / "slice.nrrd"
+    write_nrrd(path, volume(3, shape), AFFINES["oblique"])
+    expect_error(path, "validate", "2-D image", "expected a 3-D volume")
+
+
 def test_inflation_is_bounded_by_the_header(tmp_path):
     """A gzip stream holding more than the header says (its size trailer forged to pass the pre-check): the
     inflation stops one byte past the expected size instead of inflating everything."""

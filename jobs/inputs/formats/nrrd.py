@@ -298,6 +298,9 @@ def check_header(data: bytes, path: str) -> _Header:
     affine[:3, 3] = flip @ origin
 
     shape3 = tuple(sizes[axis] for axis in spatial)
+    if 1 in shape3:  # one slice (or one row): not a 3-D scan, as NIfTI and DICOM refuse it too
+        flat = sum(size > 1 for size in shape3)
+        raise bad(f"{flat}-D image of sizes {'x'.join(map(str, shape3))}; expected a 3-D volume")
     nbytes = math.prod(shape3) * dtype.itemsize
     if nbytes > MAX_VOXEL_BYTES:
         raise bad(
