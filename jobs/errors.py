@@ -44,7 +44,7 @@ class ScanError(Exception):
     ``stage`` is one of :data:`jobs.stages.SCAN_STAGES`; it decides whether a rerun tries the scan again.
     """
 
-    def __init__(self, stage: str, path: str, reason: str):
+    def __init__(self, stage: str, path: str, reason: str) -> None:
         if stage not in stages.SCAN_STAGES:
             raise ValueError(f"stage must be one of {stages.SCAN_STAGES}, got {stage!r}")
         super().__init__(stage, path, reason)  # args kept so the error pickles (Ray ships it between processes)

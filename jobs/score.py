@@ -8,12 +8,15 @@ attempted); 3 finished over it; 2 nothing scored because of a usage, manifest, m
 message says which); 1 the pipeline broke mid-run (what was scored is committed; rerun the same command).
 """
 
+from __future__ import annotations
+
 import dataclasses
 import datetime as dt
 import logging
 import sys
 import time
 import uuid
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -30,6 +33,12 @@ from jobs.output.sink import ResultSink
 from jobs.report import write_page
 from jobs.run.pipeline import scoring_pipeline
 from jobs.run.scorer import configure_tensorflow
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from jobs.run.pipeline import AttemptHooks
+    from vit3d.artifact import ArtifactInfo
 
 __all__ = [
     "EXIT_FAILED",
@@ -48,11 +57,11 @@ logger = logging.getLogger("jobs.score")  # not __name__: that is "__main__" und
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_OVER_BUDGET = 0, 1, 2, 3
 
 
-def new_run_id():
+def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
 
 
-def check_manifest(uri):
+def check_manifest(uri: str) -> pa.Table:
     """The manifest as a table; JobError if it is unusable or a column would shadow a result column."""
     try:
         table = read_manifest(uri)
@@ -64,7 +73,7 @@ def check_manifest(uri):
     return table
 
 
-def check_model(model_uri, model_sha256, mode):
+def check_model(model_uri: str, model_sha256: str | None, mode: str) -> tuple[ArtifactInfo, dict[str, Any]]:
     """Load and verify the model once in the driver so a bad model stops the run before it starts.
 
     Returns ``(ArtifactInfo, preprocessing spec)``. TF memory growth is set first, so on a GPU machine the
@@ -100,7 +109,7 @@ def check_model(model_uri, model_sha256, mode):
     return info, spec
 
 
-def run(manifest, model, output, *, hooks=None, **options):
+def run(manifest: str, model: str, output: str, *, hooks: AttemptHooks | None = None, **options: Any) -> dict[str, Any]:
     """Score ``manifest`` with ``model`` into ``output``; returns the run report (a dict).
 
     Args:
@@ -125,7 +134,7 @@ def run(manifest, model, output, *, hooks=None, **options):
     return run_job(JobConfig(manifest, model, output, **options), hooks=hooks)
 
 
-def run_job(config, hooks=None):
+def run_job(config: JobConfig, hooks: AttemptHooks | None = None) -> dict[str, Any]:
     """:func:`run` for a :class:`JobConfig`."""
     started_at, started = dt.datetime.now(dt.timezone.utc), time.monotonic()
     config = config.replace(run_id=config.run_id or new_run_id())
@@ -134,7 +143,7 @@ def run_job(config, hooks=None):
     sink = ResultSink(
         config.output,
         mode=config.mode,
-        run_id=config.run_id,
+        run_id=config.run_id,  # type: ignore[arg-type]  # set just above: never None here
         model=info,
         manifest=manifest,
         rows_per_file=config.rows_per_file,
@@ -164,7 +173,7 @@ def run_job(config, hooks=None):
             len(known_bad),
             len(pending),
         )
-        scored = {
+        scored: dict[str, Any] = {
             "loads": {},
             "plan": {"device": config.device, "workers": config.workers},
             "first_result_at": None,
@@ -298,7 +307,7 @@ def _report(
     }
 
 
-def summary(report):
+def summary(report: dict[str, Any]) -> str:
     """The few lines a person reads at the end of a run."""
     c = report["counts"]
     out = report["output"]["uri"]
@@ -356,7 +365,7 @@ def _final_figures(progress):
 # --- command line (the parser: jobs.config.build_parser) ----------------------------------------------------------
 
 
-def main(argv=None, hooks=None):
+def main(argv: list[str] | None = None, hooks: AttemptHooks | None = None) -> int:
     """The command line; returns the exit code. ``hooks`` is for tests only (see jobs.testing)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.progress, args.log_format, args.verbose)

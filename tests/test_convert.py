@@ -253,6 +253,7 @@ print(json.dumps(result))
 """
 
 
+@pytest.mark.slow
 def test_cli_and_saved_artifacts_match_monai_in_fresh_processes(tmp_path):
     """`python -m vit3d.convert` end to end, then both artifacts reloaded in a fresh process = MONAI."""
     cfg = {**BASE, "in_channels": 1}  # what jobs.score feeds: one channel

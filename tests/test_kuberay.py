@@ -171,6 +171,7 @@ def test_schema_copies_match_kuberay_originals():
         assert copy_["versions"]["v1"]["openAPIV3Schema"] == strip(v1["schema"]["openAPIV3Schema"])
 
 
+@pytest.mark.slow
 def test_dockerfile_install_step_in_a_fresh_venv(tmp_path):
     """The RUN pip line, over a build context of exactly the COPY'd files, in a fresh virtualenv."""
     text = dockerfile()

@@ -10,6 +10,11 @@ What a night costs on each kind of hardware, and so how many CPU cores keep one 
 - ``read_s`` is reported beside them and counted in neither: it is mostly waiting on storage.
 """
 
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from jobs import stages
@@ -20,7 +25,7 @@ READ_COLUMNS = stages.seconds_columns("read")  # read_s
 TIMING_COLUMNS = CPU_COLUMNS + ACCELERATOR_COLUMNS + READ_COLUMNS
 
 
-def add_stage_seconds(totals, batch, fresh):
+def add_stage_seconds(totals: dict[str, float], batch: Mapping[str, Any], fresh: np.ndarray) -> dict[str, float]:
     """Add the timings of the rows of ``batch`` that go to ``results/`` (``fresh`` and not failed) to ``totals``."""
     rows = np.asarray(fresh, dtype=bool) & np.array([not e for e in batch["error"]], dtype=bool)
     totals["scans"] = totals.get("scans", 0) + int(np.count_nonzero(rows))
@@ -32,7 +37,7 @@ def add_stage_seconds(totals, batch, fresh):
     return totals
 
 
-def per_1k_scans(totals):
+def per_1k_scans(totals: Mapping[str, float]) -> dict[str, Any]:
     """The run report's ``cost_per_1k_scans``: seconds per 1,000 scored scans (None when nothing was scored)."""
     scans = totals.get("scans", 0)
 

@@ -18,11 +18,15 @@ library (tqdm) drawing on the same terminal; and what they would tell (which sta
 the ``vit3d_stage_seconds`` metrics and the run report's per-stage percentiles.
 """
 
+from __future__ import annotations
+
 import collections
 import logging
 import sys
 import threading
 import time
+from collections.abc import Callable, Mapping
+from typing import Any, Literal, TextIO
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +34,7 @@ RATE_WINDOW_S = 60.0
 _HANDLED_PACKAGES = ("jobs", "vit3d", "ray")  # loggers whose console lines go above the bar
 
 
-def format_duration(seconds):
+def format_duration(seconds: float) -> str:
     """``'1 h 02 min'``, ``'3 min 05 s'``, ``'42 s'``."""
     seconds = int(round(seconds))
     if seconds >= 3600:
@@ -61,15 +65,24 @@ class Progress:
         clock: callable. Seconds, monotonic. Defaults to ``time.monotonic``.
     """
 
-    def __init__(self, total, *, enabled=True, every_s=10.0, stream=None, bar=None, clock=time.monotonic):
+    def __init__(
+        self,
+        total: int,
+        *,
+        enabled: bool = True,
+        every_s: float = 10.0,
+        stream: TextIO | None = None,
+        bar: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.total, self.enabled, self.every_s = int(total), enabled, float(every_s)
         self.stream = stream if stream is not None else sys.stderr
         self.clock = clock
         self.started = clock()
-        self.samples = collections.deque()  # (time, done) of recent commits
+        self.samples: collections.deque[tuple[float, int]] = collections.deque()  # (time, done) of recent commits
         self.done = self.errors = 0
         self._bar = self._task = None
-        self._swapped = []
+        self._swapped: list[tuple[logging.StreamHandler[Any], Any]] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._ticker = None
@@ -81,7 +94,7 @@ class Progress:
 
     # --- figures --------------------------------------------------------------------------------------------
 
-    def figures(self, now=None):
+    def figures(self, now: float | None = None) -> dict[str, Any]:
         """done, total, errors, elapsed_s, rate (scans/s) and eta_s; rate and ETA None until two commits.
 
         The rate is from the oldest commit of the last RATE_WINDOW_S seconds to now: the start-up before the
@@ -104,7 +117,7 @@ class Progress:
             self.samples.popleft()
 
     @staticmethod
-    def line(f, final=False):
+    def line(f: Mapping[str, Any], final: bool = False) -> str:
         """The figures as one line; the final line has the overall rate and no ETA."""
         text = f"{f['done']}/{f['total']} scans ({f['errors']} error{'' if f['errors'] == 1 else 's'})"
         if final:
@@ -119,7 +132,7 @@ class Progress:
 
     # --- driving --------------------------------------------------------------------------------------------
 
-    def update(self, counts):
+    def update(self, counts: Mapping[str, int]) -> None:
         """After a commit: ``counts`` is the sink's ``{"ok": …, "error": …}`` so far."""
         now = self.clock()
         with self._lock:
@@ -133,7 +146,7 @@ class Progress:
         while not self._stop.wait(self.every_s):
             logger.info("progress: %s", self.line(self.figures()))
 
-    def close(self, counts=None):
+    def close(self, counts: Mapping[str, int] | None = None) -> dict[str, Any]:
         """Stop the bar, log the final line (no ETA) and return the final figures (rounded, for the report)."""
         self._stop_ticker()
         if counts is not None:
@@ -153,10 +166,10 @@ class Progress:
             "rate_scans_per_s": round(f["done"] / elapsed, 3) if elapsed > 0 else None,
         }
 
-    def __enter__(self):
+    def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         self._stop_ticker()  # a failed run: no more lines, and a clean terminal; close() is not called
         self._stop_bar()
         return False

@@ -9,7 +9,15 @@ scan at a time, and a scan that was in flight at MAX_CRASHES crashes becomes an
 error row instead of another try. The rest of its batch is still processed.
 """
 
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
 import ray
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAX_CRASHES = 2
 
@@ -22,37 +30,37 @@ class CrashLedger:
     pins it to its own node: a lost worker node must not take the run's crash accounting with it.
     """
 
-    def __init__(self):
-        self.in_flight = {}
-        self.scoring_starts = []
+    def __init__(self) -> None:
+        self.in_flight: dict[str, int] = {}
+        self.scoring_starts: list[tuple[str, int]] = []
 
-    def scoring_started(self, node_id, pid):
+    def scoring_started(self, node_id: str, pid: int) -> None:
         self.scoring_starts.append((node_id, pid))
 
-    def starts(self):
+    def starts(self) -> list[tuple[str, int]]:
         return list(self.scoring_starts)
 
-    def node(self):
+    def node(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def crashes(self, scan_ids):
+    def crashes(self, scan_ids: Iterable[str]) -> dict[str, int]:
         return {s: self.in_flight.get(s, 0) for s in scan_ids}
 
-    def begin(self, scan_ids):
+    def begin(self, scan_ids: Iterable[str]) -> None:
         for s in scan_ids:
             self.in_flight[s] = self.in_flight.get(s, 0) + 1
 
-    def end(self, scan_ids):
+    def end(self, scan_ids: Iterable[str]) -> None:
         for s in scan_ids:
             self.in_flight.pop(s, None)
 
 
-def retry_budget(batch_size):
+def retry_budget(batch_size: int) -> int:
     """Task retries that let every scan of a batch use up MAX_CRASHES, plus a few for unrelated deaths."""
     return MAX_CRASHES * int(batch_size) + 3
 
 
-def crash_reason(stage, crashes):
+def crash_reason(stage: str, crashes: int) -> str:
     return (
         f"the {stage} worker died {crashes} times while this scan was in flight (out of memory, or a crash in "
         "native code); not tried again"
@@ -71,7 +79,15 @@ def _attempt(ledger, ids, rows, process, before_attempt):
         ray.get(ledger.end.remote(ids))
 
 
-def process_guarded(ledger_name, scan_ids, rows, process, fail, stage, before_attempt=None):
+def process_guarded(
+    ledger_name: str | None,
+    scan_ids: Sequence[str] | np.ndarray,
+    rows: list[int],
+    process: Callable[[list[int]], None],
+    fail: Callable[[int, str], None],
+    stage: str,
+    before_attempt: Callable[[list[str]], None] | None = None,
+) -> None:
     """Run ``process(rows)`` with crash accounting; ``fail(row, reason)`` records a scan given up on.
 
     ``process`` must turn ordinary per-scan failures into error rows itself: only
@@ -85,7 +101,7 @@ def process_guarded(ledger_name, scan_ids, rows, process, fail, stage, before_at
             before_attempt([scan_ids[i] for i in rows])
         process(rows)
         return
-    ledger = ray.get_actor(ledger_name)
+    ledger: Any = ray.get_actor(ledger_name)  # an ActorHandle: Ray types its methods Never, so Any
     ids = [scan_ids[i] for i in rows]
     crashes = ray.get(ledger.crashes.remote(ids))
     if not any(crashes.values()):

@@ -6,6 +6,8 @@ CPU tasks decode and preprocess (:func:`decode_batch`); scoring actors infer (:c
 they need themselves.
 """
 
+from __future__ import annotations
+
 import contextlib
 import dataclasses
 import logging
@@ -14,7 +16,8 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,6 +31,11 @@ from jobs.observe.logs import VERBOSE_ENV, adopt_ray_logging, is_verbose
 from jobs.run.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.run.scorer import Scorer, node_id
 from jobs.run.watchdog import watch_for_stall
+
+if TYPE_CHECKING:
+    from ray.data import Dataset
+
+    from jobs.config import JobConfig
 
 logger = logging.getLogger(__name__)
 
@@ -44,8 +52,8 @@ class AttemptHooks:
     None in production. Tests plant faults in the real pipeline with them (:mod:`jobs.testing`).
     """
 
-    decode: Callable | None = None
-    scoring: Callable | None = None
+    decode: Callable[[list[str]], None] | None = None
+    scoring: Callable[[list[str]], None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,22 +71,22 @@ class PipelineRun:
     """A running pipeline: its worker plan, its scored batches, and what the cluster did meanwhile."""
 
     plan: WorkerPlan
-    batches: object  # iterator of NumPy batches
-    ledger: object  # the CrashLedger actor
+    batches: Iterator[dict[str, np.ndarray]]  # iterator of NumPy batches
+    ledger: Any  # the CrashLedger actor (its ActorHandle: Ray types an actor's methods Never, so Any)
 
-    def scoring_actor_starts(self):
+    def scoring_actor_starts(self) -> list[tuple[str, int]]:
         """(node_id, pid) of every scoring actor start so far; restarts included."""
         import ray
 
         return ray.get(self.ledger.starts.remote())
 
-    def crash_ledger_node(self):
+    def crash_ledger_node(self) -> str:
         import ray
 
         return ray.get(self.ledger.node.remote())
 
     @staticmethod
-    def node_states():
+    def node_states() -> dict[str, dict[str, Any]]:
         """node_id -> {"address", "alive"} for every node the cluster knows, dead ones included."""
         import ray
 
@@ -101,7 +109,13 @@ def _empty_provenance(count):
     return columns
 
 
-def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_s=None):
+def decode_batch(
+    batch: dict[str, np.ndarray],
+    spec: dict[str, Any],
+    ledger_name: str | None = None,
+    before_attempt: Callable[[list[str]], None] | None = None,
+    read_retry_s: float | None = None,
+) -> dict[str, np.ndarray]:
     """CPU stage: read, validate, decode and preprocess each scan; failures become error rows.
 
     Each file is stat'ed just before it is read (its fingerprint, kept in error rows): a file replaced after the
@@ -161,7 +175,7 @@ def decode_batch(batch, spec, ledger_name=None, before_attempt=None, read_retry_
 # --- placement ------------------------------------------------------------------------------------------------
 
 
-def connect_ray(ray_address, scoring_workers):
+def connect_ray(ray_address: str | None, scoring_workers: int) -> int | None:
     """Join the given cluster, or start a local Ray instance. Returns the local core count when it started one.
 
     On a local instance each scoring actor gets a logical CPU of its own on top of every core, so that decode
@@ -188,7 +202,7 @@ def connect_ray(ray_address, scoring_workers):
     return cores
 
 
-def wait_for_gpus(wanted, seconds):
+def wait_for_gpus(wanted: int, seconds: float) -> int:
     """Ask the autoscaler (if any) for ``wanted`` GPUs; wait up to ``seconds`` for them. Returns GPUs present."""
     import ray
     from ray.autoscaler.sdk import request_resources
@@ -203,7 +217,9 @@ def wait_for_gpus(wanted, seconds):
         time.sleep(min(10.0, max(0.0, deadline - time.monotonic())))
 
 
-def plan_workers(device, workers, wait_seconds=0.0, local_cores=None):
+def plan_workers(
+    device: str, workers: int | None, wait_seconds: float = 0.0, local_cores: int | None = None
+) -> WorkerPlan:
     """The :class:`WorkerPlan` for the connected cluster; never asks for GPUs that do not exist."""
     import ray
 
@@ -235,7 +251,16 @@ def plan_workers(device, workers, wait_seconds=0.0, local_cores=None):
 # --- the dataset ----------------------------------------------------------------------------------------------
 
 
-def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, hooks=None):
+def build_dataset(
+    items: list[dict[str, Any]],
+    config: JobConfig,
+    plan: WorkerPlan,
+    *,
+    spec: dict[str, Any],
+    model_sha256: str,
+    ledger_name: str | None = None,
+    hooks: AttemptHooks | None = None,
+) -> Dataset:
     """A lazy Ray Dataset of scored rows for ``items`` (dicts with scan_id and path).
 
     ``config`` is the run's :class:`jobs.config.JobConfig`, ``plan`` its :class:`WorkerPlan`, ``spec`` the
@@ -247,7 +272,7 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Small blocks keep every decode slot busy; capped so huge manifests stay cheap to schedule.
     rows_per_block = max(1, min(8, math.ceil(len(items) / (4 * total_cpus))))
-    ds = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
+    ds: Dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
     worker_env = {VERBOSE_ENV: "1"} if is_verbose() else {}  # -v reaches the workers' TensorFlow start-up too
     with warnings.catch_warnings():
         # max_retries has no named parameter in Ray 2.60: only **ray_remote_args, which warns that it goes away in
@@ -255,7 +280,7 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
         if not is_verbose():
             warnings.filterwarnings("ignore", "`ray_remote_args` is deprecated", DeprecationWarning)
         ds = ds.map_batches(
-            decode_batch,
+            decode_batch,  # type: ignore[arg-type]  # Ray types fn as batch -> batch; the rest come by fn_kwargs
             fn_kwargs={
                 "spec": spec,
                 "ledger_name": ledger_name,
@@ -268,7 +293,9 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
             runtime_env={"env_vars": {**CPU_STAGE_ENV["env_vars"], **worker_env}},
             max_retries=retry_budget(rows_per_block),
         )
-    resources = {"num_gpus": 1, "num_cpus": 1} if plan.device == "gpu" else {"num_cpus": plan.cpus_per_worker}
+    resources: dict[str, Any] = (
+        {"num_gpus": 1, "num_cpus": 1} if plan.device == "gpu" else {"num_cpus": plan.cpus_per_worker}
+    )
     return ds.map_batches(
         Scorer,
         fn_constructor_kwargs={
@@ -297,7 +324,14 @@ def build_dataset(items, config, plan, *, spec, model_sha256, ledger_name=None, 
 
 
 @contextlib.contextmanager
-def scoring_pipeline(items, config, *, spec, model_sha256, hooks=None):
+def scoring_pipeline(
+    items: list[dict[str, Any]],
+    config: JobConfig,
+    *,
+    spec: dict[str, Any],
+    model_sha256: str,
+    hooks: AttemptHooks | None = None,
+) -> Iterator[PipelineRun]:
     """Join (or start) Ray, plan the workers, and yield a :class:`PipelineRun`: scored rows as NumPy batches.
 
     On exit: the crash ledger is ended, a GPU request to the autoscaler withdrawn, and a Ray instance this
@@ -316,7 +350,8 @@ def scoring_pipeline(items, config, *, spec, model_sha256, hooks=None):
         ledger_name = f"vit3d-crash-ledger-{config.run_id}-{uuid.uuid4().hex[:8]}"
         # On the driver's node: a lost worker node must not take the crash accounting (and the run) with it.
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-        ledger = CrashLedger.options(name=ledger_name, scheduling_strategy=here).remote()
+        # mypy does not apply class decorators: it sees CrashLedger, not the ActorClass @ray.remote makes of it.
+        ledger = CrashLedger.options(name=ledger_name, scheduling_strategy=here).remote()  # type: ignore[attr-defined]
         dataset = build_dataset(
             items, config, plan, spec=spec, model_sha256=model_sha256, ledger_name=ledger_name, hooks=hooks
         )

@@ -6,11 +6,15 @@ for a fixed batch size (the last batch is padded, so it never retraces). A bad
 scan never raises: it becomes an error row.
 """
 
+from __future__ import annotations
+
 import contextlib
 import logging
 import os
 import sys
 import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,11 +22,16 @@ from jobs.observe import metrics
 from jobs.observe.logs import hide_native_stderr_lines, is_verbose, tensorflow_startup_noise
 from jobs.run.ledger import process_guarded
 
+if TYPE_CHECKING:
+    from types import ModuleType
+
+    from numpy.typing import ArrayLike
+
 logger = logging.getLogger(__name__)
 LOADS_PER_PROCESS = {"count": 0}  # model deserializations in this worker process
 
 
-def scores_from_logits(logits):
+def scores_from_logits(logits: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     """(score, probabilities): sigmoid for one class; else 1 - softmax p(class 0, "normal")."""
     logits = np.asarray(logits, dtype=np.float64)
     if logits.shape[1] == 1:
@@ -35,7 +44,7 @@ def scores_from_logits(logits):
     return score.astype(np.float32), probabilities.astype(np.float32)
 
 
-def configure_tensorflow(threads=None):
+def configure_tensorflow(threads: int | None = None) -> ModuleType:
     """Memory growth on every visible GPU and a thread budget, before TF builds anything.
 
     TensorFlow's first import and device listing in a process print start-up lines that TF_CPP_MIN_LOG_LEVEL
@@ -78,15 +87,15 @@ class Scorer:
 
     def __init__(
         self,
-        model_uri,
-        model_sha256,
-        mode,
-        batch_size,
-        threads=None,
-        ledger_name=None,
-        precision="float32",
-        before_attempt=None,
-    ):
+        model_uri: str,
+        model_sha256: str,
+        mode: str,
+        batch_size: int,
+        threads: int | None = None,
+        ledger_name: str | None = None,
+        precision: str = "float32",
+        before_attempt: Callable[[list[str]], None] | None = None,
+    ) -> None:
         tf = configure_tensorflow(threads)
         import vit3d
 
@@ -124,7 +133,7 @@ class Scorer:
         padded[:count] = volumes
         return np.asarray(self._infer(padded))[:count]
 
-    def outputs(self, volumes):
+    def outputs(self, volumes: np.ndarray) -> dict[str, np.ndarray]:
         """Mode-specific output columns for a stack of volumes; raises on non-finite output."""
         raw = np.concatenate(
             [self._run(volumes[i : i + self.batch_size]) for i in range(0, len(volumes), self.batch_size)]
@@ -162,7 +171,7 @@ class Scorer:
             for key, value in row.items():
                 outputs[key][i] = value
 
-    def __call__(self, batch):
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["scan_id"])
         errors = np.asarray(batch["error"], dtype=object).copy()
         stages = np.asarray(batch["stage"], dtype=object).copy()
@@ -195,7 +204,7 @@ class Scorer:
         return out
 
 
-def node_id():
+def node_id() -> str:
     """The Ray node this process runs on ("" outside Ray)."""
     try:
         import ray

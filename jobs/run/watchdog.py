@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import queue
 import threading
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
 
 from jobs.errors import PipelineStalled
 
+T = TypeVar("T")
 
-def cluster_capacity():
+
+def cluster_capacity() -> str:
     """One line on what Ray has and has free, for a stalled run's message."""
     import ray
 
@@ -23,7 +27,7 @@ def cluster_capacity():
         return f"cluster state unknown ({type(e).__name__}: {e})"
 
 
-def watch_for_stall(batches, stall_s):
+def watch_for_stall(batches: Iterable[T], stall_s: float) -> Iterator[T]:
     """Yield ``batches``; raise :class:`PipelineStalled` when none arrives for ``stall_s`` seconds (0: never).
 
     A pipeline can wait forever without failing: a lost node whose replacement actor leaves no CPU for decode
@@ -33,7 +37,7 @@ def watch_for_stall(batches, stall_s):
     if not stall_s:
         yield from batches
         return
-    handoff = queue.Queue(maxsize=1)
+    handoff: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
     end = object()
 
     def pull():
