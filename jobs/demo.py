@@ -112,8 +112,17 @@ def main(argv: list[str] | None = None) -> int:
     # AUC is 1.0 from 10 epochs on (seeds 2024, 1, 2); 20 leaves a margin. See the README for timings.
     parser.add_argument("--epochs", type=int, default=20, help="training epochs (batch 16)")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from jobs.observe.logs import filter_native_stderr
+    from jobs.run.scorer import configure_tensorflow
 
+    # The console shows the demo's and the job's own lines: TensorFlow's start-up lines (its first import, here)
+    # and Ray's native notices are hidden, as jobs.score's command line hides them.
+    with filter_native_stderr():
+        configure_tensorflow()
+        return _demo(args)
+
+
+def _demo(args: argparse.Namespace) -> int:
     from vit3d.preprocessing import normalize_spec
 
     root = os.path.abspath(os.path.join(args.out, dt.datetime.now().strftime("%Y%m%d-%H%M%S")))

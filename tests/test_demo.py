@@ -28,3 +28,6 @@ def test_demo_trains_scores_and_separates_planted_anomalies(tmp_path, monkeypatc
     (report_id,) = [p.stem for p in (run_dir / "output" / "runs").glob("*.json")]
     assert last == f"[demo] run report: {run_dir / 'output' / 'runs' / report_id}.html", last
     assert "<svg" in (run_dir / "output" / "runs" / f"{report_id}.html").read_text()
+    # A quiet console: nothing from TensorFlow's or Ray's start-up, CUDA on a CPU machine, or deprecations.
+    noise = [line for line in proc.stderr.splitlines() if re.search(r"[IEW]0000|cuInit|Deprecat|core_worker", line)]
+    assert not noise, "\n".join(noise)

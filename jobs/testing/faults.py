@@ -11,12 +11,16 @@ For a driver in its own process::
 runs ``jobs.score``'s command line with those faults.
 """
 
+from __future__ import annotations
+
 import dataclasses
 import json
 import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
+from typing import Any
 
 from jobs.run.pipeline import AttemptHooks
 
@@ -44,7 +48,7 @@ class Fault:
     rendezvous_dir: str | None = None
     rendezvous_count: int = 2
 
-    def __call__(self, scan_ids):
+    def __call__(self, scan_ids: Iterable[object]) -> None:
         scan_ids = [str(s) for s in scan_ids]
         if self.rendezvous_dir:
             os.makedirs(self.rendezvous_dir, exist_ok=True)
@@ -54,13 +58,15 @@ class Fault:
         if self.sleep_s:
             time.sleep(self.sleep_s)
         if self.hold_on_scan in scan_ids:
+            if self.release_file is None:
+                raise ValueError("hold_on_scan needs a release_file")
             while not os.path.exists(self.release_file):
                 time.sleep(0.05)
         if self.kill_on_scan in scan_ids:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-def hooks(decode=None, scoring=None):
+def hooks(decode: Fault | dict[str, Any] | None = None, scoring: Fault | dict[str, Any] | None = None) -> AttemptHooks:
     """AttemptHooks from per-stage fault settings: dicts of :class:`Fault`'s arguments, or Faults."""
 
     def fault(value):
@@ -69,7 +75,7 @@ def hooks(decode=None, scoring=None):
     return AttemptHooks(decode=fault(decode), scoring=fault(scoring))
 
 
-def before_claim(fault):
+def before_claim(fault: Fault) -> None:
     """Run ``fault`` (a :class:`Fault`) in this process just before the output lock is taken: with a rendezvous,
     several drivers then race for the lock at the same instant."""
     from jobs.output.lock import OutputLock
@@ -80,10 +86,10 @@ def before_claim(fault):
         fault([])
         return acquire(self)
 
-    OutputLock.acquire = delayed_acquire
+    OutputLock.acquire = delayed_acquire  # type: ignore[method-assign]
 
 
-def main(argv=None):
+def main(argv: list[str] | None = None) -> int:
     """``python -m jobs.testing FAULTS_JSON [jobs.score flags...]``; FAULTS_JSON has ``decode`` and ``scoring``
     (see :func:`hooks`) and ``claim`` (see :func:`before_claim`), each a dict of :class:`Fault`'s arguments."""
     from jobs.score import main as score_main
