@@ -31,7 +31,7 @@ def test_off_a_terminal_progress_lines_follow_the_commits(ray_cluster, tiny_mode
     rows.append({"scan_id": "gone", "path": "archive/gone.nii.gz", "site": "x", "age": 1})  # a read error
     manifest = write_csv(tmp_path / "manifest.csv", rows)
     lines = Lines()
-    progress_logger = logging.getLogger("jobs.observe.progress")
+    progress_logger = logging.getLogger("jobs.progress")
     progress_logger.addHandler(lines)
     level = progress_logger.level
     progress_logger.setLevel(logging.INFO)

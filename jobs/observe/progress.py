@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, Literal, TextIO
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("jobs.progress")  # the name the console shows before each progress line
 
 RATE_WINDOW_S = 60.0
 _HANDLED_PACKAGES = ("jobs", "vit3d", "ray")  # loggers whose console lines go above the bar
