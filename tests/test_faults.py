@@ -454,12 +454,15 @@ def test_permission_denied_is_a_read_error_row(tmp_path):
         script = (
             "import os\n"
             "import numpy as np\n"
-            "import jobs.inputs.formats.nifti\n"
+            "import jobs.inputs.formats\n"
             "from jobs.run.pipeline import decode_batch\n"
-            "os.setgid(65534); os.setuid(65534)  # nobody, from here on: file modes apply\n"
-            f"batch = {{'scan_id': np.array(['locked', 'readable']), 'path': np.array([{locked!r}, {readable!r}])}}\n"
+            "jobs.inputs.formats.registered()  # every format's reader imported, as in a worker that decoded before\n"
             "spec = {'orientation': 'RAS', 'spacing': None, 'size': [8, 8, 8], 'intensity': {'kind': 'zscore'},"
             " 'interpolation_order': 1}\n"
+            # A worker that has decoded before: its compiled kernels (numba imports cmath lazily) are loaded.
+            f"decode_batch({{'scan_id': np.array(['warm']), 'path': np.array([{readable!r}])}}, spec)\n"
+            "os.setgid(65534); os.setuid(65534)  # nobody, from here on: file modes apply\n"
+            f"batch = {{'scan_id': np.array(['locked', 'readable']), 'path': np.array([{locked!r}, {readable!r}])}}\n"
             "out = decode_batch(batch, spec)\n"
             "print(repr((list(out['stage']), list(out['error']), len(out['volume'][1]))))\n"
         )
@@ -467,7 +470,7 @@ def test_permission_denied_is_a_read_error_row(tmp_path):
         proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
         stages, errors, volume_bytes = eval(proc.stdout.strip().splitlines()[-1])  # noqa: S307 - our own repr
-        assert stages == ["read", ""] and volume_bytes == 8 * 8 * 8 * 4
+        assert stages == ["read", ""] and volume_bytes == 8 * 8 * 8 * 4, errors
         assert locked in errors[0] and "permission denied" in errors[0].lower()
     finally:
         shutil.rmtree(folder, ignore_errors=True)
