@@ -30,6 +30,7 @@ class Geometry:
     affine: np.ndarray  # RAS, 4x4, of voxels data[i (column), j (row), k (slice)]
     zooms: tuple  # (column spacing, row spacing, slice spacing), mm
     note: str  # what was left out (localizers), "" when nothing
+    size: tuple[int, int] = (0, 0)  # (rows, columns) of one slice (a tile's, for a Siemens MOSAIC)
 
 
 def _orientation_groups(frames):
@@ -50,6 +51,8 @@ def _describe(frame):
 
 
 def _where(frame: Frame) -> str:
+    if frame.tile is not None:
+        return f"{frame.file.name} mosaic tile {frame.index + 1}"
     return frame.file.name if frame.file.frames == 1 else f"{frame.file.name} frame {frame.index + 1}"
 
 
@@ -74,8 +77,7 @@ def series_geometry(frames: list[Frame]) -> Geometry:
     if len(frames) < 2:
         raise BadSeries(f"single-slice series ({_where(frames[0])}): a 3-D volume needs at least 2 slices")
 
-    first = frames[0].file
-    sizes = {(f.file.rows, f.file.columns) for f in frames}
+    sizes = {f.size for f in frames}
     if len(sizes) > 1:
         raise BadSeries(f"mixed image sizes (rows x columns) in one series: {sorted(sizes)}")
     spacings = np.array([f.spacing for f in frames])
@@ -149,5 +151,4 @@ def series_geometry(frames: list[Frame]) -> Geometry:
     lps[:3, 1] = col_dir * row_spacing  # j: down a column, one row to the next
     lps[:3, 2] = normal * spacing
     lps[:3, 3] = origin
-    del first
-    return Geometry(frames, _LPS_TO_RAS @ lps, (col_spacing, row_spacing, float(spacing)), note)
+    return Geometry(frames, _LPS_TO_RAS @ lps, (col_spacing, row_spacing, float(spacing)), note, frames[0].size)
