@@ -58,10 +58,10 @@ DCM2NIIX_WRONG: dict[str, str] = {"nibabel:0.dcm": _ODD_MOSAIC, "nibabel:1.dcm":
 
 # Every series found, and its verdict: "equal dcm2niix", "equal pydicom", or "refused: <words of the reason>".
 EXPECTED: dict[str, str] = {
-    "nibabel:0.dcm": "equal nibabel",
-    "nibabel:0.dcm (zip)": "equal nibabel",
-    "nibabel:1.dcm": "equal nibabel",
-    "nibabel:1.dcm (zip)": "equal nibabel",
+    "nibabel:0.dcm": "refused: not a whole grid of tiles",
+    "nibabel:0.dcm (zip)": "refused: not a whole grid of tiles",
+    "nibabel:1.dcm": "refused: not a whole grid of tiles",
+    "nibabel:1.dcm (zip)": "refused: not a whole grid of tiles",
     "nibabel:csa_slice_norm.dcm": "refused: truncated",
     "nibabel:csa_slice_norm.dcm (zip)": "refused: truncated",
     "nibabel:philips_mprage.dcm.gz": "equal dcm2niix",
@@ -402,6 +402,7 @@ PHRASES = (  # the words of a refusal reason that EXPECTED keeps (the rest names
     "cannot decode",
     "colour image",
     "non-image object",
+    "not a whole grid of tiles",
 )
 
 
