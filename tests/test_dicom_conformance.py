@@ -389,6 +389,27 @@ def test_fallback_references_agree_with_dcm2niix_where_both_read(tmp_path):
         assert compare(reference, volume[:2]) is None, case_id
 
 
+@pytest.mark.parametrize("syntax", [dcm_uid.RLELossless, dcm_uid.JPEG2000Lossless])
+def test_compressed_ect_supplemental_equals_pydicom_where_dcm2niix_reverses_its_frames(tmp_path, syntax):
+    """A known dcm2niix fault, on lossless re-encodings of pydicom-data's eCT_Supplemental.dcm (2 frames): it
+    writes the frames in reverse order with the affine of the uncompressed file. Ours equals the pydicom reference
+    (and the uncompressed file, which dcm2niix reads right); dcm2niix's volume equals ours with k reversed. When a
+    dcm2niix release fixes this, the last assertion fails: then drop the fault from the docs."""
+    ds = pydicom.dcmread(ROOTS["pydicom-data"] / "eCT_Supplemental.dcm")
+    ds.compress(syntax)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    ds.save_as(folder / "eCT.dcm", enforce_file_format=True)
+    volume = read_ours(folder / "eCT.dcm")
+    mine = (np.asarray(volume.data, np.float64) * volume.slope + volume.inter, volume.affine)
+    assert compare(mine, pydicom_volume(folder)) is None
+    uncompressed = read_ours(ROOTS["pydicom-data"] / "eCT_Supplemental.dcm")
+    plain = np.asarray(uncompressed.data, np.float64) * uncompressed.slope + uncompressed.inter
+    assert compare(mine, (plain, uncompressed.affine)) is None
+    (theirs,), _ = dcm2niix(folder, tmp_path / "dcm2niix")
+    assert compare((mine[0][..., ::-1], mine[1]), theirs[:2]) is None, "dcm2niix fixed? drop the fault from the docs"
+
+
 # ---------------------------------------------------------------------------------------------- the docs table
 
 TABLE_START, TABLE_END = "<!-- verdicts: start -->", "<!-- verdicts: end -->"
