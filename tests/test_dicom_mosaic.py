@@ -84,10 +84,32 @@ def assert_same_in_world(ours, affine, theirs, their_affine, atol_mm=1e-3):
     np.testing.assert_array_equal(np.asarray(ours)[tuple(index)], theirs[tuple(target)])
 
 
+def plant(path, seed=0):
+    """Write known voxels ([column, row, slice], 128 x 128 x 48) into the tiles of the mosaic at ``path`` (the
+    real files' pixels are all zero): returns them."""
+    ds = pydicom.dcmread(path)
+    volume = np.random.default_rng(seed).integers(1, 4000, (128, 128, 48), dtype=np.uint16)
+    image = np.zeros((896, 896), np.uint16)  # tiles 48 and 49 of the 7 x 7 grid stay blank
+    for k in range(48):
+        r, c = divmod(k, 7)
+        image[r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128] = volume[:, :, k].T
+    ds.PixelData = image.tobytes()
+    ds.save_as(path, enforce_file_format=True)
+    return volume
+
+
 @pytest.mark.parametrize("name", DWI)
 def test_real_mosaic_matches_dcm2niix_and_nibabel(tmp_path, name):
+    """Geometry of the real files; voxels of the same files with known voxels planted in their tiles (their own
+    pixels are all zero), against dcm2niix (in world space) and nibabel (same axes)."""
     folder, path = dwi(tmp_path, name)
+    assert not pydicom.dcmread(path).pixel_array.any()
+    voxels, affine = dcm2niix(folder, tmp_path / "nifti-as-shipped")
+    _, vol = read(folder)
+    assert_same_in_world(vol.data, vol.affine, voxels, affine)
+    planted = plant(path)
     series, vol = read(folder)
+    np.testing.assert_array_equal(np.asarray(vol.data), planted)
     assert vol.data.shape == (128, 128, 48) and len(series.geometry.frames) == 48
     voxels, affine = dcm2niix(folder, tmp_path / "nifti")
     assert_same_in_world(vol.data, vol.affine, voxels, affine)
@@ -118,7 +140,9 @@ def test_mosaic_in_other_syntaxes(tmp_path, syntax):
     """The same mosaic re-encoded (explicit VR: the fast header walk, which keeps no private elements; RLE and
     deflated: decoded by pydicom) gives the same volume."""
     _, path = dwi(tmp_path, "siemens_dwi_0")
+    planted = plant(path)
     _, expected = read(path)
+    np.testing.assert_array_equal(np.asarray(expected.data), planted)
     copy = tmp_path / "copy" / "mosaic.dcm"
     copy.parent.mkdir()
     _resave(path, copy, syntax)
@@ -127,21 +151,6 @@ def test_mosaic_in_other_syntaxes(tmp_path, syntax):
         assert isinstance(series.first.dataset, dict)
     np.testing.assert_array_equal(np.asarray(vol.data), np.asarray(expected.data))
     np.testing.assert_array_equal(vol.affine, expected.affine)
-
-
-def test_mosaic_tiles_land_where_written(tmp_path):
-    """Known voxels written into the tiles of a real mosaic come back in place, blank tiles left out."""
-    _, path = dwi(tmp_path, "siemens_dwi_0")
-    ds = pydicom.dcmread(path)
-    volume = np.random.default_rng(0).integers(0, 4000, (128, 128, 48), dtype=np.uint16)  # [column, row, slice]
-    image = np.zeros((896, 896), np.uint16)
-    for k in range(48):
-        r, c = divmod(k, 7)
-        image[r * 128 : (r + 1) * 128, c * 128 : (c + 1) * 128] = volume[:, :, k].T
-    ds.PixelData = image.tobytes()
-    ds.save_as(path, enforce_file_format=True)
-    _, vol = read(path.parent)
-    np.testing.assert_array_equal(np.asarray(vol.data), volume)
 
 
 def test_slice_spacing_falls_back_to_slice_thickness(tmp_path):
