@@ -255,3 +255,25 @@ def test_mosaic_beside_plain_images_is_refused(tmp_path):
     with pytest.raises(ScanError) as info:
         load_scan(str(folder), spec())
     assert "a Siemens MOSAIC file (siemens_dwi_0.dcm) beside 1 other image file(s)" in info.value.reason
+
+
+def test_slice_direction_follows_the_csa_normal(tmp_path):
+    """Column direction reversed in IOP: the cross product now points against the CSA SliceNormalVector, which
+    gives the direction the tiles were stored in (nibabel's rule; dcm2niix agrees)."""
+    folder, path = dwi(tmp_path, "siemens_dwi_0")
+    planted = plant(path, seed=3)
+    ds = pydicom.dcmread(path)
+    iop = [float(v) for v in ds.ImageOrientationPatient]
+    ds.ImageOrientationPatient = iop[:3] + [-v for v in iop[3:]]
+    ds.save_as(path, enforce_file_format=True)
+    _, vol = read(folder)
+    # slices are stored in increasing order along the IOP normal: here the reverse of the tiles' order
+    np.testing.assert_array_equal(np.asarray(vol.data), planted[:, :, ::-1])
+    csa_normal = np.array([0.0, 0.00523632, 0.99998629])  # LPS, from the file's CSA header
+    first_tile = (LPS_TO_RAS @ vol.affine @ [0, 0, 47, 1])[:3]
+    last_tile = (LPS_TO_RAS @ vol.affine @ [0, 0, 0, 1])[:3]
+    assert (last_tile - first_tile) @ csa_normal == pytest.approx(47 * 3.0, abs=1e-3)  # tiles run along it
+    voxels, affine = nibabel_mosaic(path)
+    assert_same_in_world(vol.data, vol.affine, voxels, affine)
+    voxels, affine = dcm2niix(folder, tmp_path / "nifti")
+    assert_same_in_world(vol.data, vol.affine, voxels, affine)
