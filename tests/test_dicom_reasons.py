@@ -72,6 +72,17 @@ def test_colour_image_of_pydicom_test_files():
     assert "colour image (PhotometricInterpretation YBR_FULL_422, SamplesPerPixel 3)" in reason, reason
 
 
+def test_colour_slice_inside_a_series_is_named(tmp_path):
+    """A colour slice with a place in the grid (written here): the series is refused naming it as colour."""
+    folder = tmp_path / "series"
+    write_series(folder, _volume(9), AXIAL)
+    ds = pydicom.dcmread(folder / "IM0002")
+    ds.set_pixel_data(np.zeros((ds.Rows, ds.Columns, 3), np.uint8), "RGB", 8)
+    ds.save_as(folder / "IM0002", enforce_file_format=True)
+    reason = refused(folder)
+    assert "IM0002: colour image (PhotometricInterpretation RGB, SamplesPerPixel 3)" in reason, reason
+
+
 NON_IMAGES = {  # real file: kind named in the reason
     (TEST_FILES, "rtdose.dcm"): "RT Dose",
     (TEST_FILES, "rtdose_rle.dcm"): "RT Dose",

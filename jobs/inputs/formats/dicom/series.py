@@ -186,14 +186,13 @@ def check_series(
 ) -> Series:
     """Header-only pre-check of the chosen series; raises ScanError('validate')."""
     uid, chosen = choose_series(path, headers, broken, series_uid, ignored)
-    for h in chosen:
-        _check_greyscale(h, path)
     _check_mosaics(uid, chosen, path)
     frames: list[Frame] = []
     for h in chosen:
         try:
             frames.extend(frames_of(h))
         except BrokenFile as e:
+            _check_greyscale(h, path)  # a colour image is named as such, not by the geometry it lacks
             raise ScanError("validate", path, f"{h.name}: {e}") from e
     try:
         geometry = series_geometry(frames)
@@ -201,6 +200,8 @@ def check_series(
         raise ScanError("validate", path, f"series {uid}: {e}") from e
     used = {id(f.file): f.file for f in geometry.frames}
     headers = sorted(used.values(), key=lambda h: h.name)
+    for h in headers:  # a colour scout left out by the geometry does not matter; a colour slice does
+        _check_greyscale(h, path)
     dtype = _dtype(headers[0], path)
     formats = {(h.bits_allocated, h.bits_stored, h.signed, h.samples, h.photometric) for h in headers}
     if len(formats) > 1:
