@@ -243,3 +243,26 @@ def test_lister_lists_exactly_the_series_the_scorer_reads(tmp_path):
         with pytest.raises(ScanError):
             load_scan(path, spec(), series_instance_uid=series)
         assert folder == "objects", folder  # RT Dose: pixel data, but not an image series
+
+
+def test_listed_archive_scored_end_to_end(ray_cluster, tiny_model, tmp_path):
+    """The same archive listed by ``jobs.manifest --dicom`` and given to jobs.score as it is: a result row for each
+    series the scorer reads (the single mosaics among them, 48 slices each), an error row with its reason for
+    each listed series it refuses."""
+    from jobs.score import run
+    from jobs.testing.results import rows_by_scan_id
+
+    model_path, _ = tiny_model
+    root = build_archive(tmp_path / "archive")
+    manifest = tmp_path / "manifest.parquet"
+    assert M.main(["--root", str(root), "--dicom", "--out", str(manifest)]) == 0
+    folder_of = {r["scan_id"]: os.path.relpath(r["path"], root) for r in M.read_manifest(str(manifest)).to_pylist()}
+    output = str(tmp_path / "out")
+    run(str(manifest), model_path, output, device="cpu", batch_size=4, max_error_rate=0.9, progress=False)
+    results, errors = rows_by_scan_id(output, "results"), rows_by_scan_id(output, "errors")
+    assert sorted(folder_of[s] for s in results) == sorted([*READ, "written/two_series"])
+    assert {folder_of[s] for s in errors} == set(LISTED_REFUSED)
+    for scan_id, row in results.items():
+        assert row["slices"] == READ[folder_of[scan_id]] and np.isfinite(row["score"])
+    for scan_id, row in errors.items():
+        assert row["stage"] == "validate" and LISTED_REFUSED[folder_of[scan_id]] in row["error"], row
