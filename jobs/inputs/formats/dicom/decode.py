@@ -19,6 +19,7 @@ from jobs.inputs.formats.base import Volume
 from jobs.inputs.formats.dicom.geometry import _where
 from jobs.inputs.formats.dicom.header import Frame, Header
 from jobs.inputs.formats.dicom.series import _NATIVE, Series, _decoder_for
+from jobs.inputs.formats.dicom.tilt import resample_tilted
 
 RleDecode = Callable[[Any, np.ndarray], None]  # decode(fragment, target): one RLE frame into ``target``
 
@@ -182,13 +183,17 @@ def decode_series(series: Series, rle: str | None = None) -> Volume:
         np.left_shift(volume, shift, out=volume)
         np.right_shift(volume, shift, out=volume)
     slope, inter = (1.0, 0.0) if per_slice else next(iter(rescales))
-    affine = series.geometry.affine
+    stored = volume.dtype.name  # the source's, also when a tilt correction resamples into float32
+    geometry = series.geometry
+    if geometry.shifts is not None:  # a gantry tilt: each slice shifted onto the orthogonal grid of the affine
+        volume = resample_tilted(volume, geometry.shifts, geometry.grid)
+    affine = geometry.affine
     return Volume(
         data=volume.T,  # (columns, rows, slices): i, j, k of the affine, Fortran order
         affine=affine,
-        zooms=series.geometry.zooms,
+        zooms=geometry.zooms,
         orientation="".join(orientations.aff2axcodes(affine)),
-        dtype=volume.dtype.name,
+        dtype=stored,
         slope=slope,
         inter=inter,
         path=path,

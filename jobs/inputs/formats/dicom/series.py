@@ -25,6 +25,7 @@ from jobs.inputs.formats.dicom.header import (
 )
 from jobs.inputs.formats.dicom.source import Source
 
+TILT_CHOICES = ("correct", "refuse")  # what check_series does with a sheared (gantry-tilted) stack
 Broken = list[tuple[str, BrokenFile]]  # (file name, why) of files that claim a place in a series but cannot be read
 Ignored = list[tuple[str, NotImage]]  # (file name, what it is) of files left out: not DICOM, or not an image
 # Uncompressed syntaxes, with their byte order: their pixels are read as they are, no decoder needed.
@@ -183,8 +184,15 @@ def check_series(
     broken: Broken,
     series_uid: str | None = None,
     ignored: int | Sequence[tuple[str, NotImage]] = 0,
+    tilt: str = "correct",
 ) -> Series:
-    """Header-only pre-check of the chosen series; raises ScanError('validate')."""
+    """Header-only pre-check of the chosen series; raises ScanError('validate').
+
+    ``tilt``: "correct" resamples a sheared (gantry-tilted) stack onto an orthogonal grid (:mod:`.tilt`);
+    "refuse" refuses it.
+    """
+    if tilt not in TILT_CHOICES:
+        raise ValueError(f"tilt must be one of {', '.join(TILT_CHOICES)}, got {tilt!r}")
     uid, chosen = choose_series(path, headers, broken, series_uid, ignored)
     _check_mosaics(uid, chosen, path)
     frames: list[Frame] = []
@@ -195,7 +203,7 @@ def check_series(
             _check_greyscale(h, path)  # a colour image is named as such, not by the geometry it lacks
             raise ScanError("validate", path, f"{h.name}: {e}") from e
     try:
-        geometry = series_geometry(frames)
+        geometry = series_geometry(frames, correct_tilt=tilt == "correct")
     except BadSeries as e:
         raise ScanError("validate", path, f"series {uid}: {e}") from e
     used = {id(f.file): f.file for f in geometry.frames}
@@ -209,7 +217,7 @@ def check_series(
     for ts in {h.transfer_syntax for h in headers}:
         if ts not in _NATIVE:
             _decoder_for(ts, path, next(h.name for h in headers if h.transfer_syntax == ts))
-    rows, columns = geometry.size
+    rows, columns = geometry.grid
     nbytes = len(geometry.frames) * rows * columns * 4
     if nbytes > MAX_VOXEL_BYTES:
         raise ScanError("validate", path, f"series {uid}: {len(geometry.frames)} x {rows} x {columns} is too large")
