@@ -552,7 +552,7 @@ def test_dicom_archive_on_s3_listed_then_scored(ray_cluster, tiny_model, tmp_pat
     (scout_id,) = [r["scan_id"] for r in by_folder["zoo/scout"]]
     assert report["series_left_out"] == {scout_id: results[scout_id]["series_note"]}
     assert "localizer" in results[scout_id]["series_note"]
-    assert f"1 DICOM series scored without some files (series_note): {scout_id} (" in summary(report)
+    assert f"1 DICOM series with a series_note (files left out, tilt corrected): {scout_id} (" in summary(report)
     local = tmp_path / "fetched"
     for item in client.list_objects_v2(Bucket=bucket, Prefix="results/")["Contents"]:
         if item["Key"].endswith("/"):  # folder markers

@@ -28,7 +28,7 @@ from jobs.config import JobConfig
 from jobs.errors import JobError, ScanError
 from jobs.inputs import formats
 from jobs.inputs.load import load_scan
-from jobs.score import run
+from jobs.score import run, summary
 from jobs.testing.dicom import gantry_tilt, write_series
 from jobs.testing.results import rows_by_scan_id
 from jobs.testing.volumes import smooth_volume
@@ -259,6 +259,10 @@ def test_score_tilted_series_end_to_end(ray_cluster, tiny_model, tmp_path):
     assert set(results) == {"tilted", "flat"} and report["config"]["dicom_tilt"] == "correct"
     assert results["tilted"]["series_note"] == NOTE.format(15.0) and results["flat"]["series_note"] is None
     assert 0.0 <= results["tilted"]["score"] <= 1.0
+    assert report["series_left_out"] == {"tilted": NOTE.format(15.0)}  # the report and summary list it too
+    assert "1 DICOM series with a series_note (files left out, tilt corrected): tilted (gantry tilt 15.0" in summary(
+        report
+    )
 
     refused = str(tmp_path / "refused")
     report = run(
