@@ -19,15 +19,22 @@ MODES = ("score", "embed")
 DEVICES = ("auto", "gpu", "cpu")
 PRECISIONS = ("float32", "mixed_bfloat16")
 LOG_FORMATS = ("text", "json")
+DICOM_TILT = ("correct", "refuse")
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
 
 
 def option(
-    default: Any = dataclasses.MISSING, *, help: str, flag: bool | str | tuple[str, ...] = True, **argparse_kwargs: Any
+    default: Any = dataclasses.MISSING,
+    *,
+    help: str,
+    flag: bool | str | tuple[str, ...] = True,
+    format_option: bool = False,
+    **argparse_kwargs: Any,
 ) -> Any:
     """A JobConfig field; ``help`` and ``argparse_kwargs`` become its command-line flag: ``--<name>`` (True), the
-    given flag name(s), or none (False)."""
-    metadata = {"help": help, "flag": flag, "argparse": argparse_kwargs}
+    given flag name(s), or none (False). ``format_option``: the value reaches every scan's
+    :meth:`jobs.inputs.formats.base.Format.check` in its ``options`` (see :attr:`JobConfig.format_options`)."""
+    metadata = {"help": help, "flag": flag, "format_option": format_option, "argparse": argparse_kwargs}
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -64,6 +71,8 @@ class JobConfig:
             is drawn instead). Defaults to ``10.0``.
         log_format: str. ``"text"`` or ``"json"`` log lines (command line only). Defaults to ``"text"``.
         verbose: bool. Also show Ray's and TensorFlow's own INFO lines (command line only). Defaults to ``False``.
+        dicom_tilt: str. A gantry-tilted (sheared) DICOM series: ``"correct"`` resamples it onto an orthogonal grid
+            (and says so in ``series_note``), ``"refuse"`` makes it a validate error. Defaults to ``"correct"``.
 
     Example:
 
@@ -167,11 +176,21 @@ class JobConfig:
         "progress, summary and the warnings that need a person)",
     )
 
+    dicom_tilt: str = option(
+        "correct",
+        choices=DICOM_TILT,
+        format_option=True,
+        help="a gantry-tilted CT series (slices sheared along the table): correct resamples it onto an orthogonal "
+        "grid, as dcm2niix's _Tilt_1 output, and says so in series_note; refuse makes it a validate error "
+        "(default %(default)s)",
+    )
+
     def __post_init__(self) -> None:
         for name in ("manifest", "model", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise JobError(f"--{name} must be a non-empty path or URI")
-        for name, allowed in (("mode", MODES), ("device", DEVICES), ("precision", PRECISIONS)):
+        choices = (("mode", MODES), ("device", DEVICES), ("precision", PRECISIONS), ("dicom_tilt", DICOM_TILT))
+        for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise JobError(f"--{flag_of(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         if self.log_format not in LOG_FORMATS:
@@ -191,6 +210,12 @@ class JobConfig:
             raise JobError(
                 f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (and not start with '.')"
             )
+
+    @property
+    def format_options(self) -> dict[str, Any]:
+        """{name: value} of the fields marked ``format_option``: handed to every scan's format check beside the
+        manifest row's options, so that the pipeline never names a format."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("format_option")}
 
     def replace(self, **changes: Any) -> JobConfig:
         """A copy with ``changes`` applied, validated again."""

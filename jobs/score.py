@@ -192,7 +192,7 @@ def run_job(config: JobConfig, hooks: AttemptHooks | None = None) -> dict[str, A
         stage_seconds = scored.pop("stage_seconds", {})
         left_out = scored.pop("series_left_out", {})
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
-        # DICOM series scored without some of their files (a localizer/scout): scan_id -> what was left out.
+        # DICOM series scored with a series_note (a localizer/scout left out, a gantry tilt corrected): scan_id -> note.
         report["series_left_out"] = left_out
         # Seconds per 1,000 scored scans from the results' timing columns (jobs.observe.cost says which count).
         report["cost_per_1k_scans"] = per_1k_scans(stage_seconds)
@@ -331,7 +331,7 @@ def summary(report: dict[str, Any]) -> str:
 
 
 def _series_notes(batch, fresh):
-    """scan_id -> series_note of the newly committed rows whose DICOM series had files left out (scouts)."""
+    """scan_id -> series_note of the newly committed rows that have one (DICOM: scouts left out, a tilt corrected)."""
     notes = batch.get("series_note")
     if notes is None:
         return {}
@@ -349,12 +349,12 @@ def _cost_line(cost):
 
 
 def _left_out_lines(left_out):
-    """The summary's line on DICOM series scored without some of their files (none: no line)."""
+    """The summary's line on DICOM series scored with a series_note: files left out, a tilt corrected (or none)."""
     if not left_out:
         return []
     first = ", ".join(f"{scan_id} ({note})" for scan_id, note in sorted(left_out.items())[:3])
     more = f" and {len(left_out) - 3} more" if len(left_out) > 3 else ""
-    return [f"  {len(left_out)} DICOM series scored without some files (series_note): {first}{more}"]
+    return [f"  {len(left_out)} DICOM series with a series_note (files left out, tilt corrected): {first}{more}"]
 
 
 def _final_figures(progress):

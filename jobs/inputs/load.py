@@ -48,8 +48,9 @@ def load_scan(
     """read -> check -> decode -> preprocess: (model input, provenance), any format. Raises ScanError.
 
     ``options`` come from the manifest row (the formats' option columns, e.g. ``series_instance_uid`` picks a
-    series in a DICOM folder). The provenance has every column of :func:`source_provenance` (a format's own
-    columns it does not set are "" or 0).
+    series in a DICOM folder) and from the job (:attr:`jobs.config.JobConfig.format_options`, e.g.
+    ``dicom_tilt``). The provenance has every column of :func:`source_provenance` (a format's own columns it does
+    not set are "" or 0).
     """
     t0 = time.perf_counter()
     fmt, first = formats.format_for(path, read_retry_s)

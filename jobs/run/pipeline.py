@@ -115,8 +115,12 @@ def decode_batch(
     ledger_name: str | None = None,
     before_attempt: Callable[[list[str]], None] | None = None,
     read_retry_s: float | None = None,
+    format_options: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """CPU stage: read, validate, decode and preprocess each scan; failures become error rows.
+
+    ``format_options`` (:attr:`jobs.config.JobConfig.format_options`) reach every scan's format check, beside the
+    manifest row's option columns (which win on a name both have).
 
     Each file is stat'ed just before it is read (its fingerprint, kept in error rows): a file replaced after the
     stat has another fingerprint at the next run, so it is never taken for the bad file it replaced.
@@ -151,7 +155,8 @@ def decode_batch(
                 fingerprint = formats.fingerprint(path)  # before the read: see above
                 if fingerprint is not None:
                     out["source_size"][i], out["source_mtime"][i] = fingerprint
-                options = {name: str(batch[name][i] or "") for name in formats.option_columns() if name in batch}
+                options = dict(format_options or {})
+                options.update({name: str(batch[name][i] or "") for name in formats.option_columns() if name in batch})
                 tensor, provenance = load_scan(path, spec, retry_s[0], **options)
             except ScanError as e:
                 out["error"][i], out["stage"][i] = str(e), e.stage
@@ -286,6 +291,7 @@ def build_dataset(
                 "ledger_name": ledger_name,
                 "before_attempt": hooks.decode,
                 "read_retry_s": config.storage_retry_s,
+                "format_options": config.format_options,
             },
             batch_size=rows_per_block,
             batch_format="numpy",

@@ -47,6 +47,21 @@ def geometry(affine: np.ndarray, nk: int) -> tuple[list[float], list[float], lis
     return [ds_number(v) for v in iop], [ds_number(row_step), ds_number(col_step)], positions
 
 
+def gantry_tilt(affine: np.ndarray, degrees: float, about: str = "i") -> np.ndarray:
+    """The sheared RAS affine of a CT series acquired with its gantry tilted by ``degrees``: the image plane of
+    ``affine`` is rotated about its i (row) axis (``about="i"``, the usual gantry tilt) or its j (column) axis,
+    while the slices still advance along ``affine``'s k column (the table). :func:`write_series` writes it as it
+    is: tilted ImageOrientationPatient, ImagePositionPatient along the table, so the stack is sheared."""
+    out = np.asarray(affine, dtype=np.float64).copy()
+    axis, moved = (0, 1) if about == "i" else (1, 0)
+    u = out[:3, axis] / np.linalg.norm(out[:3, axis])
+    v = out[:3, moved]
+    t = np.radians(degrees)
+    # Rodrigues: v rotated about u (v is orthogonal to u in an orthogonal affine)
+    out[:3, moved] = v * np.cos(t) + np.cross(u, v) * np.sin(t) + u * (u @ v) * (1 - np.cos(t))
+    return out
+
+
 def _base(sop_class, series, study, modality="CT", phi=True):
     ds = Dataset()
     ds.file_meta = FileMetaDataset()

@@ -9,7 +9,8 @@ the sink and ``jobs.score`` never name a format:
 - its provenance columns (:attr:`Format.provenance`, a pyarrow schema the output schema is built from) and the
   values of them for one scan (:meth:`Format.provenance_of`);
 - its manifest columns (:attr:`Format.manifest_columns`, cast on read) and options (:attr:`Format.options`:
-  manifest columns handed to :meth:`Format.check`, e.g. the series to pick in a DICOM folder);
+  manifest columns handed to :meth:`Format.check`, e.g. the series to pick in a DICOM folder); the job's format
+  options (:attr:`jobs.config.JobConfig.format_options`, e.g. ``dicom_tilt``) reach it in the same ``options``;
 - how ``jobs.manifest`` lists an archive of it (:attr:`Format.listing_flag`, :meth:`Format.list_archive`);
 - how a source is fingerprinted for known-bad skipping (:meth:`Format.fingerprint`).
 

@@ -9,7 +9,9 @@ segmentations. Steps, each raising :class:`jobs.errors.ScanError` with its stage
   the image files of the chosen series, check that they form one regular 3-D grid (:func:`series_geometry`) and
   that the pixel format and transfer syntax can be decoded. Nothing is allocated before this passes.
 - ``decode`` (:mod:`.decode`): decode each frame straight into one preallocated ``(slices, rows, columns)`` volume,
-  whose transpose is the ``(i, j, k)`` voxel array of the RAS affine (Fortran order, as nibabel's arrays).
+  whose transpose is the ``(i, j, k)`` voxel array of the RAS affine (Fortran order, as nibabel's arrays). A
+  gantry-tilted (sheared) stack is then resampled onto an orthogonal grid (:mod:`.tilt`), unless the job's
+  ``dicom_tilt`` option is "refuse".
 
 Geometry: slices are ordered by the projection of ImagePositionPatient on the slice normal (the cross product of
 the two ImageOrientationPatient directions), never by file name or InstanceNumber, and the slice spacing comes
@@ -37,6 +39,7 @@ from jobs.inputs.formats.dicom.geometry import (
     POSITION_TOL_REL,
     SCOUT_MAX_SLICES,
     SPACING_TOL_REL,
+    TILT_MAX_DEG,
     BadSeries,
     Geometry,
     series_geometry,
@@ -58,8 +61,9 @@ from jobs.inputs.formats.dicom.listing import (
     folder_fingerprint,
     list_dicom_archive,
 )
-from jobs.inputs.formats.dicom.series import Series, check_series, choose_series, parse_files
+from jobs.inputs.formats.dicom.series import TILT_CHOICES, Series, check_series, choose_series, parse_files
 from jobs.inputs.formats.dicom.source import HEAD_BYTES, BrokenFile, NotImage, Source
+from jobs.inputs.formats.dicom.tilt import resample_tilted
 
 __all__ = [
     "DICOM_LISTING_SCHEMA",
@@ -74,6 +78,8 @@ __all__ = [
     "PROVENANCE",
     "SCOUT_MAX_SLICES",
     "SPACING_TOL_REL",
+    "TILT_CHOICES",
+    "TILT_MAX_DEG",
     "BadSeries",
     "BrokenFile",
     "DicomFormat",
@@ -95,6 +101,7 @@ __all__ = [
     "parse_files",
     "provenance",
     "read_header",
+    "resample_tilted",
     "rle_decoders",
     "series_description",
     "series_geometry",
@@ -108,7 +115,11 @@ PROVENANCE = pa.schema(
         column("modality", pa.string(), "DICOM: Modality (CT, MR, ...)"),
         column("transfer_syntax", pa.string(), "DICOM: transfer syntax UID(s), comma-separated if the files differ"),
         column("slices", pa.int32(), "DICOM: frames in the volume (scouts left out)"),
-        column("series_note", pa.string(), "DICOM: what was left out of the series (localizers), else null"),
+        column(
+            "series_note",
+            pa.string(),
+            "DICOM: what was left out of the series (localizers) and a gantry tilt corrected, '; '-joined, else null",
+        ),
     ]
 )
 
@@ -123,7 +134,7 @@ class DicomFormat(Format):
     manifest_columns = pa.schema(
         [*(f for f in LISTING_SCHEMA if f.name not in ("scan_id", "path")), PROVENANCE.field("transfer_syntax")]
     )
-    options = ("series_instance_uid",)
+    options = ("series_instance_uid",)  # manifest columns; dicom_tilt comes from JobConfig (a format option)
     listing_flag = "--dicom"
     listing_unit = "series"
     listing_help = (
@@ -145,7 +156,8 @@ class DicomFormat(Format):
 
     def check(self, path: str, raw: list[Source], options: dict[str, Any]) -> Series:
         headers, broken, ignored = parse_files(path, raw)
-        return check_series(path, headers, broken, options.get("series_instance_uid") or None, ignored)
+        uid = options.get("series_instance_uid") or None
+        return check_series(path, headers, broken, uid, ignored, tilt=options.get("dicom_tilt") or "correct")
 
     def decode(self, checked: Series) -> Volume:
         return decode_series(checked)

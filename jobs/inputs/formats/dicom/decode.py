@@ -17,8 +17,9 @@ from pydicom import uid as dcm_uid
 from jobs.errors import ScanError
 from jobs.inputs.formats.base import Volume
 from jobs.inputs.formats.dicom.geometry import _where
-from jobs.inputs.formats.dicom.header import Frame
+from jobs.inputs.formats.dicom.header import Frame, Header
 from jobs.inputs.formats.dicom.series import _NATIVE, Series, _decoder_for
+from jobs.inputs.formats.dicom.tilt import resample_tilted
 
 RleDecode = Callable[[Any, np.ndarray], None]  # decode(fragment, target): one RLE frame into ``target``
 
@@ -86,7 +87,11 @@ def _decode_frame(
     h = f.file
     rows, cols = h.rows, h.columns
     stored = series.dtype
-    if h.transfer_syntax in _NATIVE:
+    if f.tile is not None:  # a Siemens MOSAIC tile: cut out of the file's one image, decoded once
+        r0, c0, tile_rows, tile_cols = f.tile
+        frame = _mosaic_image(h, series, full, scratch)[r0 : r0 + tile_rows, c0 : c0 + tile_cols]
+        rows, cols = tile_rows, tile_cols
+    elif h.transfer_syntax in _NATIVE:
         order = _NATIVE[h.transfer_syntax]
         frame_bytes = rows * cols * stored.itemsize
         if h.pixel_offset >= 0 and target.dtype == stored:
@@ -127,6 +132,29 @@ def _decode_frame(
         target += np.float32(f.inter)
 
 
+def _mosaic_image(h: Header, series: Series, full: dict[str, pydicom.Dataset], scratch: dict[str, Any]) -> np.ndarray:
+    """The whole (rows x columns) image of a MOSAIC file, in the stored dtype; kept in ``scratch`` for its tiles."""
+    cached = scratch.get("mosaic")
+    if cached is not None and cached[0] == h.name:
+        return cached[1]
+    stored, count = series.dtype, h.rows * h.columns
+    if h.transfer_syntax in _NATIVE and h.pixel_offset >= 0:
+        order = _NATIVE[h.transfer_syntax]
+        image = np.frombuffer(h.source.whole(), stored.newbyteorder(order), count=count, offset=h.pixel_offset)
+    elif h.transfer_syntax in _NATIVE:  # deflated: the pixel data comes out of the inflated dataset
+        if h.name not in full:
+            full[h.name] = pydicom.dcmread(io.BytesIO(h.source.whole()))
+        image = np.frombuffer(full[h.name].PixelData, stored.newbyteorder(_NATIVE[h.transfer_syntax]), count=count)
+    else:
+        if h.name not in full:
+            full[h.name] = pydicom.dcmread(io.BytesIO(h.source.whole()))
+        decoder = _decoder_for(h.transfer_syntax, series.path, h.name)
+        image, _ = decoder.as_array(full[h.name], index=0, as_rgb=False)
+    image = np.asarray(image).reshape(h.rows, h.columns).astype(stored, copy=False)
+    scratch["mosaic"] = (h.name, image)
+    return image
+
+
 def decode_series(series: Series, rle: str | None = None) -> Volume:
     """Decode every frame into one preallocated volume; raises ScanError('decode').
 
@@ -136,7 +164,8 @@ def decode_series(series: Series, rle: str | None = None) -> Volume:
     first = series.first
     rescales = {(f.slope, f.inter) for f in frames}
     per_slice = len(rescales) > 1  # rescale differs per slice: apply it here, into float32
-    volume = np.empty((len(frames), first.rows, first.columns), np.float32 if per_slice else series.dtype)
+    rows, columns = series.geometry.size
+    volume = np.empty((len(frames), rows, columns), np.float32 if per_slice else series.dtype)
     full: dict[str, pydicom.Dataset] = {}  # file name -> fully parsed dataset, for syntaxes decoded by pydicom
     scratch: dict[str, Any] = {}  # one buffer for the compressed bytes of local files, reused file after file
     decoders = rle_decoders()
@@ -154,13 +183,17 @@ def decode_series(series: Series, rle: str | None = None) -> Volume:
         np.left_shift(volume, shift, out=volume)
         np.right_shift(volume, shift, out=volume)
     slope, inter = (1.0, 0.0) if per_slice else next(iter(rescales))
-    affine = series.geometry.affine
+    stored = volume.dtype.name  # the source's, also when a tilt correction resamples into float32
+    geometry = series.geometry
+    if geometry.shifts is not None:  # a gantry tilt: each slice shifted onto the orthogonal grid of the affine
+        volume = resample_tilted(volume, geometry.shifts, geometry.grid)
+    affine = geometry.affine
     return Volume(
         data=volume.T,  # (columns, rows, slices): i, j, k of the affine, Fortran order
         affine=affine,
-        zooms=series.geometry.zooms,
+        zooms=geometry.zooms,
         orientation="".join(orientations.aff2axcodes(affine)),
-        dtype=volume.dtype.name,
+        dtype=stored,
         slope=slope,
         inter=inter,
         path=path,

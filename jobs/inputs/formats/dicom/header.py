@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import struct
+import warnings
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,14 @@ class Frame:
     slope: float
     inter: float
     localizer: bool
+    # A tile of a Siemens MOSAIC image: (first row, first column, rows, columns) inside the file's one image;
+    # None for a frame that is the whole image.
+    tile: tuple[int, int, int, int] | None = None
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(rows, columns) of this frame."""
+        return (self.tile[2], self.tile[3]) if self.tile else (self.file.rows, self.file.columns)
 
 
 @dataclasses.dataclass
@@ -69,6 +79,19 @@ class Header:
     pixel_offset: int  # where the pixel data element's value starts (-1: find it by a full parse)
     pixel_length: int  # its length (0xFFFFFFFF: encapsulated)
     dataset: Any  # the header as parsed (no pixel data): a pydicom Dataset, or {tag: raw value} from _scan
+
+
+def sop_class_name(sop_class: str) -> str:
+    """What a SOP class is, in words: pydicom's name of the UID without " Storage" ("RT Dose", "Segmentation",
+    "Basic Text SR", ...); "SOP class <uid>" for one pydicom does not know."""
+    name = dcm_uid.UID(sop_class).name if sop_class else ""
+    if not name or name == sop_class:
+        return f"SOP class {sop_class or '(none)'}"
+    return name.removesuffix(" Storage")
+
+
+def _no_pixels(sop_class):
+    return f"{sop_class_name(sop_class)} without pixel data" if sop_class else "DICOM without pixel data"
 
 
 def has_marker(data: bytes | memoryview) -> bool:
@@ -226,7 +249,7 @@ def read_header(source: Source, fast: bool = True) -> Header:
     if not has_marker(data):
         if name.lower().endswith(DICOM_SUFFIXES):
             raise BrokenFile("not a DICOM file (named like one, but the 'DICM' marker at byte 128 is missing)")
-        raise NotImage("not a DICOM file")
+        raise NotImage("not a DICOM file", "not DICOM")
     scanned = _scan(data) if fast else None
     if scanned is not None:
         ts, ds, position = scanned
@@ -246,7 +269,7 @@ def read_header(source: Source, fast: bool = True) -> Header:
         sop_class = _text(ds, 0x00080016) or str(meta.get("MediaStorageSOPClassUID", ""))
         ts = str(meta.get("TransferSyntaxUID", ""))
     if any(sop_class == c or sop_class.startswith(c + ".") for c in _NOT_IMAGES):
-        raise NotImage(f"not an image (SOP class {sop_class})")
+        raise NotImage(f"not an image (SOP class {sop_class})", sop_class_name(sop_class), sop_class)
     little = ts != dcm_uid.ExplicitVRBigEndian
     series = _text(ds, 0x0020000E) or None
     if ts == dcm_uid.DeflatedExplicitVRLittleEndian:
@@ -255,7 +278,7 @@ def read_header(source: Source, fast: bool = True) -> Header:
             return read_header(source, fast)
         offset, length = -1, 0  # the dataset is deflated: positions in ``data`` mean nothing
         if "PixelData" not in ds and not _deflated_has_pixels(data):
-            raise NotImage("no pixel data")
+            raise NotImage("no pixel data", _no_pixels(sop_class), sop_class)
     else:
         element = _pixel_element(data, position, ts)
         if element is None:
@@ -266,7 +289,7 @@ def read_header(source: Source, fast: bool = True) -> Header:
                 raise BrokenFile("pixel data element is missing or unreadable", series)
             if sop_class.startswith(_IMAGE_STORAGE):  # an image object with no pixels: cut short
                 raise BrokenFile(f"truncated: the file ends before its pixel data ({len(data)} bytes)", series)
-            raise NotImage("no pixel data")
+            raise NotImage("no pixel data", _no_pixels(sop_class), sop_class)
         offset, length = element
     if not series:
         raise BrokenFile("no SeriesInstanceUID")
@@ -348,8 +371,10 @@ def frames_of(header: Header) -> list[Frame]:
                 )
             )
         return out
+    mosaic = is_mosaic(header)
     if header.frames != 1:
-        raise BrokenFile(f"multi-frame image ({header.frames} frames) without per-frame positions")
+        what = "MOSAIC image" if mosaic else "multi-frame image"
+        raise BrokenFile(f"{what} ({header.frames} frames) without per-frame positions")
     position, orientation = _floats_of(ds, 0x00200032), _floats_of(ds, 0x00200037)
     if position is None or orientation is None:
         raise BrokenFile("no ImagePositionPatient/ImageOrientationPatient: the slice cannot be placed in space")
@@ -362,6 +387,16 @@ def frames_of(header: Header) -> list[Frame]:
         slope, inter = float(slope), float(inter)
     except ValueError:
         raise BrokenFile(f"invalid RescaleSlope/RescaleIntercept {slope!r}/{inter!r}") from None
+    if mosaic:
+        return _mosaic_frames(
+            header,
+            _floats(position, 3, "ImagePositionPatient"),
+            _floats(orientation, 6, "ImageOrientationPatient"),
+            tuple(_floats(spacing, 2, "PixelSpacing")),
+            slope,
+            inter,
+            localizer,
+        )
     return [
         Frame(
             header,
@@ -380,3 +415,151 @@ def series_description(h: Header) -> str:
     if isinstance(h.dataset, dict):
         return _text(h.dataset, 0x0008103E)
     return str(h.dataset.get("SeriesDescription", "") or "")
+
+
+# --------------------------------------------------------------------------------------- Siemens MOSAIC
+
+MOSAIC_NORMAL_TOL = 1e-4  # |cos| of the CSA SliceNormalVector with the IOP normal must be within this of 1
+
+
+def _csareader() -> Any:
+    """nibabel's Siemens CSA header reader (its package warns on import that its DICOM readers are experimental;
+    only the CSA reader is used here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        from nibabel.nicom import csareader
+    return csareader
+
+
+def image_type(header: Header) -> list[str]:
+    """The ImageType values, upper case."""
+    return [v.strip() for v in _text(header.dataset, 0x00080008).upper().split("\\")]
+
+
+def is_mosaic(header: Header) -> bool:
+    """Whether the file is a Siemens MOSAIC: one image holding a grid of slices (ImageType contains MOSAIC)."""
+    return "MOSAIC" in image_type(header)
+
+
+def _full_dataset(header):
+    """The header as a pydicom Dataset (private elements included); the fast walk keeps only a few elements."""
+    if not isinstance(header.dataset, dict):
+        return header.dataset
+    try:
+        return pydicom.dcmread(io.BytesIO(header.source.data), stop_before_pixels=True)
+    except Exception as e:
+        raise BrokenFile(f"unreadable DICOM header ({type(e).__name__}: {str(e)[:200]})", header.series_uid) from e
+
+
+def mosaic_slices(header: Header) -> int:
+    """NumberOfImagesInMosaic from the file's Siemens CSA image header (read with nibabel's CSA reader).
+
+    Raises BrokenFile when there is none: the tiles cannot be told apart, let alone placed in space."""
+    csareader = _csareader()
+    ds = _full_dataset(header)
+    try:
+        csa = csareader.get_csa_header(ds, "image")
+        count = csareader.get_n_mosaic(csa) if csa else None
+    except Exception as e:  # CSAReadError, KeyError, struct errors of a damaged header
+        raise BrokenFile(
+            f"MOSAIC image whose Siemens CSA image header cannot be read ({type(e).__name__}: {str(e)[:120]}): "
+            "its slices cannot be placed in space",
+            header.series_uid,
+        ) from e
+    if not count or int(count) < 1:
+        raise BrokenFile(
+            "MOSAIC image without NumberOfImagesInMosaic in a Siemens CSA image header: its slices cannot be "
+            "placed in space",
+            header.series_uid,
+        )
+    return int(count)
+
+
+def _slice_spacing(ds, what):
+    """SpacingBetweenSlices, else SliceThickness (as nibabel and dcm2niix take a mosaic's slice spacing)."""
+    for keyword in ("SpacingBetweenSlices", "SliceThickness"):
+        value = ds.get(keyword)
+        if value is None or value == "":
+            continue
+        try:
+            spacing = float(value)
+        except (TypeError, ValueError):
+            raise BrokenFile(f"{what}: invalid {keyword} {value!r}") from None
+        if not (math.isfinite(spacing) and spacing > 0):
+            raise BrokenFile(f"{what}: {keyword} must be positive, got {value!r}")
+        return spacing
+    raise BrokenFile(f"{what} without SpacingBetweenSlices or SliceThickness: the slice spacing is unknown")
+
+
+def _mosaic_frames(header, position, orientation, spacing, slope, inter, localizer):
+    """The slices of a Siemens MOSAIC, each a tile of the one image, placed as nibabel's MosaicWrapper and
+    dcm2niix place them.
+
+    The image is a grid of ceil(sqrt(n)) x ceil(sqrt(n)) tiles of (Rows / grid) x (Columns / grid) pixels, filled
+    row by row (tiles past the n-th are blank); an image that is not a whole grid is refused.
+    ImagePositionPatient is that of the whole image as if it were one slice: the first tile's corner is moved by
+    half the difference of the image and tile sizes, (Rows - Rows / grid) / 2 rows and (Columns - Columns / grid)
+    / 2 columns (nibabel's ``image_position``, dcm2niix's correction). Slice k lies k slice spacings along the
+    normal: the cross product of the two IOP directions, with the sign of the CSA SliceNormalVector when there is
+    one (Siemens stores the tiles in that direction).
+    """
+    csareader = _csareader()
+    n = mosaic_slices(header)
+    grid = math.ceil(math.sqrt(n))
+    tile_rows, tile_cols = header.rows // grid, header.columns // grid
+    what = f"MOSAIC image ({n} slices in a {grid} x {grid} grid of {header.rows} x {header.columns} pixels)"
+    if tile_rows < 1 or tile_cols < 1:
+        raise BrokenFile(f"{what}: the tiles would be empty")
+    if header.rows % grid or header.columns % grid:
+        # Siemens writes whole grids (tile = the acquisition matrix). Here the tiles' size and where the first
+        # one lies are ambiguous: nibabel's and dcm2niix's position correction assume tiles of Rows / grid
+        # pixels (not a whole number), and the two unpack different pixels. Refused rather than guessed.
+        raise BrokenFile(
+            f"{what}: the image is not a whole grid of tiles ({header.rows / grid:.2f} x "
+            f"{header.columns / grid:.2f} pixels per tile), so where its slices lie is ambiguous"
+        )
+    row_dir, col_dir = orientation[:3], orientation[3:]
+    normal = np.cross(row_dir, col_dir)
+    length = float(np.linalg.norm(normal))
+    if not length > 0.5:
+        raise BrokenFile(f"{what}: ImageOrientationPatient {orientation.tolist()} is degenerate")
+    normal = normal / length
+    ds = _full_dataset(header)
+    csa = csareader.get_csa_header(ds, "image")
+    try:
+        csa_normal = csareader.get_slice_normal(csa) if csa else None
+    except Exception:
+        csa_normal = None
+    if csa_normal is not None:
+        csa_normal = np.asarray(csa_normal, dtype=np.float64)
+        norm = float(np.linalg.norm(csa_normal))
+        cosine = float(normal @ csa_normal) / norm if norm > 0 else 0.0
+        if not np.isfinite(cosine) or abs(abs(cosine) - 1) > MOSAIC_NORMAL_TOL:
+            raise BrokenFile(
+                f"{what}: the CSA SliceNormalVector {[round(float(v), 6) for v in csa_normal]} is not the normal "
+                f"of the ImageOrientationPatient planes {[round(float(v), 6) for v in normal]}: the slice "
+                "direction is unknown"
+            )
+        if cosine < 0:
+            normal = -normal
+    step = _slice_spacing(ds, what)
+    row_spacing, col_spacing = spacing
+    corner = (
+        position
+        + col_dir * row_spacing * (header.rows - header.rows / grid) / 2
+        + row_dir * col_spacing * (header.columns - header.columns / grid) / 2
+    )
+    return [
+        Frame(
+            header,
+            k,
+            corner + normal * (k * step),
+            orientation,
+            spacing,
+            slope,
+            inter,
+            localizer,
+            tile=((k // grid) * tile_rows, (k % grid) * tile_cols, tile_rows, tile_cols),
+        )
+        for k in range(n)
+    ]

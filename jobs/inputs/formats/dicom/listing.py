@@ -17,7 +17,14 @@ from pydicom import uid as dcm_uid
 from jobs import storage
 from jobs.errors import ManifestError
 from jobs.inputs.formats.base import Fingerprint
-from jobs.inputs.formats.dicom.header import BrokenFile, NotImage, read_header, series_description
+from jobs.inputs.formats.dicom.header import (
+    BrokenFile,
+    NotImage,
+    is_mosaic,
+    mosaic_slices,
+    read_header,
+    series_description,
+)
 from jobs.inputs.formats.dicom.source import HEAD_BYTES, Source
 from jobs.inputs.listing import is_uri, some, walk
 
@@ -31,7 +38,7 @@ LISTING_SCHEMA = pa.schema(
         ("series_instance_uid", pa.string()),
         ("study_instance_uid", pa.string()),
         ("modality", pa.string()),
-        ("slices", pa.int32()),  # image frames of the series in that folder
+        ("slices", pa.int32()),  # image frames (a Siemens MOSAIC's: its tiles) of the series in that folder
         ("series_description", pa.string()),
     ]
 )
@@ -43,15 +50,26 @@ def _read_listed_head(filesystem, path, whole=False):
         return f.read() if whole else f.read(HEAD_BYTES)
 
 
+def _slices(h):
+    """The slices a file holds: its frames, or the tiles of a Siemens MOSAIC (as many as the scorer reads)."""
+    if is_mosaic(h):
+        try:
+            return mosaic_slices(h)
+        except BrokenFile:
+            pass  # listed with its one frame: scoring says why it cannot be read
+    return h.frames
+
+
 def _series_of(filesystem, path, name):
     """(series uid, study uid, modality, description, frames) of one file; None if not a DICOM image."""
     head = storage.retrying(lambda: _read_listed_head(filesystem, path), f"reading {name}")
     for attempt in ("head", "whole"):
         try:
             h = read_header(Source(name, path, len(head), head))
-            if h.transfer_syntax == dcm_uid.DeflatedExplicitVRLittleEndian and attempt == "head":
+            deflated = h.transfer_syntax == dcm_uid.DeflatedExplicitVRLittleEndian
+            if deflated and attempt == "head" and len(head) >= HEAD_BYTES:  # a longer file: parse all of it
                 raise BrokenFile("deflated: needs the whole file")
-            return h.series_uid, h.study_uid, h.modality, series_description(h), h.frames
+            return h.series_uid, h.study_uid, h.modality, series_description(h), _slices(h)
         except NotImage:
             if len(head) < HEAD_BYTES or attempt == "whole":
                 return None

@@ -4,7 +4,7 @@ can be decoded, before anything is allocated."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -19,12 +19,15 @@ from jobs.inputs.formats.dicom.header import (
     Header,
     NotImage,
     frames_of,
+    is_mosaic,
     read_header,
     series_description,
 )
 from jobs.inputs.formats.dicom.source import Source
 
+TILT_CHOICES = ("correct", "refuse")  # what check_series does with a sheared (gantry-tilted) stack
 Broken = list[tuple[str, BrokenFile]]  # (file name, why) of files that claim a place in a series but cannot be read
+Ignored = list[tuple[str, NotImage]]  # (file name, what it is) of files left out: not DICOM, or not an image
 # Uncompressed syntaxes, with their byte order: their pixels are read as they are, no decoder needed.
 _NATIVE: dict[str, Literal["<", ">"]] = {
     dcm_uid.ImplicitVRLittleEndian: "<",
@@ -58,8 +61,35 @@ def _summary(uid, headers):
     return f"{uid} ({h.modality or '?'}, {frames} slice(s){description})"
 
 
+def _names(names: list[str], most: int = 3) -> str:
+    return ", ".join(names[:most]) + (f", ... ({len(names)} files)" if len(names) > most else "")
+
+
+def _left_out(ignored: int | Sequence[tuple[str, NotImage]]) -> str:
+    """Why a folder holds no image series: what its files are, by kind ("rtdose.dcm: RT Dose (SOP class ...), a
+    non-image object"), or only their count when the kinds are not known."""
+    if isinstance(ignored, int):
+        return f"{ignored} file(s), none of them a DICOM image with pixel data"
+    by_kind: dict[tuple[str, str], list[str]] = {}
+    for name, e in ignored:
+        by_kind.setdefault((e.kind, e.sop_class), []).append(name)
+    parts = []
+    for (kind, sop_class), names in sorted(by_kind.items(), key=lambda item: (-len(item[1]), item[0])):
+        if kind == "not DICOM":
+            parts.append(f"{_names(names)}: not DICOM")
+        elif kind.endswith("without pixel data"):
+            parts.append(f"{_names(names)}: {kind}")
+        else:
+            parts.append(f"{_names(names)}: {kind} (SOP class {sop_class}), a non-image object")
+    return f"{len(ignored)} file(s): " + "; ".join(parts) if parts else "no files"
+
+
 def choose_series(
-    path: str, headers: list[Header], broken: Broken, series_uid: str | None = None, ignored: int = 0
+    path: str,
+    headers: list[Header],
+    broken: Broken,
+    series_uid: str | None = None,
+    ignored: int | Sequence[tuple[str, NotImage]] = 0,
 ) -> tuple[str, list[Header]]:
     """The headers of the one series to read; raises ScanError('validate') naming the series found."""
 
@@ -80,7 +110,7 @@ def choose_series(
         if broken:
             name, err = broken[0]
             raise bad(f"{name}: {err} (and no readable image series)")
-        raise bad(f"no DICOM image series here ({ignored} file(s), none of them a DICOM image with pixel data)")
+        raise bad(f"no DICOM image series here ({_left_out(ignored)})")
     else:
         found = "; ".join(_summary(u, hs) for u, hs in sorted(by_series.items()))
         raise bad(
@@ -92,13 +122,20 @@ def choose_series(
     return uid, sorted(by_series[uid], key=lambda h: h.name)
 
 
-def _dtype(h: Header, path: str) -> np.dtype:
+def _check_greyscale(h: Header, path: str) -> None:
+    """Refuse a colour image (RGB, YBR_*, PALETTE COLOR, ...) by name, before its geometry is looked at."""
     if h.samples != 1 or not h.photometric.startswith("MONOCHROME"):
+        frames = f", {h.frames} frames" if h.frames > 1 else ""
         raise ScanError(
             "validate",
             path,
-            f"{h.name}: colour images are not supported (SamplesPerPixel {h.samples}, {h.photometric or '?'})",
+            f"{h.name}: colour image (PhotometricInterpretation {h.photometric or '?'}, SamplesPerPixel "
+            f"{h.samples}{frames}): only greyscale (MONOCHROME1/MONOCHROME2) scans are scored",
         )
+
+
+def _dtype(h: Header, path: str) -> np.dtype:
+    _check_greyscale(h, path)
     if h.bits_allocated not in (8, 16, 32) or not 1 <= h.bits_stored <= h.bits_allocated:
         raise ScanError(
             "validate", path, f"{h.name}: unsupported BitsAllocated {h.bits_allocated} / BitsStored {h.bits_stored}"
@@ -121,23 +158,58 @@ def _decoder_for(ts, path, name):
     return decoder
 
 
+def _check_mosaics(uid: str, chosen: list[Header], path: str) -> None:
+    """A Siemens MOSAIC file is one 3-D volume: several in a series are a 4-D time series (or several runs), and
+    MOSAIC files beside plain images cannot form one grid. Both are refused."""
+    mosaics = [h.name for h in chosen if is_mosaic(h)]
+    if len(mosaics) > 1:
+        raise ScanError(
+            "validate",
+            path,
+            f"series {uid}: {len(mosaics)} mosaic volumes (a 4-D time series); a scan is one 3-D volume: give each "
+            f"file its own manifest row to score them one by one ({_names(mosaics)})",
+        )
+    if mosaics and len(chosen) > 1:
+        raise ScanError(
+            "validate",
+            path,
+            f"series {uid}: a Siemens MOSAIC file ({mosaics[0]}) beside {len(chosen) - 1} other image file(s) "
+            "cannot form one 3-D volume",
+        )
+
+
 def check_series(
-    path: str, headers: list[Header], broken: Broken, series_uid: str | None = None, ignored: int = 0
+    path: str,
+    headers: list[Header],
+    broken: Broken,
+    series_uid: str | None = None,
+    ignored: int | Sequence[tuple[str, NotImage]] = 0,
+    tilt: str = "correct",
 ) -> Series:
-    """Header-only pre-check of the chosen series; raises ScanError('validate')."""
+    """Header-only pre-check of the chosen series; raises ScanError('validate').
+
+    ``tilt``: "correct" resamples a sheared (gantry-tilted) stack onto an orthogonal grid (:mod:`.tilt`);
+    "refuse" refuses it.
+    """
+    if tilt not in TILT_CHOICES:
+        raise ValueError(f"tilt must be one of {', '.join(TILT_CHOICES)}, got {tilt!r}")
     uid, chosen = choose_series(path, headers, broken, series_uid, ignored)
+    _check_mosaics(uid, chosen, path)
     frames: list[Frame] = []
     for h in chosen:
         try:
             frames.extend(frames_of(h))
         except BrokenFile as e:
+            _check_greyscale(h, path)  # a colour image is named as such, not by the geometry it lacks
             raise ScanError("validate", path, f"{h.name}: {e}") from e
     try:
-        geometry = series_geometry(frames)
+        geometry = series_geometry(frames, correct_tilt=tilt == "correct")
     except BadSeries as e:
         raise ScanError("validate", path, f"series {uid}: {e}") from e
     used = {id(f.file): f.file for f in geometry.frames}
     headers = sorted(used.values(), key=lambda h: h.name)
+    for h in headers:  # a colour scout left out by the geometry does not matter; a colour slice does
+        _check_greyscale(h, path)
     dtype = _dtype(headers[0], path)
     formats = {(h.bits_allocated, h.bits_stored, h.signed, h.samples, h.photometric) for h in headers}
     if len(formats) > 1:
@@ -145,12 +217,10 @@ def check_series(
     for ts in {h.transfer_syntax for h in headers}:
         if ts not in _NATIVE:
             _decoder_for(ts, path, next(h.name for h in headers if h.transfer_syntax == ts))
-    first = headers[0]
-    nbytes = len(geometry.frames) * first.rows * first.columns * 4
+    rows, columns = geometry.grid
+    nbytes = len(geometry.frames) * rows * columns * 4
     if nbytes > MAX_VOXEL_BYTES:
-        raise ScanError(
-            "validate", path, f"series {uid}: {len(geometry.frames)} x {first.rows} x {first.columns} is too large"
-        )
+        raise ScanError("validate", path, f"series {uid}: {len(geometry.frames)} x {rows} x {columns} is too large")
     for h in headers:
         if h.transfer_syntax in _NATIVE and h.pixel_offset >= 0:
             need = h.rows * h.columns * h.frames * h.bits_allocated // 8
@@ -162,17 +232,17 @@ def check_series(
     return Series(path, uid, headers, geometry, dtype, geometry.note)
 
 
-def parse_files(path: str, sources: Iterable[Source]) -> tuple[list[Header], Broken, int]:
-    """(image headers, [(name, BrokenFile)], files left out) of fetched files; non-DICOM and non-image files are
-    left out."""
+def parse_files(path: str, sources: Iterable[Source]) -> tuple[list[Header], Broken, Ignored]:
+    """(image headers, [(name, BrokenFile)], [(name, NotImage)]) of fetched files; non-DICOM and non-image files
+    are left out (the third list says what each is)."""
     headers: list[Header] = []
     broken: Broken = []
-    ignored = 0
+    ignored: Ignored = []
     for source in sources:
         try:
             headers.append(read_header(source))
-        except NotImage:
-            ignored += 1
+        except NotImage as e:
+            ignored.append((source.name, e))
         except BrokenFile as e:
             broken.append((source.name, e))
     return headers, broken, ignored

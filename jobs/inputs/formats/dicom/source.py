@@ -12,7 +12,15 @@ HEAD_BYTES = 64 * 1024  # of a local file, read first (to score or list it): its
 
 
 class NotImage(Exception):
-    """A file to leave out of a folder: not DICOM, or DICOM without an image (SR, RTSTRUCT, SEG, ...)."""
+    """A file to leave out of a folder: not DICOM, or DICOM without an image (SR, RTSTRUCT, SEG, ...).
+
+    ``kind``: what the file is, for the reason given when a folder holds no image series ("not DICOM",
+    "RT Dose", "Segmentation", ...); ``sop_class``: its SOP Class UID, when it has one."""
+
+    def __init__(self, reason: str, kind: str = "", sop_class: str = "") -> None:
+        super().__init__(reason)
+        self.kind = kind or reason
+        self.sop_class = sop_class
 
 
 class BrokenFile(Exception):
