@@ -22,10 +22,12 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import math
 from typing import Any, ClassVar
 
 import numpy as np
 import pyarrow as pa
+from nibabel import orientations
 from pyarrow import fs as pafs
 
 from jobs import storage
@@ -53,6 +55,28 @@ class Volume:
     slope: float
     inter: float
     path: str = ""  # the file it came from, for error messages
+
+
+def volume_of(
+    body: bytes | memoryview,
+    offset: int,
+    *,
+    dtype: np.dtype,
+    shape: tuple[int, ...],
+    affine: np.ndarray,
+    zooms: tuple[float, ...],
+    slope: float,
+    inter: float,
+    path: str,
+) -> Volume:
+    """A :class:`Volume` viewing ``body``'s voxels from ``offset`` in Fortran (i, j, k) order, without a copy;
+    ScanError (decode) when the bytes cannot hold them."""
+    try:
+        array = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=offset).reshape(shape, order="F")
+    except ValueError as e:
+        raise ScanError("decode", path, f"cannot view the voxel data: {e}") from e
+    orientation = "".join(orientations.aff2axcodes(affine))
+    return Volume(array, affine, zooms, orientation, dtype.name, slope, inter, path)
 
 
 def read_scan(path: str, retry_s: float | None = None) -> bytes:

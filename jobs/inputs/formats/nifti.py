@@ -19,10 +19,9 @@ from typing import Any, cast
 import nibabel as nib
 import numpy as np
 from isal import isal_zlib
-from nibabel import orientations
 
 from jobs.errors import ScanError
-from jobs.inputs.formats.base import MAX_VOXEL_BYTES, Format, Volume, read_scan
+from jobs.inputs.formats.base import MAX_VOXEL_BYTES, Format, Volume, read_scan, volume_of
 
 _GZIP_MAGIC = b"\x1f\x8b"
 _HEADER_PEEK = 544  # NIfTI-2 header (540) + the 4-byte extension flag
@@ -220,17 +219,14 @@ def decode_nifti(data: bytes, path: str) -> Volume:
         raise ScanError("validate", path, f"truncated: file has {len(data)} bytes, header needs {expected}")
 
     body = _inflate(data, expected, path) if gzipped else data
-    try:
-        array = np.frombuffer(body, dtype=h.dtype, count=math.prod(h.shape), offset=h.vox_offset)
-        array = array.reshape(h.shape, order="F")
-    except ValueError as e:
-        raise ScanError("decode", path, f"cannot view the voxel data: {e}") from e
-    return Volume(
-        data=array,
+    shape, zooms = h.shape, h.zooms
+    return volume_of(
+        body,
+        h.vox_offset,
+        dtype=h.dtype,
+        shape=shape,
         affine=h.affine,
-        zooms=h.zooms,
-        orientation="".join(orientations.aff2axcodes(h.affine)),
-        dtype=h.dtype.name,
+        zooms=zooms,
         slope=h.slope,
         inter=h.inter,
         path=path,

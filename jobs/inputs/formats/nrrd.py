@@ -30,11 +30,18 @@ from typing import Any, Literal
 import nrrd
 import numpy as np
 from isal import isal_zlib
-from nibabel import orientations
 
 from jobs import storage
 from jobs.errors import ScanError
-from jobs.inputs.formats.base import MAX_VOXEL_BYTES, Fingerprint, Format, Volume, file_fingerprint, read_scan
+from jobs.inputs.formats.base import (
+    MAX_VOXEL_BYTES,
+    Fingerprint,
+    Format,
+    Volume,
+    file_fingerprint,
+    read_scan,
+    volume_of,
+)
 
 SUFFIXES = (".nrrd", ".nhdr")
 MAGIC = b"NRRD000"  # NRRD0001 ... NRRD0005 (pynrrd reads up to version 5)
@@ -425,20 +432,8 @@ def decode_voxels(checked: _Checked) -> Volume:
     if h.encoding != "raw":
         stream = memoryview(checked.data)[checked.offset :]
         body, offset = inflate(h.encoding, stream, h.byte_skip + h.nbytes, path), h.byte_skip
-    try:
-        array = np.frombuffer(body, dtype=h.dtype, count=math.prod(h.shape), offset=offset)
-        array = array.reshape(h.shape, order="F")
-    except ValueError as e:
-        raise ScanError("decode", path, f"cannot view the voxel data: {e}") from e
-    return Volume(
-        data=array,
-        affine=h.affine,
-        zooms=h.zooms,
-        orientation="".join(orientations.aff2axcodes(h.affine)),
-        dtype=h.dtype.name,
-        slope=1.0,
-        inter=0.0,
-        path=path,
+    return volume_of(
+        body, offset, dtype=h.dtype, shape=h.shape, affine=h.affine, zooms=h.zooms, slope=1.0, inter=0.0, path=path
     )
 
 
