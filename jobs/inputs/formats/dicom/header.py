@@ -387,28 +387,14 @@ def frames_of(header: Header) -> list[Frame]:
         slope, inter = float(slope), float(inter)
     except ValueError:
         raise BrokenFile(f"invalid RescaleSlope/RescaleIntercept {slope!r}/{inter!r}") from None
+    where = (
+        _floats(position, 3, "ImagePositionPatient"),
+        _floats(orientation, 6, "ImageOrientationPatient"),
+        tuple(_floats(spacing, 2, "PixelSpacing")),
+    )
     if mosaic:
-        return _mosaic_frames(
-            header,
-            _floats(position, 3, "ImagePositionPatient"),
-            _floats(orientation, 6, "ImageOrientationPatient"),
-            tuple(_floats(spacing, 2, "PixelSpacing")),
-            slope,
-            inter,
-            localizer,
-        )
-    return [
-        Frame(
-            header,
-            0,
-            _floats(position, 3, "ImagePositionPatient"),
-            _floats(orientation, 6, "ImageOrientationPatient"),
-            tuple(_floats(spacing, 2, "PixelSpacing")),
-            slope,
-            inter,
-            localizer,
-        )
-    ]
+        return _mosaic_frames(header, *where, slope, inter, localizer)
+    return [Frame(header, 0, *where, slope, inter, localizer)]
 
 
 def series_description(h: Header) -> str:
