@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from jobs.errors import JobError, JobFailed
+from jobs.inputs.formats.base import MAX_SCAN_BYTES
 
 __all__ = ["JobConfig", "JobError", "JobFailed", "build_parser", "parser"]
 
@@ -73,6 +74,9 @@ class JobConfig:
         verbose: bool. Also show Ray's and TensorFlow's own INFO lines (command line only). Defaults to ``False``.
         dicom_tilt: str. A gantry-tilted (sheared) DICOM series: ``"correct"`` resamples it onto an orthogonal grid
             (and says so in ``series_note``), ``"refuse"`` makes it a validate error. Defaults to ``"correct"``.
+        max_scan_bytes: int. The most bytes one scan's source may be read or inflated to, checked before it is
+            read (zip members and deflated DICOM datasets are also held to what their headers promise).
+            Defaults to 4 GiB.
 
     Example:
 
@@ -185,6 +189,16 @@ class JobConfig:
         "(default %(default)s)",
     )
 
+    max_scan_bytes: int = option(
+        MAX_SCAN_BYTES,
+        type=lambda text: byte_count(text),
+        metavar="BYTES",
+        format_option=True,
+        help="the most bytes one scan's source may be read or inflated to (a file, a series folder, a zip's "
+        "members, a deflated DICOM dataset), checked before they are read; more is a validate error. "
+        "Accepts 4GiB, 512MiB, 8G or a plain number of bytes (default 4GiB)",
+    )
+
     def __post_init__(self) -> None:
         for name in ("manifest", "model", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -206,6 +220,8 @@ class JobConfig:
         for name in ("storage_retry_s", "stall_timeout_s"):
             if getattr(self, name) < 0:
                 raise JobError(f"--{flag_of(name)} must be at least 0, got {getattr(self, name)}")
+        if not isinstance(self.max_scan_bytes, int) or self.max_scan_bytes < 1024**2:
+            raise JobError(f"--max-scan-bytes must be at least 1MiB, got {self.max_scan_bytes!r}")
         if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
             raise JobError(
                 f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (and not start with '.')"
@@ -225,6 +241,18 @@ class JobConfig:
     def from_args(cls, args: argparse.Namespace) -> JobConfig:
         """The config of parsed command-line ``args`` (from :func:`parser`)."""
         return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if f.metadata["flag"]})
+
+
+_BYTE_UNITS = {"": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+_BYTE_COUNT = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+
+
+def byte_count(text: str) -> int:
+    """``4GiB``, ``4G``, ``512MiB`` or ``1048576`` as bytes (binary units: 1 GiB = 1024**3 bytes)."""
+    match = _BYTE_COUNT.fullmatch(str(text))
+    if match is None:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a byte count such as 4GiB, 512MiB or 1048576")
+    return int(float(match[1]) * _BYTE_UNITS[match[2].lower()])
 
 
 def flag_of(name: str) -> str:

@@ -31,6 +31,7 @@ __all__ = [
     "RETRY_S",
     "STAGING_MARK",
     "StorageUnreachable",
+    "TooLarge",
     "delete",
     "is_local",
     "is_staging_name",
@@ -114,9 +115,29 @@ def is_local(filesystem: pafs.FileSystem) -> bool:
     return isinstance(filesystem, pafs.LocalFileSystem)
 
 
-def read_bytes(uri: str, retry_s: float | None = None) -> bytes:
-    """The whole object in one read (one GET on object storage); transient errors retried (see the module)."""
-    return retrying(lambda: _artifact_io.read_bytes(uri), f"reading {name_of(uri)}", retry_s)
+class TooLarge(Exception):
+    """An object larger than the caller's bound, found from its size before any of it is read."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(f"{size} bytes, more than the limit of {limit}")
+        self.size, self.limit = size, limit
+
+
+def read_bytes(uri: str, retry_s: float | None = None, max_bytes: int | None = None) -> bytes:
+    """The whole object in one read (one GET on object storage); transient errors retried (see the module).
+    ``max_bytes``: raise :class:`TooLarge` when the object is larger (its size is looked at first)."""
+    if max_bytes is None:
+        return retrying(lambda: _artifact_io.read_bytes(uri), f"reading {name_of(uri)}", retry_s)
+
+    def bounded() -> bytes:
+        filesystem, path = resolve(uri)
+        with filesystem.open_input_file(path) as f:
+            size = f.size()
+            if size > max_bytes:
+                raise TooLarge(size, max_bytes)
+            return f.read()
+
+    return retrying(bounded, f"reading {name_of(uri)}", retry_s)
 
 
 def write_bytes(uri: str, data: bytes, retry_s: float | None = None) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from jobs.inputs import formats
-from jobs.inputs.formats.base import column
+from jobs.inputs.formats.base import MAX_SCAN_BYTES, column
 from jobs.inputs.preprocess import decode_provenance, preprocess
 
 # Result columns the decode stage measures for every format (null never: every scored scan has them).
@@ -49,12 +49,13 @@ def load_scan(
 
     ``options`` come from the manifest row (the formats' option columns, e.g. ``series_instance_uid`` picks a
     series in a DICOM folder) and from the job (:attr:`jobs.config.JobConfig.format_options`, e.g.
-    ``dicom_tilt``). The provenance has every column of :func:`source_provenance` (a format's own columns it does
-    not set are "" or 0).
+    ``dicom_tilt``, and ``max_scan_bytes``, the cap on the bytes read or inflated, default MAX_SCAN_BYTES). The
+    provenance has every column of :func:`source_provenance` (a format's own columns it does not set are "" or 0).
     """
     t0 = time.perf_counter()
-    fmt, first = formats.format_for(path, read_retry_s)
-    raw = fmt.fetch(path, read_retry_s, first)
+    max_bytes = options.get("max_scan_bytes", MAX_SCAN_BYTES)
+    fmt, first = formats.format_for(path, read_retry_s, max_bytes)
+    raw = fmt.fetch(path, read_retry_s, first, max_bytes)
     t1 = time.perf_counter()
     checked = fmt.check(path, raw, options)
     volume = fmt.decode(checked)

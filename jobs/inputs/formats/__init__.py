@@ -43,13 +43,13 @@ def registered() -> tuple[Format, ...]:
     return tuple(formats)
 
 
-def format_for(path: str, retry_s: float | None = None) -> tuple[Format, bytes | None]:
+def format_for(path: str, retry_s: float | None = None, max_bytes: int | None = None) -> tuple[Format, bytes | None]:
     """(format, bytes already read or None) for ``path``: a format that claims it by name, else the first whose
     sniff takes its bytes. Raises ScanError (stage read) when the file cannot be read."""
     for fmt in registered():
         if fmt.claims(path):
             return fmt, None
-    data = read_scan(path, retry_s)
+    data = read_scan(path, retry_s, max_bytes)
     for fmt in registered():
         if fmt.sniff(path, data):
             return fmt, data

@@ -34,6 +34,17 @@ from jobs import storage
 from jobs.errors import ScanError
 
 MAX_VOXEL_BYTES = 2 * 1024**3  # largest stored body (voxels x itemsize) accepted, checked from the header
+# The default per-scan cap on the bytes a scan's source is read or inflated to (``--max-scan-bytes``).
+MAX_SCAN_BYTES = 4 * 1024**3
+
+
+def size_text(count: float) -> str:
+    """A byte count for people: ``512 KiB``, ``4.0 GiB``."""
+    for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}" if unit == "GiB" else f"{count / scale:.0f} {unit}"
+    return f"{count:.0f} bytes"
+
 
 Fingerprint = tuple[int, int]  # (size in bytes, mtime in microseconds since the epoch)
 
@@ -79,11 +90,18 @@ def volume_of(
     return Volume(array, affine, zooms, orientation, dtype.name, slope, inter, path)
 
 
-def read_scan(path: str, retry_s: float | None = None) -> bytes:
+def read_scan(path: str, retry_s: float | None = None, max_bytes: int | None = None) -> bytes:
     """The whole file or object at ``path`` (local path or URI); transient storage errors are retried for up to
-    ``retry_s`` seconds (None: ``jobs.storage.RETRY_S``), then raise ScanError("read-transient")."""
+    ``retry_s`` seconds (None: ``jobs.storage.RETRY_S``), then raise ScanError("read-transient"). ``max_bytes``:
+    the per-scan cap (``--max-scan-bytes``); a larger file is a validate error, found before it is read."""
     try:
-        return storage.read_bytes(path, retry_s)
+        return storage.read_bytes(path, retry_s, max_bytes)
+    except storage.TooLarge as e:
+        raise ScanError(
+            "validate",
+            path,
+            f"{size_text(e.size)}, more than the per-scan limit of {size_text(e.limit)} (--max-scan-bytes)",
+        ) from None
     except FileNotFoundError:
         raise ScanError("read", path, "file not found") from None
     except PermissionError:
@@ -132,8 +150,9 @@ class Format(abc.ABC):
         return False
 
     @abc.abstractmethod
-    def fetch(self, path: str, retry_s: float | None, first: bytes | None = None) -> Any:
-        """The raw input (``first``: the file's bytes when already read to sniff it). Stage ``read``."""
+    def fetch(self, path: str, retry_s: float | None, first: bytes | None = None, max_bytes: int | None = None) -> Any:
+        """The raw input (``first``: the file's bytes when already read to sniff it). Stage ``read``.
+        ``max_bytes``: the per-scan cap on the bytes read or inflated (``--max-scan-bytes``); None: no cap."""
 
     @abc.abstractmethod
     def check(self, path: str, raw: Any, options: dict[str, Any]) -> Any:

@@ -244,8 +244,10 @@ class NiftiFormat(Format):
     def sniff(self, path: str, data: bytes) -> bool:
         return True
 
-    def fetch(self, path: str, retry_s: float | None, first: bytes | None = None) -> bytes:
-        return first if first is not None else read_scan(path, retry_s)
+    def fetch(
+        self, path: str, retry_s: float | None, first: bytes | None = None, max_bytes: int | None = None
+    ) -> bytes:
+        return first if first is not None else read_scan(path, retry_s, max_bytes)
 
     def check(self, path: str, raw: bytes, options: dict[str, Any]) -> tuple[str, bytes]:
         return path, raw

@@ -471,13 +471,15 @@ class NrrdFormat(Format):
     def sniff(self, path: str, data: bytes) -> bool:
         return data.startswith(MAGIC)
 
-    def fetch(self, path: str, retry_s: float | None, first: bytes | None = None) -> _Fetched:
-        data = first if first is not None else read_scan(path, retry_s)
+    def fetch(
+        self, path: str, retry_s: float | None, first: bytes | None = None, max_bytes: int | None = None
+    ) -> _Fetched:
+        data = first if first is not None else read_scan(path, retry_s, max_bytes)
         header = check_header(data, path)  # validate: before a detached header's data file is read
         if header.data_file is None:
             return _Fetched(path, header, data, header.header_end)
         try:
-            body = read_scan(header.data_file, retry_s)
+            body = read_scan(header.data_file, retry_s, None if max_bytes is None else max_bytes - len(data))
         except ScanError as e:
             raise ScanError(e.stage, path, f"data file {header.data_file}: {e.reason}") from None
         return _Fetched(path, header, body, 0)

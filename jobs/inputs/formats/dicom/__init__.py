@@ -149,10 +149,12 @@ class DicomFormat(Format):
     def sniff(self, path: str, data: bytes) -> bool:
         return has_marker(data) or path.partition("?")[0].lower().endswith(DICOM_SUFFIXES)
 
-    def fetch(self, path: str, retry_s: float | None, first: bytes | None = None) -> list[Source]:
+    def fetch(
+        self, path: str, retry_s: float | None, first: bytes | None = None, max_bytes: int | None = None
+    ) -> list[Source]:
         if first is not None:
             return [Source(storage.name_of(path), path, len(first), first)]
-        return fetch(path, retry_s)
+        return fetch(path, retry_s, max_bytes=max_bytes)
 
     def check(self, path: str, raw: list[Source], options: dict[str, Any]) -> Series:
         headers, broken, ignored = parse_files(path, raw)

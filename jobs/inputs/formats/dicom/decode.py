@@ -94,17 +94,12 @@ def _decode_frame(
     elif h.transfer_syntax in _NATIVE:
         order = _NATIVE[h.transfer_syntax]
         frame_bytes = rows * cols * stored.itemsize
-        if h.pixel_offset >= 0 and target.dtype == stored:
+        if target.dtype == stored:
             h.source.read_into(h.pixel_offset + f.index * frame_bytes, target)  # straight into the volume
             if order != "<":
                 target.byteswap(inplace=True)
             return
-        if h.pixel_offset < 0:  # deflated: the pixel data comes out of the inflated dataset
-            if h.name not in full:
-                full[h.name] = pydicom.dcmread(io.BytesIO(h.source.whole()))
-            buffer, offset = full[h.name].PixelData, f.index * frame_bytes
-        else:
-            buffer, offset = h.source.whole(), h.pixel_offset + f.index * frame_bytes
+        buffer, offset = h.source.whole(), h.pixel_offset + f.index * frame_bytes
         frame = np.frombuffer(buffer, stored.newbyteorder(order), count=rows * cols, offset=offset)
     elif h.transfer_syntax == dcm_uid.RLELossless and rle_decode is not None:
         data = h.source.view(scratch)
@@ -138,13 +133,9 @@ def _mosaic_image(h: Header, series: Series, full: dict[str, pydicom.Dataset], s
     if cached is not None and cached[0] == h.name:
         return cached[1]
     stored, count = series.dtype, h.rows * h.columns
-    if h.transfer_syntax in _NATIVE and h.pixel_offset >= 0:
+    if h.transfer_syntax in _NATIVE:
         order = _NATIVE[h.transfer_syntax]
         image = np.frombuffer(h.source.whole(), stored.newbyteorder(order), count=count, offset=h.pixel_offset)
-    elif h.transfer_syntax in _NATIVE:  # deflated: the pixel data comes out of the inflated dataset
-        if h.name not in full:
-            full[h.name] = pydicom.dcmread(io.BytesIO(h.source.whole()))
-        image = np.frombuffer(full[h.name].PixelData, stored.newbyteorder(_NATIVE[h.transfer_syntax]), count=count)
     else:
         if h.name not in full:
             full[h.name] = pydicom.dcmread(io.BytesIO(h.source.whole()))

@@ -16,7 +16,16 @@ import pydicom.filereader
 from pydicom import uid as dcm_uid
 from pydicom.tag import BaseTag
 
-from jobs.inputs.formats.dicom.source import BrokenFile, NotImage, Source
+from jobs.inputs.formats.base import size_text
+from jobs.inputs.formats.dicom.inflate import inflate
+from jobs.inputs.formats.dicom.source import (
+    COMPRESSED_SLACK,
+    HEAD_BYTES,
+    HEADER_ALLOWANCE,
+    BrokenFile,
+    NotImage,
+    Source,
+)
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # a file so named claims to be DICOM
 _PIXEL_TAG = 0x7FE00010
@@ -76,7 +85,7 @@ class Header:
     samples: int
     photometric: str
     frames: int
-    pixel_offset: int  # where the pixel data element's value starts (-1: find it by a full parse)
+    pixel_offset: int  # where the pixel data element's value starts in the (inflated) file
     pixel_length: int  # its length (0xFFFFFFFF: encapsulated)
     dataset: Any  # the header as parsed (no pixel data): a pydicom Dataset, or {tag: raw value} from _scan
 
@@ -143,6 +152,7 @@ _WANTED = frozenset(
         0x00280103, 0x00281052, 0x00281053,
     }
 )  # fmt: skip
+_DEFLATED = str(dcm_uid.DeflatedExplicitVRLittleEndian)
 _NOT_EXPLICIT_LE = {dcm_uid.ImplicitVRLittleEndian, dcm_uid.ExplicitVRBigEndian, dcm_uid.DeflatedExplicitVRLittleEndian}
 
 
@@ -240,16 +250,76 @@ def _floats_of(ds, tag):
     return None if text is None else [v for v in text.split("\\")]
 
 
+def _read_more(source: Source) -> bool:
+    """Read more of a file whose header is longer than its head (up to HEADER_ALLOWANCE in all); False when
+    there is no more to read within that bound."""
+    if source.complete or len(source.data) >= HEADER_ALLOWANCE:
+        return False
+    source.grow(min(max(4 * len(source.data), HEAD_BYTES), HEADER_ALLOWANCE))
+    return True
+
+
+def pixel_bytes(rows: int, columns: int, frames: int, samples: int, bits_allocated: int) -> int:
+    """Bytes of uncompressed pixel data these values describe."""
+    return (rows * columns * frames * samples * bits_allocated + 7) // 8
+
+
+def promised_bytes(h: Header) -> int:
+    """The most bytes the file of ``h`` may hold: its header, its pixel data (some slack when compressed) and
+    HEADER_ALLOWANCE for any other element (see :mod:`.source`)."""
+    pixels = pixel_bytes(h.rows, h.columns, h.frames, h.samples, h.bits_allocated)
+    if h.pixel_length == 0xFFFFFFFF:  # encapsulated: fragments, item tags and an offset table
+        pixels += int(pixels * COMPRESSED_SLACK) + 8 * (h.frames + 2)
+    return h.pixel_offset + pixels + HEADER_ALLOWANCE
+
+
+def _inflated_promise(head: bytes) -> int | None:
+    """:func:`promised_bytes` of an inflated file from its first bytes; None while they do not reach its pixel
+    data element (or, for a dataset without one, its end)."""
+    scanned = _scan(head)
+    if scanned is not None:
+        _, ds, position = scanned
+    else:
+        fp = io.BytesIO(head)
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                ds = pydicom.dcmread(fp, stop_before_pixels=True)
+        except Exception:
+            return None
+        position = fp.tell()
+    element = _pixel_element(head, position, dcm_uid.ExplicitVRLittleEndian)
+    if element is None:
+        return None
+    try:
+        rows, columns = _number(ds, 0x00280010, True, 0), _number(ds, 0x00280011, True, 0)
+        frames = _number(ds, 0x00280008, True, 1, text=True) or 1
+        samples, bits = _number(ds, 0x00280002, True, 1), _number(ds, 0x00280100, True, 16)
+    except (TypeError, ValueError):
+        return None
+    pixels = pixel_bytes(rows, columns, frames, samples, bits)
+    if element[1] == 0xFFFFFFFF:
+        pixels += int(pixels * COMPRESSED_SLACK) + 8 * (frames + 2)
+    return element[0] + pixels + HEADER_ALLOWANCE
+
+
 def read_header(source: Source, fast: bool = True) -> Header:
     """Parse one file's header (never its pixel data). Raises NotImage (leave it out) or BrokenFile.
 
-    ``fast``: try :func:`_scan` first (pydicom parses whatever it declines).
+    ``fast``: try :func:`_scan` first (pydicom parses whatever it declines). A header longer than the bytes read
+    so far is read further, up to HEADER_ALLOWANCE; a deflated dataset is inflated within its promise
+    (:mod:`.inflate`); a zip member longer than its header promises is refused before it is inflated.
     """
     name, data = source.name, source.data
     if not has_marker(data):
         if name.lower().endswith(DICOM_SUFFIXES):
             raise BrokenFile("not a DICOM file (named like one, but the 'DICM' marker at byte 128 is missing)")
         raise NotImage("not a DICOM file", "not DICOM")
+    if _transfer_syntax(data) == dcm_uid.DeflatedExplicitVRLittleEndian and not source.inflated_from:
+        inflated = inflate(source, _inflated_promise)
+        h = read_header(Source(name, source.uri, len(inflated), inflated, inflated_from=_DEFLATED), fast)
+        h.transfer_syntax = _DEFLATED  # as stored: the result's transfer_syntax column says so
+        return h
     scanned = _scan(data) if fast else None
     if scanned is not None:
         ts, ds, position = scanned
@@ -259,8 +329,7 @@ def read_header(source: Source, fast: bool = True) -> Header:
         try:
             ds = pydicom.dcmread(fp, stop_before_pixels=True)
         except Exception as e:
-            if not source.complete:  # the header may be longer than what was read: read it all
-                source.whole()
+            if _read_more(source):  # the header may be longer than what was read
                 return read_header(source, fast)
             reason = f"unreadable DICOM header ({type(e).__name__}: {str(e)[:200]})"
             raise BrokenFile(reason, _partial_series(data)) from e
@@ -272,30 +341,21 @@ def read_header(source: Source, fast: bool = True) -> Header:
         raise NotImage(f"not an image (SOP class {sop_class})", sop_class_name(sop_class), sop_class)
     little = ts != dcm_uid.ExplicitVRBigEndian
     series = _text(ds, 0x0020000E) or None
-    if ts == dcm_uid.DeflatedExplicitVRLittleEndian:
-        if not source.complete:
-            source.whole()
+    element = _pixel_element(data, position, ts)
+    if element is None:
+        if position + 12 > len(data) and _read_more(source):
             return read_header(source, fast)
-        offset, length = -1, 0  # the dataset is deflated: positions in ``data`` mean nothing
-        if "PixelData" not in ds and not _deflated_has_pixels(data):
-            raise NotImage("no pixel data", _no_pixels(sop_class), sop_class)
-    else:
-        element = _pixel_element(data, position, ts)
-        if element is None:
-            if not source.complete and position + 12 > len(data):
-                source.whole()
-                return read_header(source, fast)
-            if position < len(data) and _raw(ds, 0x00280010) is not None:
-                raise BrokenFile("pixel data element is missing or unreadable", series)
-            if sop_class.startswith(_IMAGE_STORAGE):  # an image object with no pixels: cut short
-                raise BrokenFile(f"truncated: the file ends before its pixel data ({len(data)} bytes)", series)
-            raise NotImage("no pixel data", _no_pixels(sop_class), sop_class)
-        offset, length = element
+        if position < len(data) and _raw(ds, 0x00280010) is not None:
+            raise BrokenFile("pixel data element is missing or unreadable", series)
+        if sop_class.startswith(_IMAGE_STORAGE):  # an image object with no pixels: cut short
+            raise BrokenFile(f"truncated: the file ends before its pixel data ({len(data)} bytes)", series)
+        raise NotImage("no pixel data", _no_pixels(sop_class), sop_class)
+    offset, length = element
     if not series:
         raise BrokenFile("no SeriesInstanceUID")
     try:
         bits_allocated = _number(ds, 0x00280100, little)
-        return Header(
+        header = Header(
             name=name,
             source=source,
             series_uid=series,
@@ -316,15 +376,37 @@ def read_header(source: Source, fast: bool = True) -> Header:
             pixel_length=length,
             dataset=ds,
         )
+        promise = promised_bytes(header)
     except (AttributeError, TypeError, ValueError) as e:
         raise BrokenFile(f"incomplete image pixel description ({type(e).__name__}: {str(e)[:120]})", series) from e
+    if source.member is not None and source.size > promise:
+        raise BrokenFile(
+            f"inflates to {size_text(source.size)}, more than the {size_text(promise)} its header promises "
+            f"({header.rows}x{header.columns}x{header.frames} pixels and {size_text(HEADER_ALLOWANCE)} for other "
+            "elements): refused before inflating it",
+            series,
+        )
+    return header
 
 
-def _deflated_has_pixels(data):
+def _transfer_syntax(data: bytes) -> str:
+    """The TransferSyntaxUID of the file meta in ``data`` ("" when not found there)."""
+    pos = 132
     try:
-        return "PixelData" in pydicom.dcmread(io.BytesIO(data))
-    except Exception:
-        return False
+        while pos + 8 <= len(data):
+            group, number = struct.unpack_from("<HH", data, pos)
+            if group != 0x0002:
+                return ""
+            found = _element_at(data, pos)
+            if found is None:
+                return ""
+            tag, start, length = found
+            if tag == 0x00020010:
+                return bytes(data[start : start + length]).rstrip(b"\x00 ").decode("ascii", "replace")
+            pos = start + length
+    except (ValueError, struct.error):
+        return ""
+    return ""
 
 
 def _item(sequence):

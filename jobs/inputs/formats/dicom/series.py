@@ -222,7 +222,7 @@ def check_series(
     if nbytes > MAX_VOXEL_BYTES:
         raise ScanError("validate", path, f"series {uid}: {len(geometry.frames)} x {rows} x {columns} is too large")
     for h in headers:
-        if h.transfer_syntax in _NATIVE and h.pixel_offset >= 0:
+        if h.transfer_syntax in _NATIVE:
             need = h.rows * h.columns * h.frames * h.bits_allocated // 8
             have = min(h.pixel_length, h.source.size - h.pixel_offset)
             if have < need:
