@@ -10,6 +10,7 @@ import struct
 import subprocess
 import sys
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,6 +76,7 @@ EXPECTED = {
 }
 
 
+@pytest.mark.slow
 def test_hostile_containers_take_no_more_memory_than_a_normal_series(hostile):
     """One fresh process loads the normal series, then each hostile container (peak RSS reset before each)."""
     names = ["normal", *EXPECTED]
@@ -114,7 +116,7 @@ def test_each_hostile_container_gives_one_error_row(ray_cluster, tiny_model, hos
 
 def test_declared_entries_is_what_zipfile_finds(tmp_path, hostile):
     """The entry count read from the end records, before any entry is parsed: plain and ZIP64 zips."""
-    many = open(hostile["many_members"], "rb").read()
+    many = Path(hostile["many_members"]).read_bytes()
     assert declared_entries(many) == len(zipfile.ZipFile(hostile["many_members"]).infolist()) == 100_000
     for count in (0, 3):
         path = tmp_path / f"z{count}.zip"
