@@ -1,4 +1,5 @@
-"""cluster.yaml passes Ray's own launcher checks (offline) and says what the batch job relies on."""
+"""cluster.yaml passes Ray's own launcher checks (offline) and says what the batch job relies on, token
+authentication on every node and a dashboard on the head's loopback included."""
 
 import copy
 import os
@@ -117,3 +118,50 @@ def test_validation_is_real_unknown_keys_and_bad_resources_are_rejected(raw, no_
     fractional["available_node_types"][config["head_node_type"]]["resources"] = {"CPU": 0.5}
     with pytest.raises(jsonschema.ValidationError):
         validate_config(fractional)
+
+
+def auth_problems(config):
+    """Why a prepared launcher config would start nodes that accept requests without the token, or hold the token."""
+    found = []
+    env = dict(
+        option.split(" ", 1)[1].split("=", 1)
+        for option in config["docker"].get("run_options", [])
+        if option.startswith(("--env ", "-e "))
+    )
+    if env.get("RAY_AUTH_MODE") != "token":
+        found.append("the containers do not run with RAY_AUTH_MODE=token")
+    token_path = env.get("RAY_AUTH_TOKEN_PATH")
+    source = config["file_mounts"].get(token_path)
+    if source is None:
+        found.append(f"RAY_AUTH_TOKEN_PATH {token_path!r} is not a file mount")
+    elif not source.startswith("~/") or os.path.expanduser(source).startswith(REPO_ROOT + os.sep):
+        found.append(f"the token file {source!r} is not outside the repository")
+    commands = config["head_start_ray_commands"] + config["worker_start_ray_commands"]
+    text = "\n".join(commands + config["docker"].get("run_options", []) + config["setup_commands"])
+    if "RAY_AUTH_TOKEN=" in text or "RAY_AUTH_MODE=disabled" in text:
+        found.append("a command sets the token or turns authentication off")
+    for command in config["head_start_ray_commands"]:
+        if "ray start --head" in command and "--dashboard-host=127.0.0.1" not in command:
+            found.append(f"the dashboard listens beyond the head: {command}")
+    return found
+
+
+def test_token_authentication_on_every_node_and_dashboard_on_loopback(raw, no_network):
+    config = prepared(raw)
+    assert auth_problems(config) == []
+    assert any("ray start --head" in c for c in config["head_start_ray_commands"])
+    values = yaml.safe_dump(raw)  # every key and value, no comments
+    assert "0.0.0.0" not in values and "RAY_AUTH_TOKEN=" not in values
+
+    # The check can fail: Ray's default head command (dashboard on 0.0.0.0), no RAY_AUTH_MODE, a token file in the
+    # repository are each reported.
+    default = copy.deepcopy(raw)
+    del default["head_start_ray_commands"]
+    assert any("0.0.0.0" in p for p in auth_problems(prepared(default)))
+    no_mode = copy.deepcopy(raw)
+    no_mode["docker"]["run_options"] = [o for o in no_mode["docker"]["run_options"] if "RAY_AUTH_MODE" not in o]
+    assert any("RAY_AUTH_MODE=token" in p for p in auth_problems(prepared(no_mode)))
+    in_repo = copy.deepcopy(raw)
+    (token_path,) = [k for k, v in in_repo["file_mounts"].items() if v != "."]
+    in_repo["file_mounts"][token_path] = "./auth_token"
+    assert any("not outside the repository" in p for p in auth_problems(prepared(in_repo)))

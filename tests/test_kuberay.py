@@ -5,6 +5,8 @@
 - The entrypoint is a ``python -m jobs.score`` command that jobs.score's own parser and JobConfig accept.
 - The Ray version (rayVersion, the Dockerfile's base image tag) satisfies pyproject's Ray pin, and every pod
   runs the image the Dockerfile builds, with the S3 credentials from a Secret and GPU limits on GPU pods.
+- Ray token authentication is on (``authOptions.mode: token``) with the token in a Secret, never in the YAML, and
+  the dashboard is exposed by no Service type or Ingress beyond the Kubernetes cluster.
 - The Dockerfile's ``pip install`` line runs in a fresh virtualenv over exactly the files it copies: resolution of
   every dependency (``--dry-run``, the gpu extra included) and a real install of the project.
 
@@ -154,6 +156,81 @@ def test_image_ray_version_resources_and_credentials(name):
             assert ("nvidia.com/gpu" in limits) == (group_name == "gpu"), group_name
     assert groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert len(images) == 1 and images.pop().endswith("/vit3d-batch:0.1.0")
+
+
+AUTH_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"}
+
+
+def auth_problems(spec):
+    """Why the cluster of a RayJob spec would accept a request without the token, or carry the token in the YAML."""
+    cluster, found = spec["rayClusterSpec"], []
+    auth = cluster.get("authOptions") or {}
+    if auth.get("mode") != "token":
+        found.append(f"authOptions.mode is {auth.get('mode')!r}, not 'token'")
+    if auth.get("enableK8sTokenAuth"):
+        found.append("enableK8sTokenAuth is unsupported for RayJob (KubeRay v1.7)")
+    head = cluster["headGroupSpec"]
+    # KubeRay passes --dashboard-host=0.0.0.0 when rayStartParams has none.
+    host = head["rayStartParams"].get("dashboard-host", "0.0.0.0")
+    if host != "127.0.0.1" and auth.get("mode") != "token":
+        found.append(f"dashboard on {host} without token authentication")
+    service_types = {
+        head.get("serviceType") or "ClusterIP",
+        (head.get("headService") or {}).get("spec", {}).get("type") or "ClusterIP",
+    }
+    if service_types != {"ClusterIP"}:
+        found.append(f"head Service of type {sorted(service_types)}: reachable from outside the Kubernetes cluster")
+    if head.get("enableIngress") or head.get("ingressOptions"):
+        found.append("an Ingress exposes the head")
+    pods = {"head": head["template"], "submitter": spec.get("submitterPodTemplate", {})}
+    pods.update({g["groupName"]: g["template"] for g in cluster["workerGroupSpecs"]})
+    for pod_name, pod in pods.items():
+        pod_spec = pod.get("spec", {})
+        for container in pod_spec.get("containers", []) + pod_spec.get("initContainers", []):
+            # KubeRay sets these from the Secret and keeps any already set here: a value here would win.
+            for env in container.get("env", []):
+                if env["name"] in AUTH_ENV:
+                    found.append(f"{pod_name}/{container['name']} sets {env['name']} itself")
+    return found
+
+
+def strings(value):
+    """Every key and string value in a parsed manifest."""
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in [str(k), *strings(v)]]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+@pytest.mark.parametrize("name", sorted(MANIFESTS))
+def test_token_authentication_with_the_token_in_a_secret(name):
+    text = (DEPLOY / name).read_text()
+    (manifest,) = yaml.safe_load_all(text)  # one object: no Secret (or token) rides along in the manifest
+    spec = rayjob_spec(manifest)
+    assert auth_problems(spec) == []
+    # KubeRay generates the Secret (key auth_token) per RayCluster, or takes the one named in secretName.
+    auth = spec["rayClusterSpec"]["authOptions"]
+    assert auth == {"mode": "token"} or set(auth) == {"mode", "secretName"}, auth
+    # No key or value anywhere (env, entrypoint, runtimeEnvYAML, …) names the token: it is never in the manifest.
+    assert not [s for s in strings(manifest) if re.search(r"RAY_AUTH_TOKEN|auth_token", s)]
+
+    # The check can fail: no authOptions, an exposed head, a token set in a pod are each reported.
+    broken = copy.deepcopy(spec)
+    del broken["rayClusterSpec"]["authOptions"]
+    found = "\n".join(auth_problems(broken))
+    assert "not 'token'" in found and "dashboard on 0.0.0.0 without token" in found, found
+    exposed = copy.deepcopy(spec)
+    exposed["rayClusterSpec"]["headGroupSpec"]["serviceType"] = "LoadBalancer"
+    exposed["rayClusterSpec"]["headGroupSpec"]["enableIngress"] = True
+    head_container = exposed["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    head_container["env"] = [{"name": "RAY_AUTH_TOKEN", "value": "0123abcd"}]
+    found = "\n".join(auth_problems(exposed))
+    assert "LoadBalancer" in found and "Ingress" in found and "sets RAY_AUTH_TOKEN itself" in found, found
+    # A mode KubeRay does not know is a schema violation.
+    wrong = copy.deepcopy(manifest)
+    rayjob_spec(wrong)["rayClusterSpec"]["authOptions"]["mode"] = "on"
+    assert any("authOptions" in p and "'on' is not one of" in p for p in problems(wrong)), problems(wrong)
 
 
 @pytest.mark.skipif(not ORIGINALS.is_dir(), reason="KubeRay's original CRDs are not beside the repository")
