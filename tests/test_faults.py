@@ -276,6 +276,9 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
         assert e["permanent"] is False  # a worker's death is not a verdict on the file: the next run retries it
     ids = read_table(str(tmp_path / "out"), columns=["scan_id"])["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows if r["scan_id"] not in errors)
+    # The next night, without the poison, scores both: a death row is never taken for a known-bad file.
+    again = run(manifest, model_path, output, device="cpu", batch_size=4, progress=False)
+    assert again["counts"] == {"manifest": 16, "skipped_done": 14, "skipped_known_bad": 0, "ok": 2, "error": 0}
 
 
 def start_driver(manifest, model, output, gcs_address, hooks, log, run_id="nightly", extra=()):

@@ -173,7 +173,10 @@ def run_drivers(count, manifest, model, output, gcs, hooks, tmp_path):
     return [(d.returncode, (tmp_path / f"driver-{i}.log").read_text()) for i, d in enumerate(drivers)]
 
 
+@pytest.mark.parametrize("output", ["s3"], indirect=True)
 def test_eight_runs_started_at_once_exactly_one_scores(ray_cluster, tiny_model, archive6, output, tmp_path):
+    """Eight whole runs, on S3 only: how a driver meets a lost race does not depend on the store, and each store's
+    lock is raced by eight processes in test_one_of_eight_processes_takes_the_lock."""
     model_path, _ = tiny_model
     rows, manifest = archive6
     gcs = ray_cluster.get_runtime_context().gcs_address
