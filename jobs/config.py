@@ -72,6 +72,8 @@ class JobConfig:
             is drawn instead). Defaults to ``10.0``.
         log_format: str. ``"text"`` or ``"json"`` log lines (command line only). Defaults to ``"text"``.
         verbose: bool. Also show Ray's and TensorFlow's own INFO lines (command line only). Defaults to ``False``.
+        redact_paths: bool. Scan_ids and paths in the page, the run report, the summary and the logs as keyed
+            tokens (:mod:`jobs.redact`; key in ``$VIT3D_REDACT_KEY``, JobError without it). Defaults to ``False``.
         dicom_tilt: str. A gantry-tilted (sheared) DICOM series: ``"correct"`` resamples it onto an orthogonal grid
             (and says so in ``series_note``), ``"refuse"`` makes it a validate error. Defaults to ``"correct"``.
         max_scan_bytes: int. The most bytes one scan's source may be read or inflated to, checked before it is
@@ -178,6 +180,14 @@ class JobConfig:
         action="store_true",
         help="also show Ray's and TensorFlow's own start-up and INFO lines (hidden by default: a run shows its "
         "progress, summary and the warnings that need a person)",
+    )
+    redact_paths: bool = option(
+        False,
+        action="store_true",
+        help="PHI in paths: every scan_id and path in the report page, the run report JSON, the summary and the "
+        "logs (error messages included) becomes a keyed token, scan-/path-/name- + 16 hex digits of HMAC-SHA256 "
+        "under the key in $VIT3D_REDACT_KEY (at least 16 characters, the same every night, so a scan keeps its "
+        "token); without the key the run refuses to start (exit 2). results/ and errors/ keep the real values",
     )
 
     dicom_tilt: str = option(

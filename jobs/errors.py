@@ -15,7 +15,18 @@ class JobFailed(Exception):
 
 
 class ManifestError(Exception):
-    """A manifest or archive that cannot be used; the message names the file and the problem."""
+    """A manifest or archive that cannot be used; the message names the file and the problem.
+
+    ``detail``, when given, is the part of the message that may quote the manifest's rows (scan_ids, paths, a line
+    that does not parse): ``str(e)`` is ``summary: detail``, and ``jobs.score --redact-paths`` shows the summary only.
+    """
+
+    def __init__(self, summary: str, detail: str = "") -> None:
+        super().__init__(summary, detail)
+        self.summary, self.detail = summary, detail
+
+    def __str__(self) -> str:
+        return f"{self.summary}: {self.detail}" if self.detail else self.summary
 
 
 class OutputError(Exception):

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jobs import redact
 from jobs.config import JobConfig, build_parser
 from jobs.errors import JobError, JobFailed, ManifestError, OutputError, StorageUnreachable
 from jobs.inputs import formats
@@ -30,6 +31,7 @@ from jobs.observe.logs import configure_logging, filter_native_stderr
 from jobs.observe.progress import Progress
 from jobs.output.schema import MANIFEST_SHARED_COLUMNS, OPTION_COLUMNS, RESERVED_COLUMNS
 from jobs.output.sink import ResultSink
+from jobs.redact import Redactor
 from jobs.report import write_page
 from jobs.run.pipeline import scoring_pipeline
 from jobs.run.scorer import configure_tensorflow
@@ -61,11 +63,16 @@ def new_run_id() -> str:
     return dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ-") + uuid.uuid4().hex[:6]
 
 
-def check_manifest(uri: str) -> pa.Table:
-    """The manifest as a table; JobError if it is unusable or a column would shadow a result column."""
+def check_manifest(uri: str, redactor: Redactor | None = None) -> pa.Table:
+    """The manifest as a table; JobError if it is unusable or a column would shadow a result column.
+
+    With a ``redactor`` (``--redact-paths``), a problem's details that may quote the manifest's rows (scan_ids,
+    paths, a line that does not parse) are left out of the message."""
     try:
         table = read_manifest(uri)
     except ManifestError as e:
+        if redactor is not None and e.detail:
+            raise JobError(f"manifest problem: {e.summary} (details not shown: --redact-paths)") from e
         raise JobError(f"manifest problem: {e}") from e
     clashes = sorted(set(table.column_names[2:]) & (RESERVED_COLUMNS - MANIFEST_SHARED_COLUMNS - OPTION_COLUMNS))
     if clashes:
@@ -134,11 +141,24 @@ def run(manifest: str, model: str, output: str, *, hooks: AttemptHooks | None = 
     return run_job(JobConfig(manifest, model, output, **options), hooks=hooks)
 
 
-def run_job(config: JobConfig, hooks: AttemptHooks | None = None) -> dict[str, Any]:
-    """:func:`run` for a :class:`JobConfig`."""
+def run_job(config: JobConfig, hooks: AttemptHooks | None = None, redactor: Redactor | None = None) -> dict[str, Any]:
+    """:func:`run` for a :class:`JobConfig`. ``redactor``: the :class:`jobs.redact.Redactor` of
+    ``--redact-paths`` (default: made from ``$VIT3D_REDACT_KEY`` when ``config.redact_paths``; JobError without
+    the key)."""
+    if not config.redact_paths:
+        redactor = None
+    elif redactor is None:
+        redactor = Redactor.from_env()
+    with redact.active(redactor):
+        return _run_job(config, hooks, redactor)
+
+
+def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor | None) -> dict[str, Any]:
     started_at, started = dt.datetime.now(dt.timezone.utc), time.monotonic()
     config = config.replace(run_id=config.run_id or new_run_id())
-    manifest = check_manifest(config.manifest)
+    manifest = check_manifest(config.manifest, redactor)
+    if redactor is not None:  # what the logs, the page and the report must not show
+        redactor.learn(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist())
     info, spec = check_model(config.model, config.model_sha256, config.mode)
     sink = ResultSink(
         config.output,
@@ -156,7 +176,7 @@ def run_job(config: JobConfig, hooks: AttemptHooks | None = None) -> dict[str, A
         raise JobError(f"output problem: {e}") from e
     try:
         paths = dict(zip(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist(), strict=True))
-        known_bad = _known_bad(sink, {s: p for s, p in paths.items() if s not in done}, config.retry_failed)
+        known_bad = _known_bad(sink, {s: p for s, p in paths.items() if s not in done}, config.retry_failed, redactor)
         # The formats' option columns (the series of a DICOM folder) travel with each scan.
         option_names = [name for name in formats.option_columns() if name in manifest.column_names]
         options = {name: manifest.column(name).to_pylist() for name in option_names}
@@ -194,16 +214,22 @@ def run_job(config: JobConfig, hooks: AttemptHooks | None = None) -> dict[str, A
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
         # DICOM series scored with a series_note (a localizer/scout left out, a gantry tilt corrected): scan_id -> note.
         report["series_left_out"] = left_out
+        if redactor is not None:
+            report["series_left_out"] = {redactor.scan_id(s): redactor.text(n) for s, n in left_out.items()}
         # Seconds per 1,000 scored scans from the results' timing columns (jobs.observe.cost says which count).
         report["cost_per_1k_scans"] = per_1k_scans(stage_seconds)
-        report["report_page"] = write_page(sink, report)  # jobs.report; None (and a warning) if it failed
-        report["report_path"] = sink.write_report(report)
+        # --redact-paths: how scan_ids and paths were turned into tokens (the key's id, never the key); else None.
+        report["redaction"] = redactor.describe() if redactor is not None else None
+        report = redact.scrub_data(report)  # no credentials (URIs' user info), and no PHI under --redact-paths
+        page = write_page(sink, report, redactor)  # jobs.report; None (and a warning) if it failed
+        report["report_page"] = redact.scrub(page) if page else page
+        report["report_path"] = redact.scrub(sink.write_report(report))
         return report
     finally:
         sink.release()
 
 
-def _known_bad(sink, candidates, retry_failed):
+def _known_bad(sink, candidates, retry_failed, redactor=None):
     """The scan_ids of ``candidates`` (not done) that are skipped as known bad: none with ``--retry-failed``."""
     if retry_failed or not candidates:
         return set()
@@ -216,7 +242,8 @@ def _known_bad(sink, candidates, retry_failed):
             "skipping %d known-bad scans (their last error judged the file, which is unchanged since; "
             "--retry-failed tries them again): %s",
             len(known_bad),
-            ", ".join(sorted(known_bad)[:5]) + (", …" if len(known_bad) > 5 else ""),
+            ", ".join(redactor.scan_id(s) if redactor else s for s in sorted(known_bad)[:5])
+            + (", …" if len(known_bad) > 5 else ""),
         )
     return known_bad
 
@@ -370,15 +397,26 @@ def main(argv: list[str] | None = None, hooks: AttemptHooks | None = None) -> in
     args = build_parser().parse_args(argv)
     configure_logging(args.progress, args.log_format, args.verbose)
     try:
-        with filter_native_stderr():  # TensorFlow's and Ray's native start-up lines, unless --verbose
-            report = run_job(JobConfig.from_args(args), hooks=hooks)
+        config = JobConfig.from_args(args)
+        redactor = Redactor.from_env() if config.redact_paths else None  # refused before anything starts
     except JobError as e:
         logger.error("nothing scored: %s", e)
         return EXIT_USAGE
-    except JobFailed as e:
-        logger.error("run failed: %s", e)
-        return EXIT_FAILED
-    print(summary(report))
+    with redact.active(redactor):  # every line below: no credentials, and no PHI under --redact-paths
+        try:
+            # TensorFlow's and Ray's native start-up lines hidden, unless --verbose; every line scrubbed.
+            with filter_native_stderr(scrub=redact.scrub):
+                report = run_job(config, hooks=hooks, redactor=redactor)
+        except JobError as e:
+            logger.error("nothing scored: %s", e)
+            return EXIT_USAGE
+        except JobFailed as e:
+            logger.error("run failed: %s", e)
+            return EXIT_FAILED
+        except Exception:  # a bug: its traceback through the scrubbing log handler, not printed raw by Python
+            logger.exception("run failed: unexpected error")
+            return EXIT_FAILED
+        print(redact.scrub(summary(report)))
     return report["exit_code"]
 
 

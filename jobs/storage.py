@@ -24,6 +24,7 @@ from typing import TypeVar
 from pyarrow import fs as pafs
 
 from jobs.errors import StorageUnreachable
+from jobs.redact import scrub_secrets
 from vit3d import storage as _artifact_io
 from vit3d.storage import STAGING_MARK, is_staging_name, name_of, resolve
 
@@ -94,13 +95,21 @@ def retrying(call: Callable[[], T], what: str, retry_s: float | None = None) -> 
             if not is_transient(e):
                 raise
             elapsed = time.monotonic() - started
+            # No credentials in the message, wherever it is logged (in a Ray worker too: Ray's own log files).
+            reason = scrub_secrets(str(e))
             if elapsed >= budget:
                 raise StorageUnreachable(
-                    f"{what}: storage unreachable for {elapsed:.1f} s ({attempts} attempts, retry budget "
-                    f"{budget:g} s): {e}"
+                    f"{scrub_secrets(what)}: storage unreachable for {elapsed:.1f} s ({attempts} attempts, retry "
+                    f"budget {budget:g} s): {reason}"
                 ) from e
             wait = min(delay * random.uniform(0.5, 1.0), budget - elapsed)
-            logger.warning("%s: transient storage error (attempt %d), retrying in %.1f s: %s", what, attempts, wait, e)
+            logger.warning(
+                "%s: transient storage error (attempt %d), retrying in %.1f s: %s",
+                scrub_secrets(what),
+                attempts,
+                wait,
+                reason,
+            )
             time.sleep(wait)
             delay = min(delay * 2, BACKOFF_MAX_S)
 

@@ -110,7 +110,7 @@ def read_manifest(uri: str | os.PathLike) -> pa.Table:
     try:
         table = _parse(uri, fmt, data)
     except (pa.ArrowException, OSError, ValueError) as e:
-        raise ManifestError(f"manifest {uri}: cannot parse as {fmt}: {e}") from e
+        raise ManifestError(f"manifest {uri}: cannot parse as {fmt}", str(e)) from e
 
     if table.num_rows == 0:
         raise ManifestError(f"manifest {uri}: empty manifest (no rows; columns: {_some(table.column_names)})")
@@ -130,7 +130,7 @@ def read_manifest(uri: str | os.PathLike) -> pa.Table:
         try:
             columns[name] = column.cast(pa.string())
         except (pa.ArrowException, ValueError) as e:
-            raise ManifestError(f"manifest {uri}: column {name} has type {column.type}, not text: {e}") from e
+            raise ManifestError(f"manifest {uri}: column {name} has type {column.type}, not text", str(e)) from e
     ids = columns["scan_id"].to_pylist()
 
     blank_rows = [i + 1 for i, blank in enumerate(_blank(columns["scan_id"])) if blank]
@@ -147,10 +147,10 @@ def read_manifest(uri: str | os.PathLike) -> pa.Table:
         seen.add(scan_id)
     if duplicates:
         listed = [f"{scan_id!r} (x{count})" for scan_id, count in duplicates.items()]
-        raise ManifestError(f"manifest {uri}: {len(duplicates)} duplicate scan_id(s): {_some(listed)}")
+        raise ManifestError(f"manifest {uri}: {len(duplicates)} duplicate scan_id(s)", _some(listed))
     no_path = [scan_id for scan_id, blank in zip(ids, _blank(columns["path"]), strict=True) if blank]
     if no_path:
-        raise ManifestError(f"manifest {uri}: {len(no_path)} scan(s) with an empty path: {_some(map(repr, no_path))}")
+        raise ManifestError(f"manifest {uri}: {len(no_path)} scan(s) with an empty path", _some(map(repr, no_path)))
 
     resolved = pa.array(_resolve_paths(uri, columns["path"].to_pylist()), pa.string())
     others = [name for name in table.column_names if name not in REQUIRED]
@@ -163,7 +163,7 @@ def read_manifest(uri: str | os.PathLike) -> pa.Table:
                 column = column.cast(typed[name])
             except (pa.ArrowException, ValueError) as e:
                 raise ManifestError(
-                    f"manifest {uri}: column {name} has type {column.type}, not {typed[name]}: {e}"
+                    f"manifest {uri}: column {name} has type {column.type}, not {typed[name]}", str(e)
                 ) from e
         values.append(column)
     return pa.table([columns["scan_id"], resolved, *values], names=[*REQUIRED, *others])

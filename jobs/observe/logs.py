@@ -2,6 +2,11 @@
 
 Library code only calls ``logging.getLogger(__name__)``; a command line calls :func:`configure_logging` once.
 The root logger is left alone, so embedding ``jobs`` does not change anyone else's logging.
+
+Every line the command line prints passes :func:`jobs.redact.scrub` (credentials out; PHI too under
+``--redact-paths``): the handlers' records (:class:`jobs.redact.ScrubFilter`), and, inside
+:func:`filter_native_stderr` with a ``scrub``, native stderr lines and Python's ``sys.stdout``/``sys.stderr``
+(where Ray prints its workers' forwarded lines).
 """
 
 from __future__ import annotations
@@ -15,7 +20,10 @@ import re
 import sys
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, TextIO
+
+from jobs.redact import ScrubFilter
 
 PACKAGES = ("jobs", "vit3d")
 # Set by the command line's -v/--verbose and passed on to Ray workers (jobs.run.pipeline): then nothing below is
@@ -48,7 +56,9 @@ class JsonLogFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        if record.exc_info:
+        if record.exc_text:  # set (and scrubbed) by jobs.redact.ScrubFilter
+            entry["exception"] = record.exc_text
+        elif record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return json.dumps(entry)
 
@@ -64,6 +74,7 @@ def configure_logging(progress: bool = True, log_format: str = "text", verbose: 
     verbose = is_verbose()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter("%(name)s: %(message)s"))
+    ScrubFilter.add_to(handler)  # credentials (and PHI under --redact-paths) out of every record
     level = logging.INFO if progress or verbose else logging.WARNING
     for name in (*PACKAGES, *(("py.warnings",) if log_format == "json" else ())):
         package_logger = logging.getLogger(name)
@@ -91,6 +102,7 @@ def adopt_ray_logging() -> None:
         for handler in logging.getLogger(name).handlers:
             if not isinstance(handler, logging.StreamHandler) or isinstance(handler, logging.FileHandler):
                 continue  # Ray's session log files keep everything, as they are
+            ScrubFilter.add_to(handler)
             if _cli["json"]:
                 handler.setFormatter(JsonLogFormatter())
             if name == "ray.data":
@@ -185,17 +197,48 @@ def native_noise(line: str) -> bool:
     return tensorflow_startup_noise(line) or bool(_RAY_CONSTRUCTOR_ARGS.search(line))
 
 
+class ScrubbedStream:
+    """A text stream whose writes pass through ``scrub`` first; everything else (isatty, fileno, encoding, flush)
+    is the wrapped stream's, so that a progress bar still finds its terminal."""
+
+    def __init__(self, stream: TextIO, scrub: Callable[[str], str]) -> None:
+        self._stream, self._scrub = stream, scrub
+
+    def write(self, text: str) -> int:
+        self._stream.write(self._scrub(text))
+        return len(text)
+
+    def writelines(self, lines: Iterable[str]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+
+def _never(line: str) -> bool:
+    return False
+
+
 @contextlib.contextmanager
-def filter_native_stderr(noise: Callable[[str], bool] = native_noise, enabled: bool = True) -> Iterator[None]:
+def filter_native_stderr(
+    noise: Callable[[str], bool] = native_noise, enabled: bool = True, scrub: Callable[[str], str] | None = None
+) -> Iterator[None]:
     """For a command line's whole run: what native code (and child processes) write to file descriptor 2 passes
     through a pipe, and a thread forwards every line for which ``noise(line)`` is false, as it comes.
 
     Python's own ``sys.stderr`` is pointed at the real stderr meanwhile, so the progress bar still sees a terminal.
-    A no-op when not ``enabled`` (``-v``), or when file descriptor 2 cannot be duplicated.
+    ``scrub`` (:func:`jobs.redact.scrub`), if given, rewrites every forwarded line and every write to Python's
+    ``sys.stdout`` and ``sys.stderr`` (Ray prints its workers' lines there), verbose or not. Without ``scrub``, a
+    no-op when not ``enabled`` (``-v``); with it, ``-v`` only stops the noise filter. Also a no-op when file
+    descriptor 2 cannot be duplicated.
     """
-    if not enabled or is_verbose():
+    quiet = enabled and not is_verbose()
+    if not quiet and scrub is None:
         yield
         return
+    if not quiet:
+        noise = _never
     for stream in (sys.stdout, sys.stderr):
         with contextlib.suppress(Exception):
             stream.flush()
@@ -205,9 +248,19 @@ def filter_native_stderr(noise: Callable[[str], bool] = native_noise, enabled: b
     except OSError:
         yield
         return
-    python_stderr = sys.stderr
+    python_stderr, python_stdout = sys.stderr, sys.stdout
     os.dup2(write_fd, 2)
     os.close(write_fd)
+
+    def forward_line(data: bytes) -> None:
+        text = data.decode("utf-8", "replace")
+        if noise(text):
+            return
+        if scrub is not None:
+            clean = scrub(text)
+            if clean != text:
+                data = clean.encode("utf-8", "replace")
+        _write_all(saved, data)
 
     def forward():
         with open(read_fd, "rb", buffering=0) as pipe:
@@ -216,10 +269,9 @@ def filter_native_stderr(noise: Callable[[str], bool] = native_noise, enabled: b
                 pending += chunk
                 *lines, pending = pending.split(b"\n")
                 for line in lines:
-                    if not noise(line.decode("utf-8", "replace")):
-                        _write_all(saved, line + b"\n")
-            if pending and not noise(pending.decode("utf-8", "replace")):
-                _write_all(saved, pending)
+                    forward_line(line + b"\n")
+            if pending:
+                forward_line(pending)
 
     thread = threading.Thread(target=forward, name="vit3d-stderr", daemon=True)
     thread.start()
@@ -227,11 +279,13 @@ def filter_native_stderr(noise: Callable[[str], bool] = native_noise, enabled: b
     with contextlib.suppress(Exception):  # a real stderr for Python's writes: its isatty() is the terminal's
         encoding = getattr(python_stderr, "encoding", None) or "utf-8"
         own = open(os.dup(saved), "w", buffering=1, encoding=encoding)  # noqa: SIM115 (closed in the finally)
-        sys.stderr = own
+        sys.stderr = own if scrub is None else ScrubbedStream(own, scrub)
+    if scrub is not None:
+        sys.stdout = ScrubbedStream(python_stdout, scrub)
     try:
         yield
     finally:
-        sys.stderr = python_stderr
+        sys.stderr, sys.stdout = python_stderr, python_stdout
         if own is not None:
             own.close()
         with contextlib.suppress(Exception):

@@ -39,7 +39,7 @@ UTC_TIME = pa.timestamp("us", tz="UTC")
 KEY_SCHEMA = pa.schema(
     [
         column("scan_id", pa.string(), "the manifest's scan_id; unique per model (exactly once)"),
-        column("path", pa.string(), "the scan's path as resolved: absolute local path or URI"),
+        column("path", pa.string(), "the scan's path as resolved: absolute local path or URI (without user info)"),
         column("model_sha256", pa.string(), "sha256 of the .keras artifact that scored it"),
         column("run_id", pa.string(), "the run that scored it (runs/<run_id>.json is its report)"),
         column("scored_at", UTC_TIME, "when its row was committed (UTC)"),
@@ -71,11 +71,11 @@ PROVENANCE_SCHEMA = pa.schema([*SOURCE_PROVENANCE, *SCORING_PROVENANCE])
 ERROR_SCHEMA = pa.schema(
     [
         column("scan_id", pa.string(), "the manifest's scan_id"),
-        column("path", pa.string(), "the scan's path as resolved"),
+        column("path", pa.string(), "the scan's path as resolved (a URI without user info)"),
         column("run_id", pa.string(), "the run that tried it"),
         column("model_sha256", pa.string(), "sha256 of the model it was to be scored by"),
         column("stage", pa.string(), f"where it failed: {', '.join(stages.NAMES)}"),
-        column("error", pa.string(), "the reason, naming the file"),
+        column("error", pa.string(), "the reason, naming the file (no credentials)"),
         column("failed_at", UTC_TIME, "when its row was committed (UTC)"),
         column(
             "permanent",

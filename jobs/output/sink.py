@@ -50,6 +50,7 @@ from jobs.output.schema import (
     result_schema,
 )
 from jobs.output.store import KINDS, OutputStore, part_name
+from jobs.redact import scrub_secrets, secret_values, strip_credentials
 
 if TYPE_CHECKING:
     from vit3d.artifact import ArtifactInfo
@@ -167,7 +168,7 @@ class ResultSink:
             raise OutputError(f"{self.uri}: cannot read errors/: {e}") from e
         skip = set()
         for scan_id, row in latest.items():
-            if not row["permanent"] or row["path"] != pending[scan_id]:
+            if not row["permanent"] or row["path"] != strip_credentials(pending[scan_id]):
                 continue
             if row["source_size"] is None or row["source_mtime"] is None:
                 continue
@@ -268,6 +269,8 @@ class ResultSink:
                 columns.append(pa.array(constants[field.name], field.type))
             elif field.name in FORMAT_PROVENANCE.names:
                 columns.append(_provenance_column(batch[field.name][rows], field, shared))
+            elif field.name == "path":
+                columns.append(_column(_without_credentials(batch["path"][rows]), field))
             else:
                 columns.append(_column(batch[field.name][rows], field))
         return pa.Table.from_arrays(columns, schema=schema)
@@ -286,9 +289,18 @@ class ResultSink:
             elif f.name in FINGERPRINT_COLUMNS:  # -1: unknown
                 values = np.asarray(batch[f.name][rows], np.int64)
                 columns.append(pa.array(values, pa.int64(), mask=values < 0).cast(f.type))
+            elif f.name in ("path", "error"):  # a URI's user info out of both
+                columns.append(_column(_without_credentials(batch[f.name][rows]), f))
             else:
                 columns.append(_column(batch[f.name][rows], f))
         return pa.Table.from_arrays(columns, schema=ERROR_SCHEMA)
+
+
+def _without_credentials(values):
+    """Paths or error messages as results/ and errors/ keep them: no URI user info (``s3://KEY:SECRET@…``), no value
+    of a secret environment variable (:func:`jobs.redact.scrub_secrets`)."""
+    secrets = secret_values()
+    return np.array([scrub_secrets(strip_credentials(str(v)), "", secrets) for v in values], dtype=object)
 
 
 class _Buffer:

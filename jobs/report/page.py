@@ -16,6 +16,10 @@ never fails the run. What it shows, all from the run's JSON report and the outpu
 - the slowest scans (read + decode + preprocess + infer seconds);
 - embed mode: a 2-D PCA projection of this run's embeddings (previous runs' in grey on the same axes).
 
+With a :class:`jobs.redact.Redactor` (``--redact-paths``) every scan_id and path on the page, in its tables and its
+data block, is a keyed token, and error messages have them replaced (:meth:`jobs.redact.Redactor.text`); the
+rows are redacted as they are read, before any number is computed. Credentials (a URI's user info) never show.
+
 Every figure on the page is also in a ``<script type="application/json" id="vit3d-report-data">`` block,
 for machines (and the tests, which check it against the Parquet): :func:`read_page_data` reads it back.
 """
@@ -30,7 +34,9 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from jobs import storage
+import pyarrow as pa
+
+from jobs import redact, storage
 from jobs.report.figures import charts
 from jobs.report.read import previous_runs, read_rows
 from jobs.report.stats import STAGES, summarize
@@ -38,6 +44,7 @@ from jobs.report.stats import STAGES, summarize
 if TYPE_CHECKING:
     from jobs.output.sink import ResultSink
     from jobs.output.store import OutputStore
+    from jobs.redact import Redactor
 
 logger = logging.getLogger("jobs.report")  # the package's name: where the job's and the CLI's handlers look
 
@@ -93,6 +100,14 @@ def render(report: dict[str, Any], data: dict[str, Any], svgs: Mapping[str, str]
         f"{data['mode']} mode · model "
         f"<code>{_e(data['model_sha256'][:12])}</code> ({_e(report['model']['uri'])}) · output "
         f"<code>{_e(report['output']['uri'])}</code></p>",
+    ]
+    if data.get("redaction"):
+        parts.append(
+            '<p class="muted" id="redaction">Scan ids and paths on this page are keyed tokens (--redact-paths: '
+            f"{_e(data['redaction']['method'])} under ${_e(data['redaction']['key_env'])}, key id "
+            f"<code>{_e(data['redaction']['key_id'])}</code>); results/ and errors/ hold the real values.</p>"
+        )
+    parts += [
         '<section id="summary"><h2>Counts and error budget</h2><div class="tiles">',
     ]
     for label, value in (
@@ -200,25 +215,55 @@ def _chart(svgs: Mapping[str, str], name: str, title: str) -> str:
     return f'<figure class="chart" id="chart-{name}" aria-label="{_e(title)}">{svgs[name]}</figure>'
 
 
-def build_page(store: OutputStore, report: dict[str, Any]) -> str:
-    """The HTML page of the run ``report`` (a dict) in the output ``store`` (a jobs.output.store.OutputStore)."""
+def build_page(store: OutputStore, report: dict[str, Any], redactor: Redactor | None = None) -> str:
+    """The HTML page of the run ``report`` (a dict) in the output ``store`` (a jobs.output.store.OutputStore);
+    with ``redactor`` (a jobs.redact.Redactor), every scan_id and path on it is a token."""
     sha = report["model"]["sha256"]
     mode = report["config"]["mode"]
     outputs = ["score"] if mode == "score" else ["embedding"]
     columns = ["scan_id", "path", "scored_at", *outputs, *(f"{s}_s" for s in STAGES)]
     results = read_rows(store, "results", columns, [report["run_id"]], sha)
     errors = read_rows(store, "errors", ["scan_id", "path", "stage", "error", "failed_at"], [report["run_id"]], sha)
+    results, errors = _redacted(results, errors, redactor)
     previous = previous_runs(store, report)
     previous_results = read_rows(store, "results", ["run_id", *outputs], [r["run_id"] for r in previous], sha)
     data = summarize(report, results, errors, previous, previous_results)
-    return render(report, data, charts(data))
+    data["redaction"] = redactor.describe() if redactor is not None else None
+    return redact.scrub_secrets(render(report, data, charts(data)))
 
 
-def write_page(sink: ResultSink, report: dict[str, Any]) -> str | None:
-    """In the job: write the page of ``report`` through ``sink`` (jobs.output.sink.ResultSink); returns its URI, or
-    None after logging a warning if it could not be rendered or written: a page never fails a run."""
+def _redacted(
+    results: pa.Table | None, errors: pa.Table | None, redactor: Redactor | None
+) -> tuple[pa.Table | None, pa.Table | None]:
+    """The rows as the page shows them: no credentials in paths and messages (rows written before errors/ dropped
+    them); with ``redactor``, scan_ids and paths as tokens, and replaced in the messages."""
+    tables = [results, errors]
+    if redactor is not None:
+        for table in tables:
+            if table is not None:
+                redactor.learn(table.column("scan_id").to_pylist(), table.column("path").to_pylist())
+    for i, table in enumerate(tables):
+        if table is None:
+            continue
+        secrets = redact.secret_values()
+        for name in ("scan_id", "path", "error"):
+            if name not in table.column_names:
+                continue
+            values = [redact.scrub_secrets(redact.strip_credentials(v), "", secrets) for v in table[name].to_pylist()]
+            if redactor is not None:
+                convert = {"scan_id": redactor.scan_id, "path": redactor.path, "error": redactor.text}[name]
+                values = [convert(v) for v in values]
+            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        tables[i] = table
+    return tables[0], tables[1]
+
+
+def write_page(sink: ResultSink, report: dict[str, Any], redactor: Redactor | None = None) -> str | None:
+    """In the job: write the page of ``report`` through ``sink`` (jobs.output.sink.ResultSink), redacted with
+    ``redactor`` if given; returns its URI, or None after logging a warning if it could not be rendered or
+    written: a page never fails a run."""
     try:
-        page = build_page(sink.store, report)
+        page = build_page(sink.store, report, redactor)
         return sink.write_page(page)
     except Exception as e:
         logger.warning("run report page not written (the run itself is complete): %s: %s", type(e).__name__, e)
