@@ -97,6 +97,7 @@ def test_production_modules_never_import_test_code_and_benches_import_cleanly():
         "             or m == 'jobs.testing' or m.startswith('jobs.testing.')]\n"
         "assert not test_code, f'production imported test code: {test_code}'\n"
         "import bench.pipeline, bench.scale, bench.decode, bench.dicom, bench.gpu_feed, bench.soak, bench.train_step\n"
+        "import bench.windows\n"
         "import jobs.testing.cpu\n"
         "print(jobs.testing.cpu.header('x').splitlines()[1])\n"
     )
