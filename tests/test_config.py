@@ -1,5 +1,6 @@
 """One definition per idea: JobConfig drives the CLI, the sink's schemas drive the columns, logging is configurable."""
 
+import argparse
 import ast
 import dataclasses
 import json
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO_ROOT, fresh_python
 
-from jobs.config import JobConfig, JobError, parser
+from jobs.config import JobConfig, JobError, build_parser, parser
 from jobs.output.schema import RESERVED_COLUMNS
 from jobs.score import main
 
@@ -133,3 +134,26 @@ def test_tests_and_benches_share_helpers_only_through_jobs_testing():
         private = [f"{m}.{n}" for m, n in imports if m.split(".")[0] in ("jobs", "vit3d") and n and n.startswith("_")]
         assert not private, f"{path.name} imports private names {private}"
         assert "sys.path" not in path.read_text(), f"{path.name} changes sys.path"
+
+
+def test_max_scan_bytes_parses_units_and_reaches_every_format_check():
+    from jobs.config import byte_count
+
+    assert [byte_count(t) for t in ("4GiB", "4G", "4 gib", "512MiB", "512m", "1.5GiB", "1048576")] == [
+        4 * 2**30,
+        4 * 2**30,
+        4 * 2**30,
+        512 * 2**20,
+        512 * 2**20,
+        3 * 2**29,
+        2**20,
+    ]
+    for bad in ("", "four", "4 PB", "-1G"):
+        with pytest.raises(argparse.ArgumentTypeError, match="is not a byte count"):
+            byte_count(bad)
+    args = build_parser().parse_args(["--manifest", "m", "--model", "x", "--output", "o", "--max-scan-bytes", "8GiB"])
+    config = JobConfig.from_args(args)
+    assert config.max_scan_bytes == 8 * 2**30 and config.format_options["max_scan_bytes"] == 8 * 2**30
+    assert JobConfig("m", "x", "o").max_scan_bytes == 4 * 2**30
+    with pytest.raises(JobError, match="--max-scan-bytes must be at least 1MiB"):
+        JobConfig("m", "x", "o", max_scan_bytes=1000)

@@ -1,5 +1,9 @@
 """The console shows the project's lines only: TensorFlow's start-up lines, Ray's INFO lines and Ray Data's native
-notices are hidden (shown with -v), real errors are not; `python -m jobs.score` logs as ``jobs.score``."""
+notices are hidden (shown with -v), real errors are not; `python -m jobs.score` logs as ``jobs.score``.
+
+The real command line's console, in its own process on its own local Ray, is checked where such a run already
+happens: text logs by the demo's test (test_demo), text and JSON logs by the two nights of test_redact (every
+stderr line a JSON object, the planning and verification lines there, no forbidden line on either night)."""
 
 import json
 
@@ -7,7 +11,6 @@ import pytest
 from conftest import REPO_ROOT, fresh_python
 
 from jobs.observe.logs import native_noise, tensorflow_startup_noise
-from jobs.testing.archive import write_archive, write_csv
 
 BANNER = "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR\n"
 ONEDNN = "I0000 00:00:1796191799.889078    4327 port.cc:153] oneDNN custom operations are on. You may see ...\n"
@@ -74,24 +77,6 @@ def test_python_m_jobs_score_logs_its_errors_as_jobs_score(tmp_path):
 
 
 @pytest.mark.slow
-def test_python_m_jobs_score_shows_its_own_lines_only(tiny_model, tmp_path):
-    """The real command line in its own process, on its own local Ray, with --log-format json: every stderr line is
-    a JSON object, the planning line and the model's verification are among them, and nothing comes from
-    TensorFlow, CUDA, Ray's C++ or deprecations (the demo's test checks the text format)."""
-    model_path, info = tiny_model
-    (tmp_path / "archive").mkdir()
-    rows = write_archive(str(tmp_path / "archive"), 4, prefix="archive/")
-    manifest = write_csv(tmp_path / "m.csv", rows)
-    args = ["--manifest", manifest, "--model", model_path, "--device", "cpu", "--output", str(tmp_path / "out")]
-    proc = fresh_python(["-m", "jobs.score", *args, "--log-format", "json"], cwd=REPO_ROOT, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    records = [json.loads(line) for line in proc.stderr.splitlines() if line.strip()]  # fails on a non-JSON line
-    messages = [r["message"] for r in records if r["logger"] == "jobs.score"]
-    assert "4 scans in the manifest, 0 already done, 0 known bad, 4 to score" in messages, messages
-    assert any(m.endswith(f"verified (sha256 {info.sha256[:12]})") for m in messages), messages
-    assert not forbidden_lines(proc.stderr), proc.stderr
-
-
 def test_quiet_console_does_not_hide_python_errors(tmp_path):
     """A real failure still reaches stderr: the filter drops known noise only."""
     script = (

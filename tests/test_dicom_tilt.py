@@ -245,8 +245,8 @@ def test_tilt_note_joins_the_scout_note(tmp_path):
 
 def test_dicom_tilt_is_a_format_option():
     config = JobConfig("m.csv", "model.keras", "out/")
-    assert config.dicom_tilt == "correct" and config.format_options == {"dicom_tilt": "correct"}
-    assert config.replace(dicom_tilt="refuse").format_options == {"dicom_tilt": "refuse"}
+    assert config.dicom_tilt == "correct" and config.format_options["dicom_tilt"] == "correct"
+    assert config.replace(dicom_tilt="refuse").format_options["dicom_tilt"] == "refuse"
     with pytest.raises(JobError, match="--dicom-tilt must be one of correct, refuse"):
         JobConfig("m.csv", "model.keras", "out/", dicom_tilt="maybe")
     field = next(f for f in dataclasses.fields(JobConfig) if f.name == "dicom_tilt")

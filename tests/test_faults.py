@@ -371,7 +371,7 @@ def test_stalled_pipeline_exits_1_and_rerun_completes(ray_cluster, tiny_model, a
     with open(log_path, "w") as log:
         driver = start_driver(
             manifest, model_path, output, ray_cluster.get_runtime_context().gcs_address,
-            {"decode": hold_hook(held, release)}, log, run_id="stalled", extra=["--stall-timeout-s", "15"],
+            {"decode": hold_hook(held, release)}, log, run_id="stalled", extra=["--stall-timeout-s", "8"],
         )  # fmt: skip
         try:
             code = driver.wait(timeout=600)
@@ -382,7 +382,7 @@ def test_stalled_pipeline_exits_1_and_rerun_completes(ray_cluster, tiny_model, a
                 driver.wait()
     text = log_path.read_text()
     assert code == 1, text[-4000:]
-    assert "no scan was scored for 15 s (--stall-timeout-s)" in text and "node(s) alive; total CPU" in text, text
+    assert "no scan was scored for 8 s (--stall-timeout-s)" in text and "node(s) alive; total CPU" in text, text
     done = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
     assert held not in done and len(set(done)) == len(done)
     assert not os.path.exists(os.path.join(output, "_lock.json")), "the stalled run released its lock"

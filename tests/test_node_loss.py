@@ -19,7 +19,10 @@ from jobs.testing.processes import start_driver, wait_until
 from jobs.testing.ray_nodes import ray_cluster_of
 from jobs.testing.results import committed
 
-SCANS = 16
+SCANS = 12
+# The GCS declares a node dead after this many missed health checks of this period (Ray's defaults, 5 x 3 s, spend
+# 15 s of the test waiting); the driver's node is the head, which nothing loads.
+HEALTH_CHECKS = {"RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "4"}
 
 
 def test_worker_node_lost_mid_run(tiny_model, tmp_path):
@@ -31,7 +34,7 @@ def test_worker_node_lost_mid_run(tiny_model, tmp_path):
     held = rows[-1]["scan_id"]
     # The held scan's decode waits until the kill is done: the run cannot finish before the node is lost.
     faults = {"scoring": {"sleep_s": 0.3}, "decode": {"hold_on_scan": held, "release_file": str(release)}}
-    with ray_cluster_of(0, 3, 3) as (head, *workers), open(log_path, "w") as log:
+    with ray_cluster_of(0, 3, 3, env=HEALTH_CHECKS) as (head, *workers), open(log_path, "w") as log:
         env = {**head.env, "PYTHONPATH": os.pathsep.join([REPO_ROOT, TESTS_DIR])}
         args = ["--manifest", manifest, "--model", model_path, "--output", output, "--device", "cpu",
                 "--workers", "2", "--batch-size", "1", "--rows-per-file", "1", "--run-id", "node-loss",

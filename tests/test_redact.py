@@ -7,6 +7,7 @@ with JSON logs) and credentials in its environment and in a URI, then reads ever
 import json
 import logging
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ import pyarrow as pa
 import pyarrow.dataset as pads
 import pytest
 from conftest import REPO_ROOT, TESTS_DIR
+from test_console import forbidden_lines
 
 from jobs import redact
 from jobs.config import JobConfig, parser
@@ -369,6 +371,14 @@ def test_phi_and_credentials_stay_out_of_everything_but_results(tiny_model, tmp_
     records = [json.loads(line) for line in second.stderr.splitlines() if line.strip()]  # every line JSON
     skipped = [r["message"] for r in records if r["message"].startswith("skipping 3 known-bad scans")]
     assert skipped and skipped[0].count("scan-") == 3, [r["message"] for r in records]
+    # The quiet console, on both nights (text and JSON logs): the job's own lines, nothing from TensorFlow, CUDA,
+    # Ray's C++ or deprecations; the planning line and the model's verification among the JSON records.
+    for proc in (first, second):
+        assert not forbidden_lines(proc.stderr + proc.stdout), forbidden_lines(proc.stderr + proc.stdout)
+    messages = [r["message"] for r in records if r["logger"] == "jobs.score"]
+    planning = re.compile(r"\d+ scans in the manifest, \d+ already done, 3 known bad, \d+ to score")
+    assert any(planning.search(m) for m in messages), messages
+    assert any(" verified (sha256 " in m for m in messages), messages
 
     for where, text in everything.items():
         assert not phi_found(text), (where, phi_found(text))

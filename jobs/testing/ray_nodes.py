@@ -224,9 +224,12 @@ def active_nodes(head: RayNode) -> list[str]:
 
 
 @contextlib.contextmanager
-def ray_cluster_of(*cpus: int, resources: dict[int, str] | None = None) -> Iterator[list[RayNode]]:
-    """A head with ``cpus[0]`` CPUs and one worker node per further entry; yields the nodes (head first)."""
-    env = ray_env()
+def ray_cluster_of(
+    *cpus: int, resources: dict[int, str] | None = None, env: dict[str, str] | None = None
+) -> Iterator[list[RayNode]]:
+    """A head with ``cpus[0]`` CPUs and one worker node per further entry; yields the nodes (head first).
+    ``env``: more environment for every node (e.g. Ray system settings as ``RAY_<name>``)."""
+    env = {**ray_env(), **(env or {})}
     temp_dir = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")  # short: socket paths
     nodes = []
     try:
