@@ -5,6 +5,7 @@ check and Ray's bind is retried), so nodes never collide with each other or with
 A node is ended by its process group's id, never by `ray stop`: only what a test started is ended.
 """
 
+import concurrent.futures
 import contextlib
 import os
 import random
@@ -231,15 +232,17 @@ def ray_cluster_of(
     ``env``: more environment for every node (e.g. Ray system settings as ``RAY_<name>``)."""
     env = {**ray_env(), **(env or {})}
     temp_dir = tempfile.mkdtemp(prefix="rayc-", dir="/tmp")  # short: socket paths
-    nodes = []
+    nodes: list[RayNode] = []
     try:
         nodes.append(RayNode(env, temp_dir, cpus[0]).start())
-        for i, n in enumerate(cpus[1:]):
+        for i, n in enumerate(cpus[1:]):  # one at a time: two nodes starting at once in one temp dir time out
             extra = (resources or {}).get(i + 1)
             nodes.append(RayNode(env, temp_dir, n, gcs_address=nodes[0].gcs, resources=extra).start())
         wait_until(lambda: len(active_nodes(nodes[0])) == len(cpus), "every node to join", timeout=600, every=1)
         yield nodes
     finally:
-        for node in reversed(nodes):
-            node.stop()
+        with concurrent.futures.ThreadPoolExecutor(max(1, len(nodes) - 1)) as pool:  # worker nodes stop together,
+            list(pool.map(RayNode.stop, nodes[1:]))
+        if nodes:
+            nodes[0].stop()  # the head last: a worker's raylet says goodbye to its GCS
         shutil.rmtree(temp_dir, ignore_errors=True)
