@@ -22,6 +22,7 @@ from jobs.inputs.formats.dicom.source import (
     COMPRESSED_SLACK,
     HEAD_BYTES,
     HEADER_ALLOWANCE,
+    LONG_VRS,
     BrokenFile,
     NotImage,
     Source,
@@ -29,7 +30,6 @@ from jobs.inputs.formats.dicom.source import (
 
 DICOM_SUFFIXES = (".dcm", ".dicom", ".ima")  # a file so named claims to be DICOM
 _PIXEL_TAG = 0x7FE00010
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
 # Storage classes whose pixels are not an anatomical image of the series: left out of a folder.
 _NOT_IMAGES = (
     "1.2.840.10008.5.1.4.1.1.66",  # raw data, registration, fiducials, segmentation (.66.4), surface seg.
@@ -137,7 +137,7 @@ def _pixel_element(data, pos, ts):
         return None
     if ts == dcm_uid.ImplicitVRLittleEndian:
         return pos + 8, struct.unpack_from(end + "I", data, pos + 4)[0]
-    if bytes(data[pos + 4 : pos + 6]) in _LONG_VRS:
+    if bytes(data[pos + 4 : pos + 6]) in LONG_VRS:
         if pos + 12 > len(data):
             return None
         return pos + 12, struct.unpack_from(end + "I", data, pos + 8)[0]
@@ -162,7 +162,7 @@ def _element_at(data, pos):
         return None
     group, element = struct.unpack_from("<HH", data, pos)
     vr = bytes(data[pos + 4 : pos + 6])
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         if pos + 12 > len(data):
             return None
         return group << 16 | element, pos + 12, struct.unpack_from("<I", data, pos + 8)[0]

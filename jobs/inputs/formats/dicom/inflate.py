@@ -15,16 +15,22 @@ from collections.abc import Callable
 from typing import IO
 
 from jobs.inputs.formats.base import size_text
-from jobs.inputs.formats.dicom.source import HEAD_BYTES, HEADER_ALLOWANCE, READ_ERRORS, BrokenFile, Source
+from jobs.inputs.formats.dicom.source import (
+    HEAD_BYTES,
+    HEADER_ALLOWANCE,
+    LONG_VRS,
+    READ_ERRORS,
+    BrokenFile,
+    Source,
+)
 
 EXPLICIT_LE = b"1.2.840.10008.1.2.1\x00"
-_LONG_VRS = {b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"}
 _CHUNK = 1024 * 1024  # compressed bytes read at a time
 
 
 def _element(vr: bytes, tag: int, value: bytes) -> bytes:
     head = struct.pack("<HH", tag >> 16, tag & 0xFFFF) + vr
-    if vr in _LONG_VRS:
+    if vr in LONG_VRS:
         return head + b"\x00\x00" + struct.pack("<I", len(value)) + value
     return head + struct.pack("<H", len(value)) + value
 
@@ -40,7 +46,7 @@ def explicit_meta(head: bytes) -> tuple[bytes, int]:
         if group != 0x0002:
             break
         vr = head[pos + 4 : pos + 6]
-        if vr in _LONG_VRS:
+        if vr in LONG_VRS:
             length, start = struct.unpack_from("<I", head, pos + 8)[0], pos + 12
         else:
             length, start = struct.unpack_from("<H", head, pos + 6)[0], pos + 8

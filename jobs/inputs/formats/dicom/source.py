@@ -25,6 +25,8 @@ HEADER_ALLOWANCE = 64 * 1024 * 1024
 # A compressed frame may come out a little larger than the raw pixels it encodes (RLE of noise: 1/128 more;
 # JPEG 2000 and JPEG-LS markers); an encapsulated file may hold this fraction more than its raw pixel bytes.
 COMPRESSED_SLACK = 0.25
+# Explicit VR value representations whose length is 4 bytes after 2 reserved ones (PS3.5 7.1.2).
+LONG_VRS = frozenset({b"OB", b"OW", b"OF", b"OD", b"OL", b"OV", b"UN", b"SQ", b"UT", b"UC", b"UR"})
 # What reading a file or a zip member may raise: the disk, a corrupt member (CRC), a broken deflate stream.
 READ_ERRORS = (OSError, EOFError, zipfile.BadZipFile, zlib.error)
 
