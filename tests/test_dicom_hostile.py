@@ -177,7 +177,7 @@ def test_max_scan_bytes_refuses_before_reading(tmp_path):
 def test_a_header_longer_than_the_allowance_is_refused(tmp_path, monkeypatch):
     """A header that does not parse within HEADER_ALLOWANCE is refused, not read on to the end of the file."""
     data = bombs.small_dicom()
-    start = bombs._dataset_start(data)
+    start = bombs.dataset_start(data)
     # A long private element just before the pixel data, longer than a (lowered) allowance.
     private = struct.pack("<HH", 0x0029, 0x0010) + b"LO" + struct.pack("<H", 4) + b"ACME"
     private += struct.pack("<HH", 0x0029, 0x1010) + b"OB\0\0" + struct.pack("<I", 600_000) + b"\1" * 600_000

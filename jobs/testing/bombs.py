@@ -25,6 +25,8 @@ from isal import isal_zlib
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRLittleEndian, generate_uid
 
+from jobs.inputs.formats.dicom.inflate import explicit_meta
+
 ZERO_BLOCK = 64 * 1024 * 1024  # zeros deflated once, repeated
 Part = bytes | int  # bytes as they are, or a run of that many zero bytes
 
@@ -112,13 +114,9 @@ def small_dicom(syntax: str = str(ExplicitVRLittleEndian), rows: int = 64, colum
     return out.getvalue()
 
 
-def _dataset_start(data: bytes) -> int:
-    pos = 132
-    while struct.unpack_from("<H", data, pos)[0] == 0x0002:
-        long = data[pos + 4 : pos + 6] in (b"OB", b"UN", b"UT", b"SQ", b"OW")
-        length = struct.unpack_from("<I" if long else "<H", data, pos + (8 if long else 6))[0]
-        pos += (12 if long else 8) + length
-    return pos
+def dataset_start(data: bytes) -> int:
+    """Where the dataset begins in a Part-10 file: after the preamble and the file meta."""
+    return explicit_meta(data)[1]
 
 
 def write_deflated_dicom_bomb(path: str | Path, trailing: int = 2 * 0xFFFFFFF0) -> Path:
@@ -127,7 +125,7 @@ def write_deflated_dicom_bomb(path: str | Path, trailing: int = 2 * 0xFFFFFFF0) 
     about 8 GiB inflated, from a few megabytes."""
     plain = small_dicom()
     deflated = small_dicom(str(DeflatedExplicitVRLittleEndian))
-    start = _dataset_start(plain)
+    start = dataset_start(plain)
     parts: list[Part] = [plain[start:]]
     tags = [(0x7FE1, 0x1001), (0xFFFC, 0xFFFC)]
     while trailing > 0:
@@ -136,7 +134,7 @@ def write_deflated_dicom_bomb(path: str | Path, trailing: int = 2 * 0xFFFFFFF0) 
         parts += [struct.pack("<HH", group, element) + b"OB\x00\x00" + struct.pack("<I", length), length]
         trailing -= length
     path = Path(path)
-    path.write_bytes(deflated[: _dataset_start(deflated)] + deflate_parts(parts))
+    path.write_bytes(deflated[: dataset_start(deflated)] + deflate_parts(parts))
     return path
 
 
