@@ -167,12 +167,12 @@ def test_centre_voxel():
 def test_grid_affine_maps_grid_index_to_window_centre(image_size, roi_size, overlap):
     grid = window_grid(image_size, roi_size, overlap)
     affine = grid.grid_affine(OBLIQUE_LPS)
-    step = np.asarray(grid.interval, dtype=np.float64)
+    step = np.asarray(grid.affine_step, dtype=np.float64)
     even = pulled_back = 0
     for n, ijk in enumerate(itertools.product(*(range(k) for k in grid.shape))):
         exact = OBLIQUE_LPS @ np.append(grid.centre_voxel(n), 1.0)
         mapped = affine @ np.append(np.asarray(ijk, dtype=np.float64), 1.0)
-        if all(grid.starts[a][ijk[a]] == ijk[a] * grid.interval[a] for a in range(3)):
+        if all(grid.starts[a][ijk[a]] == ijk[a] * grid.affine_step[a] for a in range(3)):
             np.testing.assert_allclose(mapped, exact, atol=1e-9)
             even += 1
         else:  # a window pulled back to the edge: before where the affine puts it, by less than one step
@@ -180,6 +180,18 @@ def test_grid_affine_maps_grid_index_to_window_centre(image_size, roi_size, over
             assert (off > -1e-9).all() and (off < step).all() and off.max() > 0
             pulled_back += 1
     assert even and pulled_back
+
+
+def test_grid_affine_is_exact_on_an_axis_of_two_windows():
+    """Two windows, the second pulled back to the edge (18 voxels, roi 16: starts 0 and 2): both centres exact."""
+    grid = window_grid((18, 40, 16), (16, 16, 16), overlap=0.25)
+    assert grid.starts[0] == (0, 2) and grid.interval[0] == 12 and grid.affine_step[0] == 2
+    affine = grid.grid_affine(OBLIQUE_LPS)
+    for n, ijk in enumerate(itertools.product(*(range(k) for k in grid.shape))):
+        if ijk[1] < grid.shape[1] - 1:  # axis 1 has 3 windows, its last pulled back: left to the test above
+            np.testing.assert_allclose(
+                affine @ [*ijk, 1.0], OBLIQUE_LPS @ np.append(grid.centre_voxel(n), 1.0), atol=1e-9
+            )
 
 
 def test_grid_affine_on_a_padded_axis():

@@ -57,12 +57,22 @@ class WindowGrid:
 
     @property
     def interval(self) -> Triple:
-        """MONAI's step between consecutive window starts per axis (``_get_scan_interval`` on the padded size).
-
-        The spacing :meth:`grid_affine` assumes; an axis with a single window still has one, so the affine is
-        invertible.
-        """
+        """MONAI's step between consecutive window starts per axis (``_get_scan_interval`` on the padded size); an
+        axis with a single window still has one."""
         return _scan_interval(self.padded_size, self.roi_size, self.overlap)
+
+    @property
+    def affine_step(self) -> Triple:
+        """The grid step :meth:`grid_affine` uses per axis: the distance between the first two windows' starts, or
+        :attr:`interval` on a single-window axis. It equals :attr:`interval` on an axis of three or more windows;
+        on an axis of two it is exact for both, also when MONAI pulled the second back to the edge."""
+        return _triple(s[1] - s[0] if len(s) > 1 else step for s, step in zip(self.starts, self.interval, strict=True))
+
+    @property
+    def unpadded_starts(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        """Per axis, window starts in the UNPADDED volume's voxels (negative on an axis MONAI padded)."""
+        a, b, c = (tuple(s - p for s in axis) for axis, p in zip(self.starts, self.pad_before, strict=True))
+        return (a, b, c)
 
     def start_of(self, index: int) -> Triple:
         """The padded-volume start of window ``index``, in row-major grid order (last axis fastest), as MONAI."""
@@ -82,16 +92,16 @@ class WindowGrid:
         """4x4 mapping a grid index (i, j, k) to the world coordinate of that window's centre.
 
         ``volume_affine`` maps the unpadded volume's voxel index to world mm (e.g. the RAS affine of the preprocessed
-        volume), so that a heatmap of window scores written with this affine overlays the scan. The windows are
-        taken as evenly spaced by :attr:`interval`: exact for every window but the last on an axis whose last window
-        MONAI pulls back to the edge; that one lies less than one step (``interval`` voxels) before where the affine
-        puts it. Exact centres come from :meth:`centre_voxel` (``volume_affine @ [*centre_voxel(n), 1]``).
+        volume). The windows are taken as evenly spaced by :attr:`affine_step`: exact for every window but the last
+        on an axis of three or more windows whose last window MONAI pulls back to the edge; that one lies less than
+        one step before where the affine puts it. Exact centres come from :meth:`centre_voxel`
+        (``volume_affine @ [*centre_voxel(n), 1]``); ``jobs.heatmap`` places every window exactly.
         """
         affine = np.asarray(volume_affine, dtype=np.float64)
         if affine.shape != (4, 4):
             raise ValueError(f"volume_affine must be 4x4, got shape {affine.shape}")
         grid_to_voxel = np.eye(4)
-        grid_to_voxel[:3, :3] = np.diag(np.asarray(self.interval, dtype=np.float64))
+        grid_to_voxel[:3, :3] = np.diag(np.asarray(self.affine_step, dtype=np.float64))
         # Window (0, 0, 0) starts at 0 of the padded volume on every axis.
         grid_to_voxel[:3, 3] = -np.asarray(self.pad_before, dtype=np.float64) + (np.asarray(self.roi_size) - 1) / 2.0
         return affine @ grid_to_voxel

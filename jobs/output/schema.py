@@ -82,6 +82,18 @@ WINDOW_SCHEMA = pa.schema(
             "centre, in mm (the heatmap's affine: python -m jobs.heatmap); null on whole-volume runs",
         ),
         column(
+            "window_starts",
+            pa.list_(pa.list_(pa.int32())),
+            "--windows: per axis (x, y, z), where each window begins, in voxels of the volume at the model's "
+            "spacing (negative: MONAI's padding of a volume smaller than a window); the last window on an axis ends "
+            "at the volume's edge, so it can lie closer to the one before than the others do",
+        ),
+        column(
+            "window_size",
+            pa.list_(pa.int32()),
+            "--windows: a window's size in voxels (the model's input size) at the model's spacing",
+        ),
+        column(
             "max_window_ras",
             pa.list_(pa.float64()),
             "--windows, score mode: the centre of the highest-scoring window, RAS mm; null on whole-volume runs",

@@ -85,6 +85,9 @@ def _window_column(batch, rows, field):
             np.frombuffer(v, np.float32).tolist() if p and len(v) else None for p, v in zip(present, raw, strict=True)
         ]
         return pa.array(scores, field.type)
+    if field.name == "window_starts":
+        starts = [json.loads(v) if p else None for p, v in zip(present, batch[field.name][rows], strict=True)]
+        return pa.array(starts, field.type)
     array = np.asarray(batch[field.name])[rows]
     if field.name == "window_affine":
         values = [a.reshape(4, 4).tolist() if p else None for p, a in zip(present, array, strict=True)]

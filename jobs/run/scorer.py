@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import json
 import logging
 import math
 import os
@@ -229,6 +230,8 @@ class Scorer:
             to_source = np.asarray(batch["to_source"][i], np.float64).reshape(4, 4)
             outputs["window_grid"][i] = grid.shape
             outputs["window_affine"][i] = grid.grid_affine(to_ras).reshape(-1)
+            outputs["window_starts"][i] = json.dumps(grid.unpadded_starts)
+            outputs["window_size"][i] = grid.roi_size
             if self.mode == "embed":
                 outputs["embedding"][i] = raw.mean(axis=0)  # the scan's embedding: the mean of its windows'
                 continue
@@ -295,6 +298,8 @@ class Scorer:
             "window_scores": np.full(count, b"", dtype=object),
             "window_grid": np.zeros((count, 3), np.int32),
             "window_affine": np.full((count, 16), np.nan, np.float64),
+            "window_starts": np.full(count, "", dtype=object),  # JSON: per axis, starts in the unpadded volume
+            "window_size": np.zeros((count, 3), np.int32),
             "max_window_ras": np.full((count, 3), np.nan, np.float64),
             "max_window_voxel": np.full((count, 3), -1, np.int32),
             # Where the review picture looks (the highest window, or the volume's centre): for the report only.
