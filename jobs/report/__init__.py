@@ -2,6 +2,7 @@
 
 Modules, by concern: :mod:`~jobs.report.read` (a run's JSON report, earlier runs, its rows),
 :mod:`~jobs.report.stats` (every number on the page), :mod:`~jobs.report.figures` (the SVG charts),
+:mod:`~jobs.report.review` (the pictures of the night's highest-scoring scans),
 :mod:`~jobs.report.page` (the HTML: :func:`build_page`, :func:`write_page`, :func:`read_page_data`) and
 :mod:`~jobs.report.cli` (the command line). The names below are the package's API; import them from here.
 """
@@ -11,8 +12,9 @@ from __future__ import annotations
 from jobs.errors import ReportError
 from jobs.report.cli import build_parser, main
 from jobs.report.figures import PREVIOUS, SCATTER_POINTS, THIS_RUN, charts
-from jobs.report.page import CSS, DATA_ID, build_page, read_page_data, render, write_page
+from jobs.report.page import CSS, DATA_ID, build_page, read_page_data, render, review_entries, write_page
 from jobs.report.read import PREVIOUS_RUNS, load_report, previous_runs, read_rows
+from jobs.report.review import data_uri, review_png
 from jobs.report.stats import (
     ERROR_GROUPS,
     KS_ALPHA,
@@ -51,6 +53,7 @@ __all__ = [
     "build_page",
     "build_parser",
     "charts",
+    "data_uri",
     "error_reason",
     "group_errors",
     "ks_distance",
@@ -63,6 +66,8 @@ __all__ = [
     "read_page_data",
     "read_rows",
     "render",
+    "review_entries",
+    "review_png",
     "summarize",
     "throughput",
     "write_page",

@@ -6,6 +6,9 @@ and records its URI in the JSON report (``report_page``); a page that fails to r
 never fails the run. What it shows, all from the run's JSON report and the output's Parquet (this run's rows:
 ``run_id``):
 
+- score mode: the night's highest-scoring scans (``report["review"]``, put there by the driver), each a picture
+  of three orthogonal slices through its highest-scoring window with the window scores as heat
+  (:mod:`jobs.report.review`), its score, scan id and position; first on the page;
 - counts, exit status and the error budget (error rate of attempted scans against ``--max-error-rate``);
 - score mode: a histogram of this run's scores against the previous runs of the same model (sha256), and the
   Kolmogorov-Smirnov drift statistic (:mod:`jobs.report.stats`);
@@ -30,6 +33,7 @@ import datetime as dt
 import html
 import json
 import logging
+import numbers
 import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -49,6 +53,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("jobs.report")  # the package's name: where the job's and the CLI's handlers look
 
 DATA_ID = "vit3d-report-data"
+_PNG_URI = re.compile(r"data:image/png;base64,[A-Za-z0-9+/]+={0,2}")  # a review picture: an inline PNG, nothing else
 
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;margin:0;background:#f6f7f9;color:#1d2330}
@@ -63,6 +68,9 @@ table{border-collapse:collapse;width:100%}td,th{border-bottom:1px solid #eef0f3;
 td.n,th.n{text-align:right;font-variant-numeric:tabular-nums}
 .meter{background:#eef0f3;border-radius:4px;height:12px;overflow:hidden}.meter>div{height:12px}
 figure{margin:8px 0}figure svg{width:100%;height:auto}code{font-size:12px}
+.cards{display:grid;grid-template-columns:repeat(auto-fill,minmax(min(100%,400px),1fr));gap:12px}
+.card{border:1px solid #dde1e7;border-radius:6px;padding:8px}.card p{margin:6px 0 0}
+.card img{display:block;width:100%;max-width:480px;height:auto;background:#000;border-radius:4px}
 """
 
 
@@ -107,6 +115,9 @@ def render(report: dict[str, Any], data: dict[str, Any], svgs: Mapping[str, str]
             f"{_e(data['redaction']['method'])} under ${_e(data['redaction']['key_env'])}, key id "
             f"<code>{_e(data['redaction']['key_id'])}</code>); results/ and errors/ hold the real values.</p>"
         )
+    review = review_entries(report, data["mode"])
+    if review:
+        parts.append(_review_section(review))
     parts += [
         '<section id="summary"><h2>Counts and error budget</h2><div class="tiles">',
     ]
@@ -203,10 +214,71 @@ def render(report: dict[str, Any], data: dict[str, Any], svgs: Mapping[str, str]
     else:
         parts.append('<p class="muted">No scans scored in this run.</p>')
     parts.append("</section>")
-    payload = json.dumps(data, default=str).replace("</", "<\\/")
+    machine = {**data, "review": [{k: v for k, v in entry.items() if k != "image"} for entry in review]}
+    payload = json.dumps(machine, default=str).replace("</", "<\\/")
     parts.append(f'<script type="application/json" id="{DATA_ID}">{payload}</script>')
     parts.append('<p class="muted">vit3d-batch · python -m jobs.report</p></main></body></html>')
     return "\n".join(parts)
+
+
+def review_entries(report: Mapping[str, Any], mode: str) -> list[dict[str, Any]]:
+    """The night's highest-scoring scans as the driver put them in ``report["review"]`` (highest first, redacted
+    under --redact-paths): none in embed mode, where there is no score."""
+    review = report.get("review")
+    if mode != "score" or not review:
+        return []
+    return [dict(entry) for entry in review if isinstance(entry, Mapping)]
+
+
+def _review_section(review: list[dict[str, Any]]) -> str:
+    """A card per scan: its slices through the highest-scoring window, score, scan id and where the slices cross."""
+    title = "The highest-scoring scan" if len(review) == 1 else f"The {len(review)} highest-scoring scans"
+    parts = [
+        f'<section id="review"><h2>{title} of the night</h2>',
+        '<p class="muted">Axial, coronal and sagittal slices through each scan\'s highest-scoring window (outlined; '
+        "the volume centre when the whole volume was scored), in the model's preprocessed space, radiological "
+        "convention (the patient's right on the viewer's left). Heat: a voxel's highest window score, more opaque "
+        "where the scan scores higher.</p>",
+        '<div class="cards">',
+    ]
+    for rank, entry in enumerate(review, 1):
+        scan_id = str(entry.get("scan_id", ""))
+        image = entry.get("image")
+        picture = (
+            f'<img alt="{_e(scan_id)}: axial, coronal and sagittal slices" src="{_e(image)}">'
+            if isinstance(image, str) and _PNG_URI.fullmatch(image)
+            else '<p class="muted">no picture</p>'
+        )
+        parts.append(
+            f'<div class="card" id="review-{rank}">{picture}<p><b>{rank}.</b> score <b class="score">'
+            f"{_score(entry.get('score'))}</b> · <code>{_e(scan_id)}</code><br>"
+            f'<span class="muted">{_e(_position(entry))}</span></p></div>'
+        )
+    parts.append("</div></section>")
+    return "\n".join(parts)
+
+
+def _score(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, numbers.Real) and not isinstance(value, bool) else "–"
+
+
+def _position(entry: Mapping[str, Any]) -> str:
+    """Where the slices cross: the max window's voxel (in the original file) and RAS mm, or the volume centre."""
+    voxel = _triple(entry.get("voxel"), "{:d}")
+    if not entry.get("windowed"):
+        return "volume centre" + (f", voxel {voxel}" if voxel else "")
+    text = "max window at voxel " + (voxel or "–")
+    ras = _triple(entry.get("ras"), "{:.1f}")
+    return text + (f" · RAS {ras} mm" if ras else "")
+
+
+def _triple(values: object, spec: str) -> str | None:
+    if not isinstance(values, (list, tuple)) or len(values) != 3:
+        return None
+    try:
+        return "(" + ", ".join(spec.format(v) for v in values) + ")"
+    except (TypeError, ValueError):
+        return None
 
 
 def _chart(svgs: Mapping[str, str], name: str, title: str) -> str:
