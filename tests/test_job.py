@@ -73,7 +73,20 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
         assert row.path == str(folder / source["path"])
         assert len(row.original_shape) == 3 and all(s > 0 for s in row.voxel_spacing)
         assert len(row.orientation) == 3 and row.decode_s >= 0 and row.infer_s >= 0
+        for column in ("window_scores", "window_grid", "window_affine", "max_window_ras", "max_window_voxel"):
+            assert getattr(row, column) is None, column  # whole-volume run: no windows
     assert str(results.scored_at.dt.tz) == "UTC"
+
+    # The page's review: every scored scan (8 <= --review 12), highest first, each picture through the centre of
+    # its model input, mapped back into its file: the middle voxel of the stored volume.
+    review = report["review"]
+    assert [e["scan_id"] for e in review] == list(results.sort_values("score", ascending=False).scan_id)
+    for entry in review:
+        row = results[results.scan_id == entry["scan_id"]].iloc[0]
+        assert entry["score"] == pytest.approx(row.score) and not entry["windowed"]
+        assert entry["image"].startswith("data:image/png;base64,")
+        middle = (np.asarray(row.original_shape) - 1) / 2
+        assert np.abs(np.asarray(entry["voxel"]) - middle).max() <= 0.5, (entry["voxel"], row.original_shape)
 
     # The report's cost per 1,000 scans, recomputed from the Parquet rows (jobs.observe.cost: which columns count).
     cost = report["cost_per_1k_scans"]

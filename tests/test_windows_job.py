@@ -118,6 +118,12 @@ def test_window_scores_equal_the_model_on_each_crop_and_locate_in_the_file(
     assert grids["single"].count == 1 and grids["thin"].pad_before[2] > 0
     assert any(grid.shape[a] == 2 for grid in grids.values() for a in range(3))
 
+    # The page's review: every scan, highest first, pointing at the highest window's voxel.
+    assert [e["scan_id"] for e in report["review"]] == sorted(rows, key=lambda s: -rows[s]["score"])
+    assert all(e["windowed"] and e["voxel"] == rows[e["scan_id"]]["max_window_voxel"] for e in report["review"])
+    page = (tmp_path / "out" / "runs" / f"{report['run_id']}.html").read_text()
+    assert page.count("data:image/png;base64,") == len(rows) and page.index('id="review"') < page.index('id="summary"')
+
     # An analyst finds where each scan's anomaly is with SQL alone.
     sql = duckdb.sql(
         f"SELECT scan_id, max_window_voxel[1] AS i, max_window_voxel[2] AS j, max_window_voxel[3] AS k, "

@@ -276,7 +276,7 @@ class Scorer:
             from jobs.report.review import review_png
 
             spacing = np.linalg.norm(to_ras[:3, :3], axis=0)
-            return review_png(volume, spacing, centre, grid=grid, window_scores=scores, max_window=best)
+            return review_png(volume, spacing, centre.tolist(), grid=grid, window_scores=scores, max_window=best)
         except Exception as e:
             if not self._review_failed:
                 logger.warning("could not draw a review picture (the report page shows fewer): %s", e)
