@@ -247,9 +247,10 @@ def test_the_page_renders_in_a_headless_browser(two_nights, tmp_path):
     output, _, _ = two_nights
     url = "file://" + os.path.join(output, "runs", "night-2.html")
     shot = tmp_path / "page.png"
-    headless(browser, f"--screenshot={shot}", "--window-size=1100,2400", url)
+    # Tall enough for the review pictures at the top and every chart below them.
+    headless(browser, f"--screenshot={shot}", "--window-size=1100,4800", url)
     pixels = np.asarray(Image.open(shot).convert("RGB")).astype(np.int32)
-    assert pixels.shape[:2] == (2400, 1100)
+    assert pixels.shape[:2] == (4800, 1100)
     background = np.all(pixels == (246, 247, 249), axis=-1) | np.all(pixels == 255, axis=-1)
     assert 1.0 - background.mean() > 0.05, "the page rendered blank"
     assert pixels.reshape(-1, 3).std(axis=0).min() > 10, "no contrast: nothing drawn"
