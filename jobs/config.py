@@ -13,6 +13,7 @@ from typing import Any
 
 from jobs.errors import JobError, JobFailed
 from jobs.inputs.formats.base import MAX_SCAN_BYTES
+from jobs.inputs.windows import AGGREGATES
 
 __all__ = ["JobConfig", "JobError", "JobFailed", "build_parser", "parser"]
 
@@ -67,6 +68,14 @@ class JobConfig:
         stall_timeout_s: float. Stop the run (exit 1, scored scans committed) when no scan has been scored for
             this many seconds; 0 waits forever. Defaults to ``1800.0``.
         precision: str. ``"float32"`` or ``"mixed_bfloat16"`` (GPUs). Defaults to ``"float32"``.
+        windows: bool. Score each scan as overlapping windows of the model's input size at the spacing its
+            preprocessing spec names (MONAI's sliding-window placement), one result row per scan. Defaults to
+            ``False``.
+        window_overlap: float. Overlap of neighbouring windows, in [0, 1). Defaults to ``0.25``.
+        window_aggregate: str. The scan's score from its windows': ``"max"``, ``"mean"`` or ``"top3"``. Defaults
+            to ``"max"``.
+        review: int. The report page's first section: the N highest-scoring scans of the run, with pictures
+            (score mode); 0 leaves it out. Defaults to ``12``.
         progress: bool. Log progress while running. Defaults to ``True`` (``--quiet`` turns it off).
         progress_every_s: float. Off a terminal, seconds between two progress lines (on a terminal a live bar
             is drawn instead). Defaults to ``10.0``.
@@ -162,6 +171,34 @@ class JobConfig:
         help="mixed_bfloat16: compute in bfloat16 (for GPUs; applied after the model's float32 verification; "
         "slower on CPU)",
     )
+    windows: bool = option(
+        False,
+        action="store_true",
+        help="score each scan as overlapping windows of the model's input size, cut at the voxel spacing the "
+        "model's preprocessing spec names (placed as MONAI's sliding_window_inference places them), instead of "
+        "resizing the scan to the input size; adds window_scores and where the highest window is. The model's "
+        "spec must name a spacing",
+    )
+    window_overlap: float = option(
+        0.25,
+        type=float,
+        metavar="FRACTION",
+        help="with --windows: how much neighbouring windows overlap, in [0, 1) (default %(default)s, MONAI's overlap)",
+    )
+    window_aggregate: str = option(
+        "max",
+        choices=AGGREGATES,
+        help="with --windows: a scan's score from its windows' scores: max (the most anomalous window), mean, or "
+        "top3 (the mean of the three highest) (default %(default)s)",
+    )
+    review: int = option(
+        12,
+        type=int,
+        metavar="N",
+        help="the report page's first section: the N highest-scoring scans of the run, three slices through each "
+        "one's highest window (or its centre) with the window scores overlaid (score mode; default %(default)s; "
+        "0: none)",
+    )
     progress: bool = option(
         True, help="no progress lines; warnings and errors only", flag="--quiet", action="store_false"
     )
@@ -213,7 +250,13 @@ class JobConfig:
         for name in ("manifest", "model", "output"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
                 raise JobError(f"--{name} must be a non-empty path or URI")
-        choices = (("mode", MODES), ("device", DEVICES), ("precision", PRECISIONS), ("dicom_tilt", DICOM_TILT))
+        choices = (
+            ("mode", MODES),
+            ("device", DEVICES),
+            ("precision", PRECISIONS),
+            ("dicom_tilt", DICOM_TILT),
+            ("window_aggregate", AGGREGATES),
+        )
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise JobError(f"--{flag_of(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -225,6 +268,10 @@ class JobConfig:
             raise JobError(f"--max-error-rate must be between 0 and 1, got {self.max_error_rate}")
         if self.wait_for_gpus < 0 or self.flush_seconds <= 0:
             raise JobError("--wait-for-gpus must be at least 0 (and flush_seconds above 0)")
+        if not 0.0 <= self.window_overlap < 1.0:
+            raise JobError(f"--window-overlap must be at least 0 and below 1, got {self.window_overlap}")
+        if self.review < 0:
+            raise JobError(f"--review must be at least 0, got {self.review}")
         if not self.progress_every_s > 0:
             raise JobError(f"--progress-every must be above 0 seconds, got {self.progress_every_s}")
         for name in ("storage_retry_s", "stall_timeout_s"):

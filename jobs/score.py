@@ -10,12 +10,15 @@ message says which); 1 the pipeline broke mid-run (what was scored is committed;
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import datetime as dt
+import heapq
 import logging
 import sys
 import time
 import uuid
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -80,8 +83,12 @@ def check_manifest(uri: str, redactor: Redactor | None = None) -> pa.Table:
     return table
 
 
-def check_model(model_uri: str, model_sha256: str | None, mode: str) -> tuple[ArtifactInfo, dict[str, Any]]:
+def check_model(
+    model_uri: str, model_sha256: str | None, mode: str, windows: bool = False
+) -> tuple[ArtifactInfo, dict[str, Any]]:
     """Load and verify the model once in the driver so a bad model stops the run before it starts.
+
+    With ``windows`` (``--windows``) the model's preprocessing spec must name a spacing: windows are cut at it.
 
     Returns ``(ArtifactInfo, preprocessing spec)``. TF memory growth is set first, so on a GPU machine the
     driver takes only what the probe needs.
@@ -112,6 +119,13 @@ def check_model(model_uri: str, model_sha256: str | None, mode: str) -> tuple[Ar
         raise JobError(f"model problem: {model_uri} carries an invalid preprocessing spec: {e}") from e
     if spec["size"] != list(shape[1:4]):
         raise JobError(f"model problem: preprocessing size {spec['size']} does not match the model input {shape}")
+    if windows and spec["spacing"] is None:
+        raise JobError(
+            f"model problem: --windows cuts each scan into windows at the voxel spacing the model's preprocessing "
+            f"spec names, and {model_uri}'s spec names none (it resizes every whole scan to {spec['size']}, so a "
+            "window's size in mm is unknown); score without --windows, or save the model with "
+            "preprocessing={'spacing': [x, y, z]} in mm, the spacing it was trained at"
+        )
     logger.info("model %s verified (sha256 %s)", model_uri, info.sha256[:12])
     return info, spec
 
@@ -159,7 +173,7 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
     manifest = check_manifest(config.manifest, redactor)
     if redactor is not None:  # what the logs, the page and the report must not show
         redactor.learn(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist())
-    info, spec = check_model(config.model, config.model_sha256, config.mode)
+    info, spec = check_model(config.model, config.model_sha256, config.mode, config.windows)
     sink = ResultSink(
         config.output,
         mode=config.mode,
@@ -199,6 +213,7 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
             "first_result_at": None,
             "cluster": {"nodes": {}, "crash_ledger_node": None, "scoring_actors": [], "actor_restarts": 0},
             "progress": Progress(0, enabled=False).close(),
+            "review": [],
         }
         if pending:
             scored = _score(pending, config, spec, info, sink, hooks)
@@ -211,6 +226,7 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
         }
         stage_seconds = scored.pop("stage_seconds", {})
         left_out = scored.pop("series_left_out", {})
+        review = scored.pop("review", [])
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
         # DICOM series scored with a series_note (a localizer/scout left out, a gantry tilt corrected): scan_id -> note.
         report["series_left_out"] = left_out
@@ -218,6 +234,11 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
             report["series_left_out"] = {redactor.scan_id(s): redactor.text(n) for s, n in left_out.items()}
         # Seconds per 1,000 scored scans from the results' timing columns (jobs.observe.cost says which count).
         report["cost_per_1k_scans"] = per_1k_scans(stage_seconds)
+        # The page's first section: the run's highest scores, with pictures (--review N; jobs.report.review).
+        report["review"] = [
+            {**entry, "scan_id": redactor.scan_id(entry["scan_id"]) if redactor else entry["scan_id"]}
+            for entry in review
+        ]
         # --redact-paths: how scan_ids and paths were turned into tokens (the key's id, never the key); else None.
         report["redaction"] = redactor.describe() if redactor is not None else None
         report = redact.scrub_data(report)  # no credentials (URIs' user info), and no PHI under --redact-paths
@@ -251,6 +272,7 @@ def _known_bad(sink, candidates, retry_failed, redactor=None):
 def _score(pending, config, spec, info, sink, hooks):
     """Stream the pipeline's batches into ``sink``; returns what the report needs."""
     loads, nodes, first_result_at, stage_seconds, left_out = {}, {}, None, {}, {}
+    review = ReviewPicks(config.review if config.mode == "score" else 0)
     with (
         scoring_pipeline(pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks) as run,
         Progress(
@@ -266,6 +288,7 @@ def _score(pending, config, spec, info, sink, hooks):
                 fresh = sink.write(batch)
                 add_stage_seconds(stage_seconds, batch, fresh)
                 left_out.update(_series_notes(batch, fresh))
+                review.add(batch, fresh, config.windows)
                 metrics.committed(batch, fresh, config.mode, info.sha256)  # Ray metrics (jobs.observe.metrics)
                 for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
                     loads[str(pid)] = max(loads.get(str(pid), 0), n)
@@ -300,7 +323,43 @@ def _score(pending, config, spec, info, sink, hooks):
         "stage_seconds": stage_seconds,
         "series_left_out": left_out,
         "progress": final_progress,
+        "review": review.entries(),
     }
+
+
+class ReviewPicks:
+    """The run's ``count`` highest-scoring scans with their review pictures, kept as batches stream past (a heap:
+    memory for ``count`` pictures, whatever the night's size). A scoring actor sends a picture only for scans in
+    its own top ``count`` so far, which the run's top ``count`` always are."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+        self._heap: list[tuple[float, str, dict[str, Any]]] = []
+
+    def add(self, batch: Mapping[str, np.ndarray], fresh: np.ndarray, windowed: bool) -> None:
+        if not self.count or "review_png" not in batch:
+            return
+        for i in np.flatnonzero(fresh):
+            png = batch["review_png"][i]
+            if not png or batch["error"][i]:
+                continue
+            score, scan_id = float(batch["score"][i]), str(batch["scan_id"][i])
+            if len(self._heap) == self.count and (score, scan_id) <= self._heap[0][:2]:
+                continue
+            voxel, ras = batch["focus_voxel"][i], batch["focus_ras"][i]
+            entry = {
+                "scan_id": scan_id,
+                "score": score,
+                "voxel": [int(v) for v in voxel] if voxel[0] >= 0 else None,
+                "ras": [round(float(v), 2) for v in ras] if np.isfinite(ras).all() else None,
+                "windowed": windowed,
+                "image": "data:image/png;base64," + base64.b64encode(bytes(png)).decode("ascii"),
+            }
+            (heapq.heappush if len(self._heap) < self.count else heapq.heapreplace)(self._heap, (score, scan_id, entry))
+
+    def entries(self) -> list[dict[str, Any]]:
+        """Highest score first (ties: scan_id)."""
+        return [entry for _, _, entry in sorted(self._heap, key=lambda t: (-t[0], t[1]))]
 
 
 def _report(

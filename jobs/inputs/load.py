@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from jobs.inputs import formats
 from jobs.inputs.formats.base import MAX_SCAN_BYTES, column
-from jobs.inputs.preprocess import decode_provenance, preprocess
+from jobs.inputs.preprocess import Prepared, decode_provenance, prepare
 
 # Result columns the decode stage measures for every format (null never: every scored scan has them).
 DECODE_PROVENANCE = pa.schema(
@@ -52,6 +52,17 @@ def load_scan(
     ``dicom_tilt``, and ``max_scan_bytes``, the cap on the bytes read or inflated, default MAX_SCAN_BYTES). The
     provenance has every column of :func:`source_provenance` (a format's own columns it does not set are "" or 0).
     """
+    prepared, provenance = prepare_scan(path, spec, read_retry_s, **options)
+    return prepared.tensor, provenance
+
+
+def prepare_scan(
+    path: str, spec: dict[str, Any], read_retry_s: float | None = None, *, at_spacing: bool = False, **options: Any
+) -> tuple[Prepared, dict[str, Any]]:
+    """:func:`load_scan` with the geometry of the model input (:class:`jobs.inputs.preprocess.Prepared`).
+
+    ``at_spacing``: the whole volume at the spec's spacing, for sliding windows, instead of the model's size.
+    """
     t0 = time.perf_counter()
     max_bytes = options.get("max_scan_bytes", MAX_SCAN_BYTES)
     fmt, first = formats.format_for(path, read_retry_s, max_bytes)
@@ -61,6 +72,6 @@ def load_scan(
     volume = fmt.decode(checked)
     del raw
     t2 = time.perf_counter()
-    tensor = preprocess(volume, spec)
+    prepared = prepare(volume, spec, at_spacing=at_spacing)
     provenance = decode_provenance(volume, t0, t1, t2, time.perf_counter())
-    return tensor, {**provenance, **empty_provenance(), **fmt.provenance_of(checked)}
+    return prepared, {**provenance, **empty_provenance(), **fmt.provenance_of(checked)}

@@ -1,7 +1,8 @@
 """The columns of every file a run writes, declared once; the reference docs are generated from here.
 
 Result rows: :data:`KEY_SCHEMA`, then the manifest's own columns unchanged, then :data:`SCORE_SCHEMA` or the
-embedding, then :data:`PROVENANCE_SCHEMA`: the decode stage's columns (:data:`DECODE_PROVENANCE`, measured by
+embedding, then :data:`WINDOW_SCHEMA` (``--windows`` runs; null otherwise), then :data:`PROVENANCE_SCHEMA`: the
+decode stage's columns (:data:`DECODE_PROVENANCE`, measured by
 :mod:`jobs.inputs.load`), every input format's own (declared by the format, null on other formats' rows) and the
 scoring stage's (:data:`SCORING_PROVENANCE`, measured by :mod:`jobs.run.scorer`). Error rows: :data:`ERROR_SCHEMA`.
 Each field's ``doc`` metadata is its description.
@@ -30,6 +31,8 @@ __all__ = [
     "SCORE_SCHEMA",
     "SCORING_PROVENANCE",
     "SOURCE_PROVENANCE",
+    "WINDOW_COLUMNS",
+    "WINDOW_SCHEMA",
     "result_schema",
 ]
 
@@ -58,6 +61,40 @@ SCORE_SCHEMA = pa.schema(
 EMBED_SCHEMA = pa.schema(
     [column("embedding", pa.list_(pa.float32(), 1), "the model's embed() vector, fixed size [hidden_size]")]
 )
+WINDOW_SCHEMA = pa.schema(
+    [
+        column(
+            "window_scores",
+            pa.list_(pa.float32()),
+            "--windows, score mode: every window's anomaly score, in row-major grid order (last axis fastest); "
+            "null on whole-volume runs",
+        ),
+        column(
+            "window_grid",
+            pa.list_(pa.int32()),
+            "--windows: windows along each axis (nD, nH, nW) of the volume at the model's spacing (axes RAS x, y, "
+            "z); null on whole-volume runs",
+        ),
+        column(
+            "window_affine",
+            pa.list_(pa.list_(pa.float64())),
+            "--windows: 4x4 (a list of rows) mapping a grid index (i, j, k) to the RAS position of that window's "
+            "centre, in mm (the heatmap's affine: python -m jobs.heatmap); null on whole-volume runs",
+        ),
+        column(
+            "max_window_ras",
+            pa.list_(pa.float64()),
+            "--windows, score mode: the centre of the highest-scoring window, RAS mm; null on whole-volume runs",
+        ),
+        column(
+            "max_window_voxel",
+            pa.list_(pa.int32()),
+            "--windows, score mode: that centre as the nearest voxel index (i, j, k) of the original file (DICOM: "
+            "column, row, slice in the series' order), for a viewer to jump to; null on whole-volume runs",
+        ),
+    ]
+)
+WINDOW_COLUMNS = tuple(WINDOW_SCHEMA.names)
 FORMAT_PROVENANCE = formats.provenance_schema()  # every input format's own columns
 SCORING_PROVENANCE = pa.schema(
     [
@@ -97,7 +134,9 @@ OPTION_COLUMNS = frozenset(formats.option_columns())
 # other way round).
 MANIFEST_SHARED_COLUMNS = frozenset(formats.manifest_columns()) & frozenset(FORMAT_PROVENANCE.names)
 # Other manifest columns are carried into the results, so they must not take a result column's name.
-RESERVED_COLUMNS = frozenset(KEY_SCHEMA.names + SCORE_SCHEMA.names + EMBED_SCHEMA.names + PROVENANCE_SCHEMA.names)
+RESERVED_COLUMNS = frozenset(
+    KEY_SCHEMA.names + SCORE_SCHEMA.names + EMBED_SCHEMA.names + WINDOW_SCHEMA.names + PROVENANCE_SCHEMA.names
+)
 
 
 def result_schema(mode: str, manifest_schema: pa.Schema, width: int) -> pa.Schema:
@@ -106,4 +145,4 @@ def result_schema(mode: str, manifest_schema: pa.Schema, width: int) -> pa.Schem
         outputs = SCORE_SCHEMA
     else:
         outputs = pa.schema([EMBED_SCHEMA.field("embedding").with_type(pa.list_(pa.float32(), width))])
-    return pa.schema([*KEY_SCHEMA, *manifest_schema, *outputs, *PROVENANCE_SCHEMA])
+    return pa.schema([*KEY_SCHEMA, *manifest_schema, *outputs, *WINDOW_SCHEMA, *PROVENANCE_SCHEMA])

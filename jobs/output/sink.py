@@ -47,6 +47,7 @@ from jobs.output.schema import (
     FORMAT_PROVENANCE,
     MANIFEST_SHARED_COLUMNS,
     OPTION_COLUMNS,
+    WINDOW_COLUMNS,
     result_schema,
 )
 from jobs.output.store import KINDS, OutputStore, part_name
@@ -69,6 +70,32 @@ def _column(values, field):
     if pa.types.is_string(kind):
         return pa.array(np.asarray(values).astype(str), kind)
     return pa.array(np.asarray(values).astype(kind.to_pandas_dtype()), kind)
+
+
+def _window_column(batch, rows, field):
+    """A window column (:data:`jobs.output.schema.WINDOW_SCHEMA`) from its pipeline encoding: ``window_scores`` as
+    float32 bytes, the others as fixed-width rows; null where the row has no windows (``window_grid`` all 0) or,
+    for the scores and the maximum, no scores (embed mode: empty bytes)."""
+    present = np.asarray(batch["window_grid"])[rows, 0] > 0 if "window_grid" in batch else np.zeros(len(rows), bool)
+    if not present.any():
+        return pa.nulls(len(rows), field.type)
+    if field.name == "window_scores":
+        raw = batch[field.name][rows]
+        scores = [
+            np.frombuffer(v, np.float32).tolist() if p and len(v) else None for p, v in zip(present, raw, strict=True)
+        ]
+        return pa.array(scores, field.type)
+    array = np.asarray(batch[field.name])[rows]
+    if field.name == "window_affine":
+        values = [a.reshape(4, 4).tolist() if p else None for p, a in zip(present, array, strict=True)]
+    else:
+        keep = (
+            present
+            if field.name == "window_grid"
+            else present & ~np.isnan(np.asarray(batch["max_window_ras"])[rows, 0])
+        )
+        values = [a.tolist() if k else None for k, a in zip(keep, array, strict=True)]
+    return pa.array(values, field.type)
 
 
 def _provenance_column(values, field, shared):
@@ -269,6 +296,8 @@ class ResultSink:
                 columns.append(pa.array(constants[field.name], field.type))
             elif field.name in FORMAT_PROVENANCE.names:
                 columns.append(_provenance_column(batch[field.name][rows], field, shared))
+            elif field.name in WINDOW_COLUMNS:
+                columns.append(_window_column(batch, rows, field))
             elif field.name == "path":
                 columns.append(_column(_without_credentials(batch["path"][rows]), field))
             else:

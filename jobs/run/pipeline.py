@@ -25,7 +25,7 @@ import pyarrow as pa
 from jobs import stages
 from jobs.errors import JobError, ScanError
 from jobs.inputs import formats
-from jobs.inputs.load import load_scan, source_provenance
+from jobs.inputs.load import prepare_scan, source_provenance
 from jobs.observe import metrics
 from jobs.observe.logs import VERBOSE_ENV, adopt_ray_logging, is_verbose
 from jobs.run.ledger import CrashLedger, process_guarded, retry_budget
@@ -43,6 +43,9 @@ QUIET_TF = {"TF_CPP_MIN_LOG_LEVEL": "2"}
 # CPU tasks must not see GPUs (Ray shows every GPU to tasks that asked for none).
 CPU_STAGE_ENV = {"env_vars": {"CUDA_VISIBLE_DEVICES": "", **QUIET_TF}}
 SPATIAL_AXES = 3  # list-valued provenance (shape, spacing) has one value per spatial axis
+# --windows: whole scans at the model's spacing handed to a scoring call together (a CT at 1 mm is ~200 MiB, and
+# ~150 windows of 96^3: a few scans fill the compiled batches with little padding).
+WINDOW_SCANS_PER_CALL = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +119,13 @@ def decode_batch(
     before_attempt: Callable[[list[str]], None] | None = None,
     read_retry_s: float | None = None,
     format_options: dict[str, Any] | None = None,
+    at_spacing: bool = False,
 ) -> dict[str, np.ndarray]:
     """CPU stage: read, validate, decode and preprocess each scan; failures become error rows.
+
+    Each scan leaves as float32 bytes (``volume``) with its shape and geometry (``volume_shape``; ``to_ras`` and
+    ``to_source``, 4x4 from its voxels to RAS mm and to the stored file's voxel index): the model's input size,
+    or with ``at_spacing`` (``--windows``) the whole volume at the model's spacing, tiled by the scoring actor.
 
     ``format_options`` (:attr:`jobs.config.JobConfig.format_options`) reach every scan's format check, beside the
     manifest row's option columns (which win on a name both have).
@@ -139,6 +147,9 @@ def decode_batch(
         "permanent": np.zeros(count, dtype=bool),
         "source_size": np.full(count, -1, dtype=np.int64),  # the fingerprint; -1: unknown
         "source_mtime": np.full(count, -1, dtype=np.int64),
+        "volume_shape": np.zeros((count, SPATIAL_AXES), np.int64),
+        "to_ras": np.full((count, 16), np.nan, np.float64),
+        "to_source": np.full((count, 16), np.nan, np.float64),
         **_empty_provenance(count),
     }
 
@@ -157,7 +168,7 @@ def decode_batch(
                     out["source_size"][i], out["source_mtime"][i] = fingerprint
                 options = dict(format_options or {})
                 options.update({name: str(batch[name][i] or "") for name in formats.option_columns() if name in batch})
-                tensor, provenance = load_scan(path, spec, retry_s[0], **options)
+                prepared, provenance = prepare_scan(path, spec, retry_s[0], at_spacing=at_spacing, **options)
             except ScanError as e:
                 out["error"][i], out["stage"][i] = str(e), e.stage
                 out["permanent"][i] = e.stage in stages.PERMANENT
@@ -167,7 +178,10 @@ def decode_batch(
             except Exception as e:  # a bug or an unforeseen file: still one error row, never a failed job
                 fail(i, f"{type(e).__name__}: {e}")
                 continue
-            out["volume"][i] = tensor.tobytes()
+            out["volume"][i] = prepared.tensor.tobytes()
+            out["volume_shape"][i] = prepared.tensor.shape[:SPATIAL_AXES]
+            out["to_ras"][i] = prepared.to_ras.reshape(-1)
+            out["to_source"][i] = prepared.to_source.reshape(-1)
             for name in provenance_names:
                 out[name][i] = provenance[name]
 
@@ -277,6 +291,8 @@ def build_dataset(
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Small blocks keep every decode slot busy; capped so huge manifests stay cheap to schedule.
     rows_per_block = max(1, min(8, math.ceil(len(items) / (4 * total_cpus))))
+    if config.windows:  # a scan at the model's spacing is large (a CT at 1 mm: ~200 MiB): one per decode task
+        rows_per_block = 1
     ds: Dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
     worker_env = {VERBOSE_ENV: "1"} if is_verbose() else {}  # -v reaches the workers' TensorFlow start-up too
     with warnings.catch_warnings():
@@ -292,6 +308,7 @@ def build_dataset(
                 "before_attempt": hooks.decode,
                 "read_retry_s": config.storage_retry_s,
                 "format_options": config.format_options,
+                "at_spacing": config.windows,
             },
             batch_size=rows_per_block,
             batch_format="numpy",
@@ -313,8 +330,13 @@ def build_dataset(
             "ledger_name": ledger_name,
             "precision": config.precision,
             "before_attempt": hooks.scoring,
+            "windows": {"overlap": config.window_overlap, "aggregate": config.window_aggregate}
+            if config.windows
+            else None,
+            "review": config.review,
         },
-        batch_size=config.batch_size,
+        # --windows: scans per call, whose windows share the compiled batches (config.batch_size windows each).
+        batch_size=min(config.batch_size, WINDOW_SCANS_PER_CALL) if config.windows else config.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(size=plan.workers),
         # CPU scoring actors must not grab a GPU the node happens to have.

@@ -9,15 +9,18 @@ scan never raises: it becomes an error row.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import logging
+import math
 import os
 import sys
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from jobs.inputs import windows as sliding
 from jobs.observe import metrics
 from jobs.observe.logs import hide_native_stderr_lines, is_verbose, tensorflow_startup_noise
 from jobs.run.ledger import process_guarded
@@ -83,6 +86,12 @@ class Scorer:
         precision: str. ``"float32"`` or ``"mixed_bfloat16"``. Defaults to ``"float32"``.
         before_attempt: callable or None. Given each attempt's scan_ids (tests plant faults with it).
             Defaults to ``None``.
+        windows: dict or None. ``{"overlap": float, "aggregate": str}``: each scan arrives whole at the model's
+            spacing and is scored as sliding windows (:mod:`jobs.inputs.windows`); windows of all the batch's scans
+            share the compiled batches. Defaults to ``None`` (each scan arrives at the model's input size).
+        review: int. Render a review picture (:mod:`jobs.report.review`) for each scan that enters this actor's
+            ``review`` highest scores so far (score mode): the run's top ``review`` are among them. Defaults to
+            ``0`` (none).
     """
 
     def __init__(
@@ -95,6 +104,8 @@ class Scorer:
         ledger_name: str | None = None,
         precision: str = "float32",
         before_attempt: Callable[[list[str]], None] | None = None,
+        windows: dict[str, Any] | None = None,
+        review: int = 0,
     ) -> None:
         tf = configure_tensorflow(threads)
         import vit3d
@@ -125,6 +136,10 @@ class Scorer:
         self._infer = tf.function(forward, input_signature=[spec], reduce_retracing=True)
         warmup = self._infer(np.zeros((self.batch_size, *self.input_shape), np.float32))  # compile once, up front
         self.width = int(warmup.shape[-1])  # classes (score) or hidden size (embed)
+        self.windows = dict(windows) if windows else None
+        self.review = int(review) if mode == "score" else 0
+        self._review_heap: list[float] = []  # this actor's highest scores so far (a min-heap of at most `review`)
+        self._review_failed = False
 
     def _run(self, volumes):
         """Model outputs for up to batch_size volumes, padding to the compiled batch size."""
@@ -145,15 +160,6 @@ class Scorer:
         score, probabilities = scores_from_logits(raw)
         return {"score": score, "probabilities": probabilities}
 
-    def _empty_outputs(self, count):
-        """NaN placeholders as wide as the model's output (classes, or the embedding size), for any model."""
-        if self.mode == "embed":
-            return {"embedding": np.full((count, self.width), np.nan, np.float32)}
-        return {
-            "score": np.full(count, np.nan, np.float32),
-            "probabilities": np.full((count, self.width), np.nan, np.float32),
-        }
-
     def _score_rows(self, batch, rows, outputs, errors, stages):
         """Score ``rows`` together; if that fails, one at a time so only the bad scan fails."""
         volumes = np.stack([np.frombuffer(batch["volume"][i], np.float32).reshape(self.input_shape) for i in rows])
@@ -171,6 +177,147 @@ class Scorer:
             for key, value in row.items():
                 outputs[key][i] = value
 
+    def _window_outputs(self, scans):
+        """Raw model outputs (windows, width) of each scan in ``scans`` [(volume, grid)], their windows packed into
+        the compiled batch size across scans (only the last batch is padded). Windows are copied into the batch
+        buffer one at a time: a scan's windows never exist all at once."""
+        buffer = np.zeros((self.batch_size, *self.input_shape), np.float32)
+        raw = [np.empty((grid.count, self.width), np.float32) for _, grid in scans]
+        owners: list[tuple[int, int]] = []  # (scan, window) of each filled buffer slot
+
+        def run():
+            out = np.asarray(self._infer(buffer))
+            for slot, (scan, window) in enumerate(owners):
+                raw[scan][window] = out[slot]
+            owners.clear()
+
+        for scan, (volume, grid) in enumerate(scans):
+            for window, crop in enumerate(sliding.iter_windows(volume, grid)):
+                buffer[len(owners)] = crop
+                owners.append((scan, window))
+                if len(owners) == self.batch_size:
+                    run()
+        if owners:
+            buffer[len(owners) :] = 0.0
+            run()
+        for values in raw:
+            if not np.all(np.isfinite(values)):
+                raise FloatingPointError("the model produced NaN or Inf")
+        return raw
+
+    def _window_rows(self, batch, rows, outputs, errors, stages):
+        """Score the windows of ``rows`` together; if that fails, scan by scan so only the bad scan fails."""
+        roi = self.input_shape[:3]
+        scans = {}
+        for i in rows:
+            shape = tuple(int(n) for n in batch["volume_shape"][i])
+            volume = np.frombuffer(batch["volume"][i], np.float32).reshape(*shape, self.input_shape[3])
+            scans[i] = (volume, sliding.window_grid(shape, roi, self.windows["overlap"]))
+        try:
+            raws = dict(zip(rows, self._window_outputs([scans[i] for i in rows]), strict=True))
+        except Exception:
+            raws = {}
+            for i in rows:
+                try:
+                    raws[i] = self._window_outputs([scans[i]])[0]
+                except Exception as e:
+                    errors[i] = f"{batch['path'][i]}: inference failed: {type(e).__name__}: {e}"
+                    stages[i] = "infer"
+        for i, raw in raws.items():
+            volume, grid = scans[i]
+            to_ras = np.asarray(batch["to_ras"][i], np.float64).reshape(4, 4)
+            to_source = np.asarray(batch["to_source"][i], np.float64).reshape(4, 4)
+            outputs["window_grid"][i] = grid.shape
+            outputs["window_affine"][i] = grid.grid_affine(to_ras).reshape(-1)
+            if self.mode == "embed":
+                outputs["embedding"][i] = raw.mean(axis=0)  # the scan's embedding: the mean of its windows'
+                continue
+            scores, probabilities = scores_from_logits(raw)
+            taken = _aggregated_windows(scores, self.windows["aggregate"])
+            outputs["score"][i] = sliding.aggregate(scores, self.windows["aggregate"])
+            outputs["probabilities"][i] = probabilities[taken].mean(axis=0)
+            outputs["window_scores"][i] = scores.tobytes()
+            best = int(np.argmax(scores))
+            centre = grid.centre_voxel(best)
+            outputs["max_window_ras"][i] = _apply(to_ras, centre)
+            outputs["max_window_voxel"][i] = _source_voxel(to_source, centre, batch["original_shape"][i])
+            outputs["focus_voxel"][i] = outputs["max_window_voxel"][i]
+            outputs["focus_ras"][i] = outputs["max_window_ras"][i]
+            if self._enters_review(float(outputs["score"][i])):
+                outputs["review_png"][i] = self._review_picture(volume[..., 0], to_ras, centre, grid, scores, best)
+
+    def _enters_review(self, score):
+        """Whether ``score`` is among this actor's ``review`` highest so far (then the run's top may need it)."""
+        if not self.review or not math.isfinite(score):
+            return False
+        if len(self._review_heap) < self.review:
+            heapq.heappush(self._review_heap, score)
+            return True
+        if score > self._review_heap[0]:
+            heapq.heapreplace(self._review_heap, score)
+            return True
+        return False
+
+    def _review_picture(
+        self,
+        volume: np.ndarray,
+        to_ras: np.ndarray,
+        centre: np.ndarray,
+        grid: sliding.WindowGrid | None = None,
+        scores: np.ndarray | None = None,
+        best: int | None = None,
+    ) -> bytes:
+        """The scan's review PNG (:func:`jobs.report.review.review_png`); b"" if it cannot be drawn: a picture
+        never fails a scan or the run (the first failure is logged)."""
+        try:
+            from jobs.report.review import review_png
+
+            spacing = np.linalg.norm(to_ras[:3, :3], axis=0)
+            return review_png(volume, spacing, centre, grid=grid, window_scores=scores, max_window=best)
+        except Exception as e:
+            if not self._review_failed:
+                logger.warning("could not draw a review picture (the report page shows fewer): %s", e)
+                self._review_failed = True
+            return b""
+
+    def _empty_outputs(self, count):
+        """NaN placeholders as wide as the model's output (classes, or the embedding size), for any model, and the
+        window columns' empty encodings (jobs.output.sink reads them as nulls)."""
+        if self.mode == "embed":
+            outputs = {"embedding": np.full((count, self.width), np.nan, np.float32)}
+        else:
+            outputs = {
+                "score": np.full(count, np.nan, np.float32),
+                "probabilities": np.full((count, self.width), np.nan, np.float32),
+            }
+        return {
+            **outputs,
+            "window_scores": np.full(count, b"", dtype=object),
+            "window_grid": np.zeros((count, 3), np.int32),
+            "window_affine": np.full((count, 16), np.nan, np.float64),
+            "max_window_ras": np.full((count, 3), np.nan, np.float64),
+            "max_window_voxel": np.full((count, 3), -1, np.int32),
+            # Where the review picture looks (the highest window, or the volume's centre): for the report only.
+            "focus_ras": np.full((count, 3), np.nan, np.float64),
+            "focus_voxel": np.full((count, 3), -1, np.int32),
+            "review_png": np.full(count, b"", dtype=object),
+        }
+
+    def _whole_volume_review(self, batch, rows, outputs):
+        """The review columns of whole-volume rows: the centre of the model input, and its picture if it may be in
+        the run's top."""
+        centre = (np.asarray(self.input_shape[:3], np.float64) - 1) / 2.0
+        for i in rows:
+            if not np.isfinite(outputs["score"][i]) or "to_ras" not in batch:
+                continue
+            to_ras = np.asarray(batch["to_ras"][i], np.float64).reshape(4, 4)
+            to_source = np.asarray(batch["to_source"][i], np.float64).reshape(4, 4)
+            outputs["focus_ras"][i] = _apply(to_ras, centre)
+            outputs["focus_voxel"][i] = _source_voxel(to_source, centre, batch["original_shape"][i])
+            if self._enters_review(float(outputs["score"][i])):
+                volume = np.frombuffer(batch["volume"][i], np.float32).reshape(self.input_shape)[..., 0]
+                outputs["review_png"][i] = self._review_picture(volume, to_ras, centre)
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         count = len(batch["scan_id"])
         errors = np.asarray(batch["error"], dtype=object).copy()
@@ -181,18 +328,19 @@ class Scorer:
         def fail(i, reason):
             errors[i], stages[i] = f"{batch['path'][i]}: {reason}", "infer"
 
+        def score(rows):
+            if self.windows:
+                self._window_rows(batch, rows, outputs, errors, stages)
+            else:
+                self._score_rows(batch, rows, outputs, errors, stages)
+                if self.review:
+                    self._whole_volume_review(batch, [i for i in rows if not errors[i]], outputs)
+
         started = time.perf_counter()
-        process_guarded(
-            self.ledger_name,
-            batch["scan_id"],
-            ok,
-            lambda rows: self._score_rows(batch, rows, outputs, errors, stages),
-            fail,
-            "scoring",
-            self.before_attempt,
-        )
+        process_guarded(self.ledger_name, batch["scan_id"], ok, score, fail, "scoring", self.before_attempt)
         infer_s = (time.perf_counter() - started) / max(1, len(ok))
-        out = {k: v for k, v in batch.items() if k != "volume"}  # volumes are dropped here
+        dropped = ("volume", "volume_shape", "to_ras", "to_source")  # the scans themselves stop here
+        out = {k: v for k, v in batch.items() if k not in dropped}
         out.update(outputs)
         out["error"], out["stage"] = errors, stages
         out["infer_s"] = np.full(count, infer_s, np.float32)
@@ -202,6 +350,26 @@ class Scorer:
         out["scoring_node"] = np.full(count, self.node_id, dtype=object)  # for the report, not a result column
         metrics.observe_stages(out, ("infer",))  # Ray metrics (jobs.observe.metrics)
         return out
+
+
+def _aggregated_windows(scores: np.ndarray, how: str) -> np.ndarray:
+    """Indices of the windows ``how`` takes (max: the highest; mean: all; top3: the three highest): the scan's
+    probabilities are their mean, so that the score is the same function of them as for one window."""
+    if how == "max":
+        return np.array([int(np.argmax(scores))])
+    if how == "mean":
+        return np.arange(len(scores))
+    return np.argsort(scores, kind="stable")[-3:]
+
+
+def _apply(affine: np.ndarray, point: np.ndarray) -> np.ndarray:
+    return affine[:3, :3] @ np.asarray(point, np.float64) + affine[:3, 3]
+
+
+def _source_voxel(to_source: np.ndarray, point: np.ndarray, source_shape: ArrayLike) -> np.ndarray:
+    """The nearest voxel index of the stored volume to ``point`` (a model-input voxel), inside the volume."""
+    index = np.rint(_apply(to_source, point))
+    return np.clip(index, 0, np.asarray(source_shape, np.float64) - 1).astype(np.int32)
 
 
 def node_id() -> str:
