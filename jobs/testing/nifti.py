@@ -83,12 +83,22 @@ def write_nifti(
 
 
 def write_stored(
-    path: str | os.PathLike, volume: np.ndarray, rng: np.random.Generator, orientation: str, dtype: DTypeLike
+    path: str | os.PathLike,
+    volume: np.ndarray,
+    rng: np.random.Generator,
+    orientation: str,
+    dtype: DTypeLike,
+    affine: np.ndarray | None = None,
 ) -> None:
     """Save ``volume`` (RAS voxel order; spacing drawn from ``rng``) as NIfTI stored in ``orientation`` (e.g.
-    "LPS") with ``dtype``; uint8 is stored scaled (scl_slope 8, scl_inter -1000), as scanners do."""
-    spacing = rng.uniform(0.7, 1.5, 3)
-    image = nib.Nifti1Image(volume.astype(np.float32), np.diag([*spacing, 1.0]))
+    "LPS") with ``dtype``; uint8 is stored scaled (scl_slope 8, scl_inter -1000), as scanners do.
+
+    ``affine``: the volume's own voxel -> RAS mm affine, instead of a diagonal one drawn from ``rng`` (then nothing
+    is drawn); the stored file maps its voxels to the same world positions.
+    """
+    if affine is None:
+        affine = np.diag([*rng.uniform(0.7, 1.5, 3), 1.0])
+    image = nib.Nifti1Image(volume.astype(np.float32), affine)
     target = nib.orientations.axcodes2ornt(tuple(orientation))
     image = image.as_reoriented(nib.orientations.ornt_transform(nib.orientations.io_orientation(image.affine), target))
     data = np.asanyarray(image.dataobj)
