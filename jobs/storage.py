@@ -42,6 +42,7 @@ __all__ = [
     "read_bytes",
     "resolve",
     "retrying",
+    "single_attempt",
     "write_bytes",
 ]
 
@@ -50,8 +51,10 @@ T = TypeVar("T")
 logger = logging.getLogger(__name__)
 
 # Retry bounds for transient storage errors. A new attempt starts only while the budget lasts; an attempt that
-# has started runs to its end (on S3, pyarrow's client retries a dropped request itself for about 6 s), so the
-# last failure comes at most one attempt after RETRY_S. Waits between attempts: 0.5 s, doubling, at most 8 s,
+# has started runs to its end, so the last failure comes at most one attempt after RETRY_S. Reads and writes
+# retried here use an S3 client that makes one attempt per call (:func:`single_attempt`): pyarrow's default
+# client retries a dropped request itself, hidden, for about 6 s (measured), which would make every attempt here
+# 6 s long and every read after an outage cost 6 s. Waits between attempts: 0.5 s, doubling, at most 8 s,
 # each with up to 50% random jitter subtracted (many workers do not retry in step).
 RETRY_S = 60.0
 BACKOFF_FIRST_S = 0.5
@@ -132,14 +135,28 @@ class TooLarge(Exception):
         self.size, self.limit = size, limit
 
 
+def single_attempt(uri: str) -> tuple[pafs.FileSystem, str]:
+    """:func:`resolve`, with an S3 client that tries each request once: for calls that :func:`retrying` retries,
+    so that its budget and its log lines are the only retries (other filesystems are returned as they are).
+
+    The client's other settings are those ``FileSystem.from_uri`` chose (its pickling arguments, which are the
+    constructor's)."""
+    filesystem, path = resolve(uri)
+    if isinstance(filesystem, pafs.S3FileSystem):
+        _, (options,) = filesystem.__reduce__()
+        once = pafs.AwsStandardS3RetryStrategy(max_attempts=1)
+        filesystem = pafs.S3FileSystem(**options, retry_strategy=once)
+    return filesystem, path
+
+
 def read_bytes(uri: str, retry_s: float | None = None, max_bytes: int | None = None) -> bytes:
     """The whole object in one read (one GET on object storage); transient errors retried (see the module).
     ``max_bytes``: raise :class:`TooLarge` when the object is larger (its size is looked at first)."""
     if max_bytes is None:
-        return retrying(lambda: _artifact_io.read_bytes(uri), f"reading {name_of(uri)}", retry_s)
+        return retrying(lambda: _artifact_io.read_from(*single_attempt(uri)), f"reading {name_of(uri)}", retry_s)
 
     def bounded() -> bytes:
-        filesystem, path = resolve(uri)
+        filesystem, path = single_attempt(uri)
         with filesystem.open_input_file(path) as f:
             size = f.size()
             if size > max_bytes:
@@ -154,7 +171,7 @@ def write_bytes(uri: str, data: bytes, retry_s: float | None = None) -> None:
     (:func:`vit3d.storage.write_bytes`: staged under a hidden name, then moved into place). A transient failure
     is retried as a whole under a fresh staging name: writing the same ``uri`` again is harmless, so a move whose
     reply was lost is no problem."""
-    retrying(lambda: _artifact_io.write_bytes(uri, data), f"writing {name_of(uri)}", retry_s)
+    retrying(lambda: _artifact_io.write_to(*single_attempt(uri), data), f"writing {name_of(uri)}", retry_s)
 
 
 def delete(uri: str) -> None:

@@ -35,20 +35,28 @@ def is_staging_name(name: str) -> bool:
 
 def read_bytes(uri: str | os.PathLike) -> bytes:
     """The whole object in one read (one GET on object storage)."""
-    filesystem, path = resolve(uri)
+    return read_from(*resolve(uri))
+
+
+def read_from(filesystem: pafs.FileSystem, path: str) -> bytes:
+    """:func:`read_bytes` on a resolved ``(filesystem, path)``."""
     with filesystem.open_input_file(path) as f:
         return f.read()
 
 
 def write_bytes(uri: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` so that ``uri`` is either absent, the old object, or all of ``data``.
+    """Write ``data`` so that ``uri`` is either absent, the old object, or all of ``data``; see :func:`write_to`."""
+    write_to(*resolve(uri), data)
+
+
+def write_to(filesystem: pafs.FileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` so that ``path`` on ``filesystem`` is either absent, the old object, or all of ``data``.
 
     Always under a hidden staging name first, then moved (a rename locally, a server-side copy on object
     stores): pyarrow's streams have no abort, and closing one after a failed write would complete a partial
     upload. Dataset readers (pyarrow, DuckDB globs on ``*.parquet``) skip hidden names. Writing the same ``uri``
     again is harmless, so a caller may retry the whole call.
     """
-    filesystem, path = resolve(uri)
     parent = path.rsplit("/", 1)[0]
     if isinstance(filesystem, pafs.LocalFileSystem):  # object stores have no folders to create
         filesystem.create_dir(parent, recursive=True)
