@@ -23,6 +23,7 @@ import time
 
 import numpy as np
 
+from jobs.testing.batches import decode_batch_of
 from jobs.testing.cpu import header
 
 
@@ -34,22 +35,6 @@ def best_of(repeat, fn):
         fn()
         times.append(time.perf_counter() - t0)
     return min(times)
-
-
-def decode_batch_of(prepared_list):
-    """A decode-stage batch of prepared scans, as jobs.run.pipeline.decode_batch hands it to the scoring actor."""
-    count = len(prepared_list)
-    return {
-        "scan_id": np.array([f"s{i}" for i in range(count)], dtype=object),
-        "path": np.array([f"s{i}.nii.gz" for i in range(count)], dtype=object),
-        "error": np.full(count, "", dtype=object),
-        "stage": np.full(count, "", dtype=object),
-        "volume": np.array([p.tensor.tobytes() for p in prepared_list], dtype=object),
-        "volume_shape": np.array([p.tensor.shape[:3] for p in prepared_list], np.int64),
-        "to_ras": np.array([p.to_ras.reshape(-1) for p in prepared_list]),
-        "to_source": np.array([p.to_source.reshape(-1) for p in prepared_list]),
-        "original_shape": np.array([p.source_shape for p in prepared_list], np.int32),
-    }
 
 
 def main(argv=None):
@@ -122,8 +107,15 @@ def main(argv=None):
         info.path, info.sha256, "score", args.batch, windows={"overlap": args.overlap, "aggregate": "max"}
     )
     whole = Scorer(info.path, info.sha256, "score", args.batch)
-    window_batch = decode_batch_of(prepared["windows"])
-    whole_batch = decode_batch_of(prepared["whole volume"])
+    batches = {}
+    for kind, scans in prepared.items():
+        batches[kind] = decode_batch_of(
+            [p.tensor[..., 0] for p in scans],
+            [p.to_ras for p in scans],
+            [p.to_source for p in scans],
+            [p.source_shape for p in scans],
+        )
+    window_batch, whole_batch = batches["windows"], batches["whole volume"]
     full = np.random.default_rng(1).standard_normal((args.batch, *roi, 1)).astype(np.float32)
     windowed(window_batch)  # warm: the first call traces nothing new, but pages in the code paths
     whole(whole_batch)

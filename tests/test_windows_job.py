@@ -15,6 +15,7 @@ from jobs.inputs.load import prepare_scan
 from jobs.inputs.windows import iter_windows, window_grid
 from jobs.run.scorer import Scorer, scores_from_logits
 from jobs.testing.archive import write_csv
+from jobs.testing.batches import decode_batch_of
 from jobs.testing.nifti import write_nifti
 from jobs.testing.results import read_table
 
@@ -170,22 +171,6 @@ def test_windows_refuse_a_model_without_a_spacing(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def scorer_batch(volumes, affine=None):
-    """A decode-stage batch (jobs.run.pipeline.decode_batch's columns) of whole volumes at the model's spacing."""
-    count = len(volumes)
-    return {
-        "scan_id": np.array([f"s{i}" for i in range(count)], dtype=object),
-        "path": np.array([f"/x/s{i}.nii" for i in range(count)], dtype=object),
-        "error": np.full(count, "", dtype=object),
-        "stage": np.full(count, "", dtype=object),
-        "volume": np.array([v.astype(np.float32).tobytes() for v in volumes], dtype=object),
-        "volume_shape": np.array([v.shape for v in volumes], np.int64),
-        "to_ras": np.tile(np.asarray(np.eye(4) if affine is None else affine, np.float64).reshape(-1), (count, 1)),
-        "to_source": np.tile(np.eye(4).reshape(-1), (count, 1)),
-        "original_shape": np.array([v.shape for v in volumes], np.int32),
-    }
-
-
 def test_windows_of_several_scans_share_the_compiled_batches(window_model):
     """3 + 4 + 6 windows in batches of 4: four model calls, only the last one padded; each scan's scores equal
     its windows scored alone; and a scan's windows are never all in memory at once."""
@@ -198,7 +183,7 @@ def test_windows_of_several_scans_share_the_compiled_batches(window_model):
     shapes = [(16, 16, 30), (20, 16, 20), (16, 24, 30)]  # 1x1x3, 2x1x2, 1x2x3 windows
     volumes = [rng.normal(size=s).astype(np.float32)[..., None] for s in shapes]
     assert [window_grid(s, (ROI,) * 3, 0.25).count for s in shapes] == [3, 4, 6]
-    out = scorer(scorer_batch([v[..., 0] for v in volumes]))
+    out = scorer(decode_batch_of([v[..., 0] for v in volumes]))
     assert len(calls) == math.ceil(13 / 4) == 4
     for i, volume in enumerate(volumes):
         grid = window_grid(volume.shape[:3], (ROI,) * 3, 0.25)
@@ -214,7 +199,7 @@ def test_windows_of_several_scans_share_the_compiled_batches(window_model):
     # 9 x 9 x 9 = 729 windows of 16^3 (11 MiB of crops) from a 5.4 MiB volume: the scorer's own numpy
     # allocations stay at a few batches of windows.
     big = rng.normal(size=(112, 112, 112)).astype(np.float32)
-    batch = scorer_batch([big])
+    batch = decode_batch_of([big])
     assert window_grid(big.shape, (ROI,) * 3, 0.25).count == 9**3
     tracemalloc.start()
     scorer(batch)
@@ -232,7 +217,7 @@ def test_a_window_that_fails_inference_fails_its_scan_only(window_model):
     rng = np.random.default_rng(1)
     good, bad = rng.normal(size=(16, 16, 30)), rng.normal(size=(20, 16, 20))
     bad[3, 4, 5] = np.nan
-    out = scorer(scorer_batch([good, bad, good]))
+    out = scorer(decode_batch_of([good, bad, good]))
     assert [bool(e) for e in out["error"]] == [False, True, False]
     assert out["stage"][1] == "infer" and "/x/s1.nii" in out["error"][1] and "NaN" in out["error"][1]
     assert np.isfinite(out["score"][[0, 2]]).all() and np.isnan(out["score"][1])
