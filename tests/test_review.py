@@ -314,7 +314,7 @@ def test_the_review_section_comes_first_with_a_card_per_scan():
     assert 'score <b class="score">0.900</b>' in first and "0.712" in second
     positions = [re.search(r'<span class="muted">(.*?)</span>', body).group(1) for body in (first, second)]
     assert positions == [
-        "max window at voxel (61, 40, 12) · RAS (-12.2, 30.5, 4.0) mm",
+        "in the highest window, slices at voxel (61, 40, 12) · RAS (-12.2, 30.5, 4.0) mm",
         "volume centre, voxel (20, 22, 18)",
     ]
     for entry, (_, body) in zip(review, cards, strict=True):

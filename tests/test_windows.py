@@ -8,7 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 
-from jobs.inputs.windows import AGGREGATES, aggregate, iter_windows, pad_volume, window_grid
+from jobs.inputs.windows import AGGREGATES, aggregate, heat_peak, iter_windows, pad_volume, window_grid
 
 torch = pytest.importorskip("torch")
 monai_data_utils = pytest.importorskip("monai.data.utils")
@@ -256,3 +256,31 @@ def test_aggregate_refuses_bad_input():
         aggregate(np.ones(3), "median")
     with pytest.raises(ValueError, match="empty"):
         aggregate(np.array([]), "max")
+
+
+@pytest.mark.parametrize(
+    ("image_size", "roi_size", "overlap", "seed"),
+    [((37, 11, 23), (20, 16, 8), 0.5, 0), ((50, 64, 70), (16, 16, 16), 0.25, 1), ((18, 40, 9), (16, 12, 12), 0.6, 2)],
+)
+def test_heat_peak_is_where_the_covering_windows_mean_is_highest(image_size, roi_size, overlap, seed):
+    """Brute force over every voxel of the highest window: the mean score of the windows covering it. heat_peak's
+    point lies in the highest window, and the voxels on both sides of it (a cell's centre) reach that maximum."""
+    grid = window_grid(image_size, roi_size, overlap)
+    scores = np.random.default_rng(seed).uniform(size=grid.count)
+    best = int(np.argmax(scores))
+    starts = [np.asarray(s) for s in grid.unpadded_starts]
+    box = np.asarray(grid.start_of(best)) - np.asarray(grid.pad_before)
+
+    def mean_heat(voxel):
+        covering = [
+            scores[n]
+            for n, ijk in enumerate(itertools.product(*(range(k) for k in grid.shape)))
+            if all(starts[a][ijk[a]] <= voxel[a] < starts[a][ijk[a]] + roi_size[a] for a in range(3))
+        ]
+        return float(np.mean(covering))
+
+    heat = {v: mean_heat(v) for v in itertools.product(*(range(b, b + r) for b, r in zip(box, roi_size, strict=True)))}
+    peak = heat_peak(grid, scores, best)
+    assert all(box[a] <= peak[a] <= box[a] + roi_size[a] - 1 for a in range(3))
+    corners = itertools.product(*[{int(np.floor(p)), int(np.ceil(p))} for p in peak])
+    assert all(heat[c] == pytest.approx(max(heat.values())) for c in corners)

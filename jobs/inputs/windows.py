@@ -189,6 +189,36 @@ def aggregate(scores: np.ndarray, how: str) -> float:
     return float(top.mean())
 
 
+def heat_peak(grid: WindowGrid, scores: np.ndarray, index: int) -> np.ndarray:
+    """Where inside window ``index`` the windows agree most: the centre (unpadded voxel coordinates, float, shape
+    (3,)) of the part of that window whose covering windows have the highest mean score.
+
+    MONAI's sliding-window inference averages overlapping windows' outputs; on window scores the same average is
+    highest where the high-scoring windows overlap, which narrows the highest window down towards what made it score
+    (a lesion near a window's corner is also in its neighbours). The average is constant on the cells cut by the
+    windows' faces, so it is computed per cell, not per voxel. Ties: the first cell in row-major order.
+    """
+    values = np.asarray(scores, dtype=np.float64).reshape(grid.shape)
+    box = np.asarray(grid.start_of(index)) - np.asarray(grid.pad_before)
+    roi = np.asarray(grid.roi_size)
+    members, lows, highs = [], [], []
+    for axis, starts in enumerate(grid.unpadded_starts):
+        first = np.asarray(starts)
+        faces = np.concatenate([first, first + roi[axis], [box[axis], box[axis] + roi[axis]]])
+        faces = np.unique(faces[(faces >= box[axis]) & (faces <= box[axis] + roi[axis])])
+        low, high = faces[:-1], faces[1:]
+        # A cell [low, high) is covered by the windows starting at or before low and ending at or after high.
+        members.append(
+            ((first[None, :] <= low[:, None]) & (high[:, None] <= (first + roi[axis])[None, :])).astype(float)
+        )
+        lows.append(low)
+        highs.append(high)
+    total = np.einsum("ai,bj,ck,ijk->abc", *members, values)
+    count = np.einsum("ai,bj,ck->abc", *members)
+    cell = np.unravel_index(int(np.argmax(total / count)), total.shape)
+    return np.array([(lows[a][c] + highs[a][c] - 1) / 2.0 for a, c in enumerate(cell)])
+
+
 def _scan_interval(padded: Sequence[int], roi: Sequence[int], overlap: float) -> Triple:
     """MONAI's ``_get_scan_interval``: the same float expression, so the same truncation (160 * (1 - 0.8) -> 31)."""
     return _triple(r if r == p else max(int(r * (1 - overlap)), 1) for p, r in zip(padded, roi, strict=True))

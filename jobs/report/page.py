@@ -235,8 +235,9 @@ def _review_section(review: list[dict[str, Any]]) -> str:
     title = "The highest-scoring scan" if len(review) == 1 else f"The {len(review)} highest-scoring scans"
     parts = [
         f'<section id="review"><h2>{title} of the night</h2>',
-        '<p class="muted">Axial, coronal and sagittal slices through each scan\'s highest-scoring window (outlined; '
-        "the volume centre when the whole volume was scored), in the model's preprocessed space, radiological "
+        '<p class="muted">Axial, coronal and sagittal slices through each scan\'s highest-scoring window (outlined),'
+        " crossing where the high-scoring windows overlap most (the volume centre when the whole volume was scored), "
+        "in the model's preprocessed space, radiological "
         "convention (the patient's right on the viewer's left). Heat: a voxel's highest window score, more opaque "
         "where the scan scores higher.</p>",
         '<div class="cards">',
@@ -263,11 +264,12 @@ def _score(value: object) -> str:
 
 
 def _position(entry: Mapping[str, Any]) -> str:
-    """Where the slices cross: the max window's voxel (in the original file) and RAS mm, or the volume centre."""
+    """Where the slices cross: inside the highest window where the high-scoring windows overlap (voxel of the
+    original file, RAS mm), or the volume centre."""
     voxel = _triple(entry.get("voxel"), "{:d}")
     if not entry.get("windowed"):
         return "volume centre" + (f", voxel {voxel}" if voxel else "")
-    text = "max window at voxel " + (voxel or "–")
+    text = "in the highest window, slices at voxel " + (voxel or "–")
     ras = _triple(entry.get("ras"), "{:.1f}")
     return text + (f" · RAS {ras} mm" if ras else "")
 

@@ -244,10 +244,12 @@ class Scorer:
             centre = grid.centre_voxel(best)
             outputs["max_window_ras"][i] = _apply(to_ras, centre)
             outputs["max_window_voxel"][i] = _source_voxel(to_source, centre, batch["original_shape"][i])
-            outputs["focus_voxel"][i] = outputs["max_window_voxel"][i]
-            outputs["focus_ras"][i] = outputs["max_window_ras"][i]
+            # The review picture's slices cross where the high-scoring windows overlap, inside the highest one.
+            focus = sliding.heat_peak(grid, scores, best)
+            outputs["focus_voxel"][i] = _source_voxel(to_source, focus, batch["original_shape"][i])
+            outputs["focus_ras"][i] = _apply(to_ras, focus)
             if self._enters_review(float(outputs["score"][i])):
-                outputs["review_png"][i] = self._review_picture(volume[..., 0], to_ras, centre, grid, scores, best)
+                outputs["review_png"][i] = self._review_picture(volume[..., 0], to_ras, focus, grid, scores, best)
 
     def _enters_review(self, score):
         """Whether ``score`` is among this actor's ``review`` highest so far (then the run's top may need it)."""
