@@ -30,6 +30,7 @@ import numpy as np
 
 MONAI_VERSION = "1.6.1"  # the MONAI release whose window placement this module replicates
 AGGREGATES = ("max", "mean", "top3")
+TIE = 1e-3  # window-score means this close count as equal (heat_peak)
 
 Triple = tuple[int, int, int]
 
@@ -196,7 +197,9 @@ def heat_peak(grid: WindowGrid, scores: np.ndarray, index: int) -> np.ndarray:
     MONAI's sliding-window inference averages overlapping windows' outputs; on window scores the same average is
     highest where the high-scoring windows overlap, which narrows the highest window down towards what made it score
     (a lesion near a window's corner is also in its neighbours). The average is constant on the cells cut by the
-    windows' faces, so it is computed per cell, not per voxel. Ties: the first cell in row-major order.
+    windows' faces, so it is computed per cell, not per voxel. Means within ``TIE`` of the highest are ties (a
+    detector that saturates scores every window holding any of a lesion alike), and of tied cells the one nearest
+    the window's centre wins: with nothing to tell them apart, the window's centre.
     """
     values = np.asarray(scores, dtype=np.float64).reshape(grid.shape)
     box = np.asarray(grid.start_of(index)) - np.asarray(grid.pad_before)
@@ -213,10 +216,13 @@ def heat_peak(grid: WindowGrid, scores: np.ndarray, index: int) -> np.ndarray:
         )
         lows.append(low)
         highs.append(high)
-    total = np.einsum("ai,bj,ck,ijk->abc", *members, values)
-    count = np.einsum("ai,bj,ck->abc", *members)
-    cell = np.unravel_index(int(np.argmax(total / count)), total.shape)
-    return np.array([(lows[a][c] + highs[a][c] - 1) / 2.0 for a, c in enumerate(cell)])
+    mean = np.einsum("ai,bj,ck,ijk->abc", *members, values) / np.einsum("ai,bj,ck->abc", *members)
+    centres = [(low + high - 1) / 2.0 for low, high in zip(lows, highs, strict=True)]
+    middle = box + (roi - 1) / 2.0
+    distance = sum(np.meshgrid(*[(c - m) ** 2 for c, m in zip(centres, middle, strict=True)], indexing="ij"))
+    tied = mean >= mean.max() - TIE
+    cell = np.unravel_index(int(np.argmin(np.where(tied, distance, np.inf))), mean.shape)
+    return np.array([centres[a][c] for a, c in enumerate(cell)])
 
 
 def _scan_interval(padded: Sequence[int], roi: Sequence[int], overlap: float) -> Triple:

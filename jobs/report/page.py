@@ -278,7 +278,8 @@ def _triple(values: object, spec: str) -> str | None:
     if not isinstance(values, (list, tuple)) or len(values) != 3:
         return None
     try:
-        return "(" + ", ".join(spec.format(v) for v in values) + ")"
+        # "-0.0" reads as a typo: a coordinate that rounds to zero is written 0.0.
+        return "(" + ", ".join(spec.format(round(v, 1) + 0 if isinstance(v, float) else v) for v in values) + ")"
     except (TypeError, ValueError):
         return None
 
