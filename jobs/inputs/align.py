@@ -91,16 +91,29 @@ def _clamped_taps(c, n):  # pragma: no cover (compiled)
 
 
 @numba.njit(cache=True, nogil=True)
+def _moving_index(linear, offset, i, j, k):  # pragma: no cover (compiled)
+    """The moving channel's continuous index of reference voxel (i, j, k)."""
+    c0 = linear[0, 0] * i + linear[0, 1] * j + linear[0, 2] * k + offset[0]
+    c1 = linear[1, 0] * i + linear[1, 1] * j + linear[1, 2] * k + offset[1]
+    c2 = linear[2, 0] * i + linear[2, 1] * j + linear[2, 2] * k + offset[2]
+    return c0, c1, c2
+
+
+@numba.njit(cache=True, nogil=True)
+def _inside(c0, c1, c2, n0, n1, n2):  # pragma: no cover (compiled)
+    """ITK's inside test: each continuous index in [-0.5, n - 0.5)."""
+    return -0.5 <= c0 < n0 - 0.5 and -0.5 <= c1 < n1 - 0.5 and -0.5 <= c2 < n2 - 0.5
+
+
+@numba.njit(cache=True, nogil=True)
 def _resample(src, linear, offset, fill, out):  # pragma: no cover (compiled)
     n0, n1, n2 = src.shape
     m0, m1, m2 = out.shape
     for i in range(m0):
         for j in range(m1):
             for k in range(m2):
-                c0 = linear[0, 0] * i + linear[0, 1] * j + linear[0, 2] * k + offset[0]
-                c1 = linear[1, 0] * i + linear[1, 1] * j + linear[1, 2] * k + offset[1]
-                c2 = linear[2, 0] * i + linear[2, 1] * j + linear[2, 2] * k + offset[2]
-                if not (-0.5 <= c0 < n0 - 0.5 and -0.5 <= c1 < n1 - 0.5 and -0.5 <= c2 < n2 - 0.5):
+                c0, c1, c2 = _moving_index(linear, offset, i, j, k)
+                if not _inside(c0, c1, c2, n0, n1, n2):
                     out[i, j, k] = fill
                     continue
                 a0, b0, t0 = _clamped_taps(c0, n0)
@@ -121,9 +134,7 @@ def _count_inside(m0, m1, m2, linear, offset, size):  # pragma: no cover (compil
     for i in range(m0):
         for j in range(m1):
             for k in range(m2):
-                c0 = linear[0, 0] * i + linear[0, 1] * j + linear[0, 2] * k + offset[0]
-                c1 = linear[1, 0] * i + linear[1, 1] * j + linear[1, 2] * k + offset[1]
-                c2 = linear[2, 0] * i + linear[2, 1] * j + linear[2, 2] * k + offset[2]
-                if -0.5 <= c0 < size[0] - 0.5 and -0.5 <= c1 < size[1] - 0.5 and -0.5 <= c2 < size[2] - 0.5:
+                c0, c1, c2 = _moving_index(linear, offset, i, j, k)
+                if _inside(c0, c1, c2, size[0], size[1], size[2]):
                     count += 1
     return count
