@@ -245,7 +245,10 @@ class Scorer:
             outputs["max_window_ras"][i] = _apply(to_ras, centre)
             outputs["max_window_voxel"][i] = _source_voxel(to_source, centre, batch["original_shape"][i])
             # The review picture's slices cross where the high-scoring windows overlap, inside the highest one.
-            focus = sliding.heat_peak(grid, scores, best)
+            try:
+                focus = sliding.heat_peak(grid, scores, best)
+            except Exception:  # only where the picture looks: never a failed scan
+                focus = centre
             outputs["focus_voxel"][i] = _source_voxel(to_source, focus, batch["original_shape"][i])
             outputs["focus_ras"][i] = _apply(to_ras, focus)
             if self._enters_review(float(outputs["score"][i])):
