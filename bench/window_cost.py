@@ -23,18 +23,9 @@ import time
 
 import numpy as np
 
+from bench.train_step import best_time
 from jobs.testing.batches import decode_batch_of
 from jobs.testing.cpu import header
-
-
-def best_of(repeat, fn):
-    """Best wall time of ``repeat`` calls (the machine is shared: the best is the least disturbed)."""
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main(argv=None):
@@ -128,9 +119,9 @@ def main(argv=None):
     # Interleaved, so that the machine's load drifts into all three alike.
     ceiling_s, window_s, whole_s = math.inf, math.inf, math.inf
     for _ in range(args.repeat):
-        ceiling_s = min(ceiling_s, best_of(1, ceiling_run))
-        window_s = min(window_s, best_of(1, lambda: windowed(window_batch)))
-        whole_s = min(whole_s, best_of(1, lambda: whole(whole_batch)))
+        ceiling_s = min(ceiling_s, best_time(ceiling_run, 1))
+        window_s = min(window_s, best_time(lambda: windowed(window_batch), 1))
+        whole_s = min(whole_s, best_time(lambda: whole(whole_batch), 1))
     ceiling = calls * args.batch / ceiling_s
     achieved = windows / window_s
     print(f"model ceiling: {ceiling:.1f} windows/s ({calls} compiled batches of {args.batch}, already in memory)")
