@@ -27,6 +27,7 @@ from jobs import redact
 from jobs.config import JobConfig, build_parser
 from jobs.errors import JobError, JobFailed, ManifestError, OutputError, StorageUnreachable
 from jobs.inputs import formats
+from jobs.inputs.channels import channel_columns, named_paths
 from jobs.inputs.manifest import read_manifest
 from jobs.observe import metrics
 from jobs.observe.cost import add_stage_seconds, per_1k_scans
@@ -102,8 +103,11 @@ def check_model(
     except vit3d.ArtifactError as e:
         raise JobError(f"model problem: {e}") from e
     shape = info.input_shape
-    if len(shape) != 5 or shape[-1] != 1:
-        raise JobError(f"model problem: {model_uri} takes inputs {shape}; jobs.score feeds (B, D, H, W, 1) volumes")
+    if len(shape) != 5 or not shape[-1] or shape[-1] < 1:
+        raise JobError(
+            f"model problem: {model_uri} takes inputs {shape}; jobs.score feeds (B, D, H, W, C) volumes, C the "
+            "model's in_channels (the files path, path_1, … of each manifest row)"
+        )
     if mode == "embed" and not callable(getattr(model, "embed", None)):
         raise JobError(f"model problem: {model_uri} ({info.class_name}) has no embed(); use --mode score")
     if mode == "score":
@@ -171,8 +175,10 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
     started_at, started = dt.datetime.now(dt.timezone.utc), time.monotonic()
     config = config.replace(run_id=config.run_id or new_run_id())
     manifest = check_manifest(config.manifest, redactor)
+    channel_paths = channel_columns(manifest.column_names, ["path"])
     if redactor is not None:  # what the logs, the page and the report must not show
-        redactor.learn(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist())
+        for name in ("path", *channel_paths):
+            redactor.learn(manifest.column("scan_id").to_pylist(), manifest.column(name).to_pylist())
     info, spec = check_model(config.model, config.model_sha256, config.mode, config.windows)
     sink = ResultSink(
         config.output,
@@ -190,15 +196,18 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
         raise JobError(f"output problem: {e}") from e
     try:
         paths = dict(zip(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist(), strict=True))
-        known_bad = _known_bad(sink, {s: p for s, p in paths.items() if s not in done}, config.retry_failed, redactor)
-        # The formats' option columns (the series of a DICOM folder) travel with each scan.
+        # The channel files (path_1, …) and the formats' option columns (the series of a DICOM folder, per
+        # channel) travel with each scan.
         option_names = [name for name in formats.option_columns() if name in manifest.column_names]
+        option_names += channel_columns(manifest.column_names, ["path", *formats.option_columns()])
         options = {name: manifest.column(name).to_pylist() for name in option_names}
-        pending = [
+        rows = [
             {"scan_id": s, "path": p, **{name: values[i] or "" for name, values in options.items()}}
             for i, (s, p) in enumerate(paths.items())
-            if s not in done and s not in known_bad
         ]
+        candidates = {row["scan_id"]: tuple(named_paths(row)) for row in rows if row["scan_id"] not in done}
+        known_bad = _known_bad(sink, candidates, config.retry_failed, redactor)
+        pending = [row for row in rows if row["scan_id"] not in done and row["scan_id"] not in known_bad]
         skipped_done = len(done & paths.keys())
         logger.info(
             "%d scans in the manifest, %d already done, %d known bad, %d to score",
@@ -274,7 +283,9 @@ def _score(pending, config, spec, info, sink, hooks):
     loads, nodes, first_result_at, stage_seconds, left_out = {}, {}, None, {}, {}
     review = ReviewPicks(config.review if config.mode == "score" else 0)
     with (
-        scoring_pipeline(pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks) as run,
+        scoring_pipeline(
+            pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks, channels=info.input_shape[-1]
+        ) as run,
         Progress(
             len(pending),
             enabled=config.progress,

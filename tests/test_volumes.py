@@ -1,6 +1,7 @@
 """jobs.inputs.formats.nifti on real files written with nibabel (no mocks)."""
 
 import gzip
+import json
 import os
 import pickle
 import time
@@ -14,7 +15,7 @@ from jobs.errors import ScanError
 from jobs.inputs import formats
 from jobs.inputs.formats.base import read_scan
 from jobs.inputs.formats.nifti import decode_nifti
-from jobs.inputs.load import load_scan, source_provenance
+from jobs.inputs.load import CHANNEL_PROVENANCE, load_scan, source_provenance
 from jobs.inputs.preprocess import preprocess, zoom, zoom_factors
 from jobs.output.schema import DECODE_PROVENANCE
 from jobs.testing.nifti import edited_header, nifti_header, write_raw
@@ -292,12 +293,15 @@ def test_load_volume_provenance(tmp_path, rng):
         "read_s",
         "decode_s",
         "preprocess_s",
+        *CHANNEL_PROVENANCE,
     }
     assert set(prov) == set(source_provenance().names), "provenance keys are the results' source columns"
     assert all(prov[name] in ("", 0) for name in formats.provenance_schema().names), "NIfTI sets no format column"
     assert prov["original_shape"] == [21, 22, 23]
     np.testing.assert_allclose(prov["voxel_spacing"], [0.9, 1.1, 2.0], rtol=1e-6)
     assert prov["orientation"] == "LPS" and prov["source_dtype"] == "int16"
+    assert json.loads(prov["original_shapes"]) == [[21, 22, 23]], "one channel: one entry, as the pipeline carries it"
+    assert json.loads(prov["orientations"]) == ["LPS"] and json.loads(prov["source_dtypes"]) == ["int16"]
     assert all(isinstance(prov[k], float) and prov[k] >= 0 for k in ("read_s", "decode_s", "preprocess_s"))
 
 

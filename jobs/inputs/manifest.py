@@ -5,6 +5,10 @@ A manifest is a table with at least ``scan_id`` and ``path`` columns, stored as 
 understands (``s3://``, ``gs://``, ``file://``...). :func:`read_manifest` validates it up front, so a bad manifest
 fails before any cluster work starts, with a message that names the file and the rows at fault.
 
+Multi-channel scans name channel k's file in ``path_k`` (k = 1…C−1; :mod:`jobs.inputs.channels`), resolved as
+``path`` is, and a format option for channel k in the option's column with the same suffix
+(``series_instance_uid_1``), cast as the option is.
+
 Column types: ``scan_id`` and ``path`` are always strings (a CSV ``scan_id`` such as ``007`` keeps its zeros; an
 integer id in Parquet/JSON becomes ``"7"``). Every other column passes through with the type its reader inferred
 (CSV/JSON inference, or the Parquet schema), in its original order.
@@ -35,6 +39,7 @@ import pyarrow.parquet as pq
 from jobs import storage
 from jobs.errors import ManifestError
 from jobs.inputs import formats
+from jobs.inputs.channels import channel_columns, split_channel_column
 from jobs.inputs.listing import is_uri as _is_uri
 from jobs.inputs.listing import some as _some
 
@@ -54,11 +59,22 @@ def check_manifest_name(uri: str) -> str:
     return _FORMATS[ext]
 
 
+def _typed_columns(names: list[str]) -> dict[str, pa.DataType]:
+    """Columns of ``names`` cast on read: the formats' own and their channel variants (``series_instance_uid_1``),
+    and the channel paths (``path_1``…) as text."""
+    typed = formats.manifest_columns()
+    out = {name: typed[name] for name in names if name in typed}
+    for name in channel_columns(names, [*typed, "path"]):
+        out[name] = typed.get(split_channel_column(name)[0], pa.string())
+    return out
+
+
 def _parse(uri, fmt, data):
     source = pa.BufferReader(data)
     if fmt == "csv":
         # Ids and paths as text (no "007" -> 7); other columns inferred. column_types may name absent columns.
-        typed = formats.manifest_columns()  # text columns stay text: UIDs look like numbers ("1.2")
+        names = pacsv.open_csv(pa.BufferReader(data)).schema.names
+        typed = _typed_columns(names)  # text columns stay text: UIDs look like numbers ("1.2")
         text = (*REQUIRED, *(name for name, kind in typed.items() if pa.types.is_string(kind)))
         convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in text})
         return pacsv.read_csv(source, convert_options=convert)
@@ -155,7 +171,8 @@ def read_manifest(uri: str | os.PathLike) -> pa.Table:
     resolved = pa.array(_resolve_paths(uri, columns["path"].to_pylist()), pa.string())
     others = [name for name in table.column_names if name not in REQUIRED]
     values = []
-    typed = formats.manifest_columns()  # columns a format understands, cast to its type
+    typed = _typed_columns(table.column_names)  # columns a format understands, cast to its type
+    channel_paths = set(channel_columns(table.column_names, ["path"]))
     for name in others:
         column = table.column(name)
         if name in typed and column.type != typed[name]:
@@ -165,6 +182,11 @@ def read_manifest(uri: str | os.PathLike) -> pa.Table:
                 raise ManifestError(
                     f"manifest {uri}: column {name} has type {column.type}, not {typed[name]}", str(e)
                 ) from e
+        if name in channel_paths:  # a channel's file: resolved as path is; empty stays empty (null)
+            given = column.to_pylist()
+            kept = [p if p is not None and p.strip() else None for p in given]
+            resolved_k = _resolve_paths(uri, [p or "" for p in kept])
+            column = pa.array([r if p else None for p, r in zip(kept, resolved_k, strict=True)], pa.string())
         values.append(column)
     return pa.table([columns["scan_id"], resolved, *values], names=[*REQUIRED, *others])
 

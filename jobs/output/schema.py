@@ -135,6 +135,12 @@ ERROR_SCHEMA = pa.schema(
         # In pipeline batches these are int64 (bytes; microseconds since the epoch) with -1 for unknown.
         column("source_size", pa.int64(), "the source's size in bytes, stat'ed before it was read (null: unknown)"),
         column("source_mtime", UTC_TIME, "the source's modification time, stat'ed before it was read"),
+        column(
+            "source_files",
+            pa.list_(pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime", UTC_TIME)])),
+            "every file of the scan (path, path_1, …: one entry per channel file), stat'ed before it was read: a "
+            "known-bad scan is retried when any of them changed (null size or mtime: unknown)",
+        ),
     ]
 )
 FINGERPRINT_COLUMNS = ("source_size", "source_mtime")

@@ -30,7 +30,7 @@ import datetime as dt
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import numpy as np
@@ -39,6 +39,7 @@ import pyarrow.compute as pc
 
 from jobs import stages, storage
 from jobs.errors import JobFailed, LockLost, OutputError
+from jobs.inputs.channels import channel_columns
 from jobs.inputs.formats import fingerprint
 from jobs.output.lock import OutputLock
 from jobs.output.schema import (
@@ -60,8 +61,10 @@ logger = logging.getLogger(__name__)
 
 
 def _column(values, field):
-    """A pipeline batch's NumPy column as an Arrow array of ``field``'s type."""
+    """A pipeline batch's NumPy column as an Arrow array of ``field``'s type (nested lists: JSON text, "" null)."""
     kind = field.type
+    if pa.types.is_list(kind) and not (pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)):
+        return pa.array([json.loads(v) if v else None for v in values], kind)
     if pa.types.is_fixed_size_list(kind):
         flat = pa.array(np.asarray(values, np.float32).reshape(-1), kind.value_type)
         return pa.FixedSizeListArray.from_arrays(flat, kind.list_size)
@@ -155,6 +158,7 @@ class ResultSink:
         self._manifest_shared = manifest.select(shared)  # merged into the formats' provenance columns
         self._manifest_extra = manifest.drop_columns(["scan_id", "path", *shared])
         self._manifest_row = {s: i for i, s in enumerate(manifest.column("scan_id").to_pylist())}
+        self._channel_paths = frozenset(channel_columns(manifest.column_names, ["path"]))
         metadata = {**schema_metadata(model, mode), b"vit3d.run_id": run_id.encode()}
         self._buffers = {
             kind: _Buffer(self.store, kind, run_id, metadata, rows_per_file, flush_seconds, self._ensure_held)
@@ -184,12 +188,13 @@ class ResultSink:
             self.release()
             raise OutputError(str(e)) from e
 
-    def known_bad(self, pending: Mapping[str, str]) -> set[str]:
-        """The scan_ids of ``pending`` (scan_id -> path, not done) to skip as known bad. Call after :meth:`claim`.
+    def known_bad(self, pending: Mapping[str, Sequence[str]]) -> set[str]:
+        """The scan_ids of ``pending`` (scan_id -> its channel files: path, path_1, …; not done) to skip as known
+        bad. Call after :meth:`claim`.
 
-        A scan is known bad when its latest error row for this model (by ``failed_at``) is ``permanent`` and
-        names the same path, and the file's fingerprint (size, mtime) now equals the one recorded. One stat per
-        such scan; every other scan (transient or unknown failures, old rows without a fingerprint, a file
+        A scan is known bad when its latest error row for this model (by ``failed_at``) is ``permanent``, names
+        the same files, and every file's fingerprint (size, mtime) now equals the one recorded. One stat per
+        such file; every other scan (transient or unknown failures, old rows without a fingerprint, a file
         that is missing now) is retried.
         """
         try:
@@ -198,11 +203,11 @@ class ResultSink:
             raise OutputError(f"{self.uri}: cannot read errors/: {e}") from e
         skip = set()
         for scan_id, row in latest.items():
-            if not row["permanent"] or row["path"] != strip_credentials(pending[scan_id]):
+            named = pending[scan_id]
+            paths: list[str] = [named] if isinstance(named, str) else list(named)
+            if not row["permanent"] or row["path"] != strip_credentials(paths[0]):
                 continue
-            if row["source_size"] is None or row["source_mtime"] is None:
-                continue
-            if fingerprint(pending[scan_id]) == (row["source_size"], row["source_mtime"]):
+            if _unchanged(row, paths):
                 skip.add(scan_id)
         return skip
 
@@ -293,7 +298,12 @@ class ResultSink:
         }
         columns = []
         for field in schema:
-            if field.name in extra.column_names:
+            if field.name in self._channel_paths:  # path_1, …: as "path", without user info
+                values = extra.column(field.name).to_numpy(zero_copy_only=False)
+                present = np.array([v is not None for v in values])
+                cleaned = _without_credentials(np.where(present, values, ""))
+                columns.append(pa.array(cleaned, pa.string(), mask=~present))
+            elif field.name in extra.column_names:
                 columns.append(extra.column(field.name))
             elif field.name in constants:
                 columns.append(pa.array(constants[field.name], field.type))
@@ -323,9 +333,50 @@ class ResultSink:
                 columns.append(pa.array(values, pa.int64(), mask=values < 0).cast(f.type))
             elif f.name in ("path", "error"):  # a URI's user info out of both
                 columns.append(_column(_without_credentials(batch[f.name][rows]), f))
+            elif f.name == "source_files":
+                columns.append(_source_files(batch[f.name][rows] if f.name in batch else [""] * count))
             else:
                 columns.append(_column(batch[f.name][rows], f))
         return pa.Table.from_arrays(columns, schema=ERROR_SCHEMA)
+
+
+def _unchanged(row: Mapping[str, Any], paths: Sequence[str]) -> bool:
+    """Whether the files an error row recorded are ``paths`` (with credentials stripped), each with the same
+    fingerprint now; rows written before ``source_files`` existed hold channel 0's alone."""
+    files = row.get("source_files")
+    if files is None:  # an older row: one file
+        recorded = [(row["path"], row["source_size"], row["source_mtime"])]
+    else:
+        recorded = [(f["path"], f["size"], f["mtime"]) for f in files]
+    if len(recorded) != len(paths) or any(size is None or mtime is None for _, size, mtime in recorded):
+        return False
+    for (path, size, mtime), now in zip(recorded, paths, strict=True):
+        if path != strip_credentials(now) or fingerprint(now) != (size, mtime):
+            return False
+    return True
+
+
+def _source_files(values: Sequence[str]) -> pa.Array:
+    """``source_files`` from its pipeline encoding: JSON ``[[path, size, mtime µs], …]`` per row, -1 unknown."""
+    secrets = secret_values()
+    rows: list[list[dict[str, Any]] | None] = []
+    for text in values:
+        if not text:
+            rows.append(None)
+            continue
+        rows.append(
+            [
+                {
+                    "path": scrub_secrets(strip_credentials(str(path)), "", secrets),
+                    "size": size if size >= 0 else None,
+                    "mtime": mtime if mtime >= 0 else None,
+                }
+                for path, size, mtime in json.loads(text)
+            ]
+        )
+    kind = ERROR_SCHEMA.field("source_files").type
+    as_micros = pa.list_(pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64())]))
+    return pa.array(rows, as_micros).cast(kind)
 
 
 def _without_credentials(values):

@@ -91,18 +91,22 @@ class OutputStore:
         """scan_id -> its latest error row (dict) for this model, for the scans in ``scan_ids``.
 
         Files written before a column existed read it as null (the dataset is read with ERROR_SCHEMA);
-        ``source_mtime`` comes as microseconds since the epoch, as :func:`jobs.inputs.formats.fingerprint` gives it.
+        ``source_mtime`` (and each ``source_files`` mtime) comes as microseconds since the epoch, as
+        :func:`jobs.inputs.formats.fingerprint` gives it.
         """
         errors = f"{self.root}/errors"
         if not scan_ids or not self._exists(errors):
             return {}
         dataset = pads.dataset(errors, schema=ERROR_SCHEMA, format="parquet", filesystem=self.filesystem)
         table = dataset.to_table(
-            columns=["scan_id", "path", "failed_at", "permanent", *FINGERPRINT_COLUMNS],
+            columns=["scan_id", "path", "failed_at", "permanent", *FINGERPRINT_COLUMNS, "source_files"],
             filter=pads.field("model_sha256") == model_sha256,
         )
         mtime = table.schema.get_field_index("source_mtime")
         table = table.set_column(mtime, "source_mtime", table.column(mtime).cast(pa.int64()))
+        files = table.schema.get_field_index("source_files")
+        as_micros = pa.list_(pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64())]))
+        table = table.set_column(files, "source_files", table.column(files).cast(as_micros))
         latest = {}
         for row in table.sort_by("failed_at").to_pylist():
             if row["scan_id"] in scan_ids:

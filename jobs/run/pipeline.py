@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -25,7 +26,8 @@ import pyarrow as pa
 from jobs import stages
 from jobs.errors import JobError, ScanError
 from jobs.inputs import formats
-from jobs.inputs.load import prepare_scan, source_provenance
+from jobs.inputs.channels import channel_options, check_count, named_paths
+from jobs.inputs.load import prepare_channels, source_provenance
 from jobs.observe import metrics
 from jobs.observe.logs import VERBOSE_ENV, adopt_ray_logging, is_verbose
 from jobs.run.ledger import CrashLedger, process_guarded, retry_budget
@@ -103,13 +105,20 @@ def _empty_provenance(count):
     """Zeroed NumPy columns for every column the CPU stage measures, typed from the schema."""
     columns = {}
     for field in source_provenance():
-        if pa.types.is_string(field.type):
+        if pa.types.is_string(field.type) or _is_nested(field.type):  # nested lists travel as JSON text
             columns[field.name] = np.full(count, "", dtype=object)
         elif pa.types.is_list(field.type):  # one value per spatial axis
             columns[field.name] = np.zeros((count, SPATIAL_AXES), field.type.value_type.to_pandas_dtype())
         else:
             columns[field.name] = np.zeros(count, field.type.to_pandas_dtype())
     return columns
+
+
+def _is_nested(kind: pa.DataType) -> bool:
+    """A list of lists or of strings (one entry per channel): not a fixed-width NumPy row."""
+    return pa.types.is_list(kind) and not (
+        pa.types.is_integer(kind.value_type) or pa.types.is_floating(kind.value_type)
+    )
 
 
 def decode_batch(
@@ -120,6 +129,7 @@ def decode_batch(
     read_retry_s: float | None = None,
     format_options: dict[str, Any] | None = None,
     at_spacing: bool = False,
+    channels: int = 1,
 ) -> dict[str, np.ndarray]:
     """CPU stage: read, validate, decode and preprocess each scan; failures become error rows.
 
@@ -130,8 +140,12 @@ def decode_batch(
     ``format_options`` (:attr:`jobs.config.JobConfig.format_options`) reach every scan's format check, beside the
     manifest row's option columns (which win on a name both have).
 
-    Each file is stat'ed just before it is read (its fingerprint, kept in error rows): a file replaced after the
-    stat has another fingerprint at the next run, so it is never taken for the bad file it replaced.
+    ``channels`` is the model's in_channels: each row names its channel files in ``path``, ``path_1``, … (or one
+    4-D file), checked and aligned by :func:`jobs.inputs.load.prepare_channels`.
+
+    Each file is stat'ed just before it is read (its fingerprint, kept in error rows: channel 0's in
+    ``source_size``/``source_mtime``, every file's in ``source_files``): a file replaced after the stat has
+    another fingerprint at the next run, so it is never taken for the bad file it replaced.
 
     A read that fails transiently is retried for up to ``read_retry_s`` seconds (None: jobs.storage's
     default). Once one has spent that budget, the batch's later reads get a single attempt each: storage is
@@ -147,6 +161,7 @@ def decode_batch(
         "permanent": np.zeros(count, dtype=bool),
         "source_size": np.full(count, -1, dtype=np.int64),  # the fingerprint; -1: unknown
         "source_mtime": np.full(count, -1, dtype=np.int64),
+        "source_files": np.full(count, "", dtype=object),  # JSON: [[path, size, mtime], ...], one per file
         "volume_shape": np.zeros((count, SPATIAL_AXES), np.int64),
         "to_ras": np.full((count, 16), np.nan, np.float64),
         "to_source": np.full((count, 16), np.nan, np.float64),
@@ -158,17 +173,26 @@ def decode_batch(
 
     retry_s = [read_retry_s]
     provenance_names = source_provenance().names
+    columns = [name for name in batch if name not in ("volume",)]
 
     def process(rows):
         for i in rows:
-            path = str(batch["path"][i])
+            row = {name: batch[name][i] for name in columns}
             try:
-                fingerprint = formats.fingerprint(path)  # before the read: see above
-                if fingerprint is not None:
-                    out["source_size"][i], out["source_mtime"][i] = fingerprint
-                options = dict(format_options or {})
-                options.update({name: str(batch[name][i] or "") for name in formats.option_columns() if name in batch})
-                prepared, provenance = prepare_scan(path, spec, retry_s[0], at_spacing=at_spacing, **options)
+                paths = named_paths(row)
+                fingerprints = [formats.fingerprint(p) if p else None for p in paths]  # before the read: see above
+                files = zip(paths, fingerprints, strict=True)
+                out["source_files"][i] = json.dumps([[p, *(f or (-1, -1))] for p, f in files])
+                if fingerprints[0] is not None:
+                    out["source_size"][i], out["source_mtime"][i] = fingerprints[0]
+                check_count(str(row["scan_id"]), paths, channels)
+                options = [
+                    {**(format_options or {}), **channel_options(row, formats.option_columns(), k)}
+                    for k in range(len(paths))
+                ]
+                prepared, provenance = prepare_channels(
+                    paths, spec, retry_s[0], channels=channels, at_spacing=at_spacing, options=options
+                )
             except ScanError as e:
                 out["error"][i], out["stage"][i] = str(e), e.stage
                 out["permanent"][i] = e.stage in stages.PERMANENT
@@ -279,11 +303,13 @@ def build_dataset(
     model_sha256: str,
     ledger_name: str | None = None,
     hooks: AttemptHooks | None = None,
+    channels: int = 1,
 ) -> Dataset:
     """A lazy Ray Dataset of scored rows for ``items`` (dicts with scan_id and path).
 
     ``config`` is the run's :class:`jobs.config.JobConfig`, ``plan`` its :class:`WorkerPlan`, ``spec`` the
-    model's preprocessing spec and ``model_sha256`` the verified artifact's hash (workers load exactly it).
+    model's preprocessing spec, ``model_sha256`` the verified artifact's hash (workers load exactly it) and
+    ``channels`` its in_channels.
     """
     import ray
 
@@ -309,6 +335,7 @@ def build_dataset(
                 "read_retry_s": config.storage_retry_s,
                 "format_options": config.format_options,
                 "at_spacing": config.windows,
+                "channels": channels,
             },
             batch_size=rows_per_block,
             batch_format="numpy",
@@ -359,6 +386,7 @@ def scoring_pipeline(
     spec: dict[str, Any],
     model_sha256: str,
     hooks: AttemptHooks | None = None,
+    channels: int = 1,
 ) -> Iterator[PipelineRun]:
     """Join (or start) Ray, plan the workers, and yield a :class:`PipelineRun`: scored rows as NumPy batches.
 
@@ -381,7 +409,14 @@ def scoring_pipeline(
         # mypy does not apply class decorators: it sees CrashLedger, not the ActorClass @ray.remote makes of it.
         ledger = CrashLedger.options(name=ledger_name, scheduling_strategy=here).remote()  # type: ignore[attr-defined]
         dataset = build_dataset(
-            items, config, plan, spec=spec, model_sha256=model_sha256, ledger_name=ledger_name, hooks=hooks
+            items,
+            config,
+            plan,
+            spec=spec,
+            model_sha256=model_sha256,
+            ledger_name=ledger_name,
+            hooks=hooks,
+            channels=channels,
         )
         batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
         yield PipelineRun(plan, watch_for_stall(batches, config.stall_timeout_s), ledger)

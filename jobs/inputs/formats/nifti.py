@@ -58,8 +58,12 @@ class _Header:
     inter: float
 
 
-def _check_header(head: bytes, path: str) -> _Header:
-    """Everything that can be known from the header bytes alone; raises ScanError('validate')."""
+def _check_header(head: bytes, path: str, channels: int = 1) -> _Header:
+    """Everything that can be known from the header bytes alone; raises ScanError('validate').
+
+    ``channels`` > 1: a 4-D image with exactly that many volumes is the channels of one scan on one grid (its
+    shape then ends with them); a 3-D image is accepted too (the caller names what is missing).
+    """
 
     def bad(reason):
         return ScanError("validate", path, reason)
@@ -107,9 +111,15 @@ def _check_header(head: bytes, path: str) -> _Header:
     used = list(shape)
     while used and used[-1] == 1:
         used.pop()
-    if len(used) > 3:
+    as_channels = channels > 1 and len(used) == 4 and used[3] == channels
+    if len(used) > 3 and not as_channels:
         volumes = math.prod(used[3:])
-        raise bad(f"{len(used)}-D image with {volumes} volumes; expected a single 3-D volume")
+        wanted = (
+            f"; the model takes {channels} channels (in_channels): a 4-D file must hold exactly {channels} volumes"
+            if channels > 1
+            else ""
+        )
+        raise bad(f"{len(used)}-D image with {volumes} volumes; expected a single 3-D volume{wanted}")
     if len(used) < 3:
         raise bad(f"{max(len(used), 1)}-D image of shape {tuple(shape)}; expected a 3-D volume")
     shape3 = tuple(used)
@@ -193,8 +203,11 @@ def _inflate(data: bytes, expected: int, path: str) -> bytes:
     return out
 
 
-def decode_nifti(data: bytes, path: str) -> Volume:
-    """Check the header (stage "validate"), then decompress and view the voxels (stage "decode")."""
+def decode_nifti(data: bytes, path: str, channels: int = 1) -> Volume:
+    """Check the header (stage "validate"), then decompress and view the voxels (stage "decode").
+
+    ``channels`` > 1 (the model's in_channels): a 4-D file with that many volumes gives a 4-D :class:`Volume`
+    (channels last), the scan's channels on one grid."""
     if not data:
         raise ScanError("validate", path, "empty file")
     gzipped = data[:2] == _GZIP_MAGIC
@@ -202,7 +215,7 @@ def decode_nifti(data: bytes, path: str) -> Volume:
         raise ScanError("validate", path, "not a gzip file (named .gz but the gzip magic bytes 1f 8b are missing)")
 
     head = _peek_gzip(data, path) if gzipped else data[:_HEADER_PEEK]
-    h = _check_header(head, path)
+    h = _check_header(head, path, channels)
     expected = h.vox_offset + h.nbytes
     if gzipped:
         if len(data) < 18:
@@ -249,9 +262,9 @@ class NiftiFormat(Format):
     ) -> bytes:
         return first if first is not None else read_scan(path, retry_s, max_bytes)
 
-    def check(self, path: str, raw: bytes, options: dict[str, Any]) -> tuple[str, bytes]:
-        return path, raw
+    def check(self, path: str, raw: bytes, options: dict[str, Any]) -> tuple[str, bytes, int]:
+        return path, raw, int(options.get("channels", 1))
 
-    def decode(self, checked: tuple[str, bytes]) -> Volume:
-        path, raw = checked
-        return decode_nifti(raw, path)
+    def decode(self, checked: tuple[str, bytes, int]) -> Volume:
+        path, raw, channels = checked
+        return decode_nifti(raw, path, channels)
