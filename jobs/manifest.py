@@ -8,8 +8,8 @@ image files; ``scan_id`` = the SeriesInstanceUID, ``path`` = the folder), declar
 ``--channels C`` lists multi-channel scans named the nnU-Net way (``CASE_0000.nii.gz`` ... ``CASE_{C-1}``) as one
 row per case: ``scan_id`` = folder/CASE, ``path`` = channel 0, ``path_1`` ... ``path_{C-1}`` = the others,
 ``size_bytes`` summed and ``modified_at`` the latest over the case's files
-(:func:`jobs.inputs.channel_listing.group_channels`). A case missing a channel, one with a channel twice or past
-C, and a file without a ``_NNNN`` suffix are each named in a warning and left out.
+(:func:`jobs.inputs.channel_listing.group_channels`). A case missing a channel, one with a channel twice or
+numbered C or more, and a file without a ``_NNNN`` suffix are each named in a warning and left out.
 
 The manifest format follows ``--out``'s extension (CSV, Parquet or JSON Lines; :mod:`jobs.inputs.manifest`), and
 it is written whole or not at all. Exit codes: 0 listed; 3 listed, but some cases were left out (``--channels``:
@@ -82,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="C",
         help="multi-channel scans named the nnU-Net way (CASE_0000.nii.gz ... one file per channel, 4-digit "
         "suffix): one row per case, scan_id = folder/CASE, path = channel 0, path_1 ... path_{C-1} = the others. "
-        "A case missing a channel (or with one twice, or past C) and a file without the suffix are named in a "
-        "warning and left out: exit 3",
+        "A case missing a channel (or with one twice, or one numbered C or more) and a file without the suffix "
+        "are named in a warning and left out: exit 3",
     )
     parser.add_argument(
         "--out",
