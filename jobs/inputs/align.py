@@ -59,7 +59,7 @@ def resample_onto(
         data = data.astype(np.float32)
     value = float(data.min()) if fill is None else float(fill)
     mapping = voxel_to_voxel(reference_affine, moving_affine)
-    out = np.empty(shape, np.float32)
+    out = np.empty(shape, np.float32, order="F")  # as decoded volumes are: the first axis fastest
     _resample(data, mapping[:3, :3].copy(), mapping[:3, 3].copy(), np.float32(value), out)
     return out
 
@@ -109,9 +109,9 @@ def _inside(c0, c1, c2, n0, n1, n2):  # pragma: no cover (compiled)
 def _resample(src, linear, offset, fill, out):  # pragma: no cover (compiled)
     n0, n1, n2 = src.shape
     m0, m1, m2 = out.shape
-    for i in range(m0):
+    for k in range(m2):  # the first axis innermost: Fortran-ordered output and (decoded) input
         for j in range(m1):
-            for k in range(m2):
+            for i in range(m0):
                 c0, c1, c2 = _moving_index(linear, offset, i, j, k)
                 if not _inside(c0, c1, c2, n0, n1, n2):
                     out[i, j, k] = fill

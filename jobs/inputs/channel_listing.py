@@ -20,6 +20,7 @@ from typing import Literal
 
 import pyarrow as pa
 
+from jobs.inputs.channels import path_column
 from jobs.inputs.listing import some
 
 # CASE_NNNN then the extension (a dot and no '_': .nii.gz, .nii, .nrrd, .nhdr, ...) or nothing. The case id is
@@ -39,11 +40,6 @@ class LeftOut:
 
     def __str__(self) -> str:
         return f"{'file' if self.kind == 'no-suffix' else 'case'} {self.name}: {self.reason}"
-
-
-def _path_column(channel: int) -> str:
-    """The manifest column holding ``channel``'s file: ``path`` for channel 0, ``path_K`` for channel K."""
-    return "path" if channel == 0 else f"path_{channel}"
 
 
 def _plural(count: int, noun: str, nouns: str | None = None) -> str:
@@ -101,7 +97,7 @@ def group_channels(listing: pa.Table, channels: int) -> tuple[pa.Table, list[Lef
     paths = listing.column("path").to_pylist()
     columns: dict[str, pa.Array] = {"scan_id": pa.array([case for case, _ in complete], pa.string())}
     for channel in range(channels):
-        columns[_path_column(channel)] = pa.array([paths[rows[channel]] for _, rows in complete], pa.string())
+        columns[path_column(channel)] = pa.array([paths[rows[channel]] for _, rows in complete], pa.string())
     if "size_bytes" in listing.column_names:
         sizes = listing.column("size_bytes").to_pylist()
         summed = [None if any(sizes[r] is None for r in rows) else sum(sizes[r] for r in rows) for _, rows in complete]

@@ -59,26 +59,24 @@ def check_count(scan_id: str, paths: Sequence[str], channels: int) -> None:
     One file for several channels is accepted here: it must then hold them all (a 4-D NIfTI), which its reader
     checks. Several files must be exactly ``channels``, none of them empty.
     """
-    named = [k for k, p in enumerate(paths) if p]
-    first = paths[0] if paths else ""
     if len(paths) == 1:
         return
-    if len(paths) > channels:
-        extra = ", ".join(path_column(k) for k in range(channels, len(paths)) if paths[k])
-        raise ScanError(
-            "validate",
-            first,
-            f"row {scan_id!r} names {len(named)} channel files, but the model takes {channels} channel"
-            f"{'s' if channels != 1 else ''} (in_channels); {extra} must be empty for this model",
-        )
+    named = [k for k, p in enumerate(paths) if p]
     missing = [path_column(k) for k in range(channels) if k >= len(paths) or not paths[k]]
+    extra = [path_column(k) for k in range(channels, len(paths)) if paths[k]]
+    if not missing and not extra:
+        return
+    problems = []
     if missing:
-        raise ScanError(
-            "validate",
-            first,
-            f"row {scan_id!r}: the model takes {channels} channels (in_channels) and the row names "
-            f"{len(named)}: {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} empty",
-        )
+        problems.append(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} empty")
+    if extra:
+        problems.append(f"{', '.join(extra)} must be empty for this model")
+    raise ScanError(
+        "validate",
+        paths[0],
+        f"row {scan_id!r}: the model takes {channels} channel{'s' if channels != 1 else ''} (in_channels) and the "
+        f"row names {len(named)} channel file{'s' if len(named) != 1 else ''}: {'; '.join(problems)}",
+    )
 
 
 def channel_options(row: Mapping[str, Any], option_names: Iterable[str], k: int) -> dict[str, str]:

@@ -90,6 +90,7 @@ def prepare_channels(
     channels: int = 1,
     at_spacing: bool = False,
     options: Sequence[Mapping[str, Any]] | None = None,
+    scan_id: str = "",
 ) -> tuple[Prepared, dict[str, Any]]:
     """:func:`prepare_scan` for a scan of ``channels`` channels: ``paths`` names one file per channel (channel 0
     first; ``options[k]`` are channel k's), or one file holding them all (a 4-D NIfTI).
@@ -98,7 +99,8 @@ def prepare_channels(
     outside their field of view the channel's minimum) after a check that they cover at least
     :data:`jobs.inputs.align.MIN_CHANNEL_OVERLAP` of it; then each channel runs the shared preprocessing (so the
     intensity normalisation is per channel) and the results are stacked, channels last. A ScanError names the
-    file and, on a multi-channel scan, the channel. Times add up over the channels (alignment counts as
+    file and, on a multi-channel scan, the channel (and ``scan_id``'s row when the row names too few files). Times
+    add up over the channels (alignment counts as
     preprocessing); the provenance's channel-0 columns describe channel 0, :data:`CHANNEL_PROVENANCE` every one.
     """
     options = list(options) if options is not None else [{} for _ in paths]
@@ -113,7 +115,9 @@ def prepare_channels(
             volume, fmt, checked = _read_one(path, read_retry_s, opts, reading)
         if k == 0:
             first_format = (fmt, checked)
-        volumes.extend(_split_channels(volume, channels) if len(paths) == 1 else [_three_d(volume, k, channels)])
+        volumes.extend(
+            _split_channels(volume, channels, scan_id) if len(paths) == 1 else [_three_d(volume, k, channels)]
+        )
     t2 = time.perf_counter()
     reference = volumes[0]
     stacked = []
@@ -167,7 +171,7 @@ def _three_d(volume: Volume, k: int, channels: int) -> Volume:
     return volume
 
 
-def _split_channels(volume: Volume, channels: int) -> list[Volume]:
+def _split_channels(volume: Volume, channels: int, scan_id: str = "") -> list[Volume]:
     """One file's channels: a 3-D volume for one, the volumes of a 4-D one (channels last) for several."""
     if channels == 1:
         return [_three_d(volume, 0, 1)]
@@ -176,7 +180,8 @@ def _split_channels(volume: Volume, channels: int) -> list[Volume]:
         raise ScanError(
             "validate",
             volume.path,
-            f"the model takes {channels} channels (in_channels) and the row names one file, holding one volume: "
+            f"{f'row {scan_id!r}: ' if scan_id else ''}the model takes {channels} channels (in_channels) and the row "
+            "names one file, holding one volume: "
             f"name {others}, or give a 4-D NIfTI with {channels} volumes",
         )
     return [dataclasses.replace(volume, data=volume.data[..., c]) for c in range(channels)]

@@ -191,7 +191,13 @@ def decode_batch(
                     for k in range(len(paths))
                 ]
                 prepared, provenance = prepare_channels(
-                    paths, spec, retry_s[0], channels=channels, at_spacing=at_spacing, options=options
+                    paths,
+                    spec,
+                    retry_s[0],
+                    channels=channels,
+                    at_spacing=at_spacing,
+                    options=options,
+                    scan_id=str(row["scan_id"]),
                 )
             except ScanError as e:
                 out["error"][i], out["stage"][i] = str(e), e.stage
