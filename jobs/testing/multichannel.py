@@ -52,7 +52,9 @@ def _grid_affine(spacing: float, size: int, shift: Sequence[float]) -> np.ndarra
     return affine
 
 
-def _sample(affine: np.ndarray, size: int, anatomy: dict[str, Any], channel: int, rng: np.random.Generator):
+def _sample(
+    affine: np.ndarray, size: int, anatomy: dict[str, Any], channel: int, rng: np.random.Generator
+) -> np.ndarray:
     """The case's intensities at every voxel of a grid (RAS voxel order), plus noise drawn from ``rng``."""
     index = np.stack(np.meshgrid(*[np.arange(size)] * 3, indexing="ij"), axis=-1).astype(np.float64)
     world = index @ affine[:3, :3].T + affine[:3, 3]
@@ -111,7 +113,7 @@ def train_case_classifier(
     import vit3d
 
     prepared = prepared_inputs(cases, spec)
-    mirrored = [np.flip(prepared, axis=[a + 1 for a in range(3) if f >> a & 1]) for f in range(8)]
+    mirrored = [np.flip(prepared, axis=tuple(a + 1 for a in range(3) if f >> a & 1)) for f in range(8)]
     x = np.concatenate(mirrored)
     y = np.tile(np.array([int(c.lesion) for c in cases]), 8)
     keras.utils.set_random_seed(seed)
