@@ -255,3 +255,35 @@ def test_a_two_channel_model_scores_the_lesion_only_channel_1_shows(ray_cluster,
     counts = again["counts"]
     assert (counts["skipped_done"], counts["skipped_known_bad"], counts["ok"], counts["error"]) == (16, 1, 1, 0)
     assert nib.load(broken.paths[1]).shape == (18, 18, 18)
+
+
+def test_a_two_channel_model_passes_the_start_up_check_and_scores_and_embeds(tmp_path):
+    import vit3d
+    from jobs.inputs.windows import iter_windows, window_grid
+    from jobs.run.scorer import Scorer, scores_from_logits
+    from jobs.score import check_model
+    from jobs.testing.batches import decode_batch_of
+
+    model = vit3d.ViT3D(8, 4, in_channels=2, hidden_size=16, mlp_dim=16, num_layers=1, num_heads=2, classification=True)
+    model.build(model.volume_shape)
+    rng = np.random.default_rng(2)
+    for v in model.weights:
+        v.assign(np.asarray(v) + rng.normal(0, 0.3, v.shape).astype("float32"))
+    info = vit3d.save(model, str(tmp_path / "two.keras"), preprocessing={"spacing": [2.0, 2.0, 2.0]})
+    for mode in ("score", "embed"):
+        assert check_model(info.path, info.sha256, mode, windows=True)[0].input_shape == (None, 8, 8, 8, 2)
+
+    volumes = [rng.normal(size=(8, 8, 8, 2)).astype(np.float32) for _ in range(3)]
+    x = np.stack(volumes)
+    scored = Scorer(info.path, info.sha256, "score", 4)(decode_batch_of(volumes))
+    np.testing.assert_allclose(scored["score"], scores_from_logits(np.asarray(model(x)))[0], atol=1e-5)
+    embedded = Scorer(info.path, info.sha256, "embed", 4)(decode_batch_of(volumes))
+    np.testing.assert_allclose(np.stack(embedded["embedding"]), np.asarray(model.embed(x)), atol=1e-5)
+
+    big = rng.normal(size=(12, 8, 14, 2)).astype(np.float32)  # windows cut across both channels
+    windowed = Scorer(info.path, info.sha256, "score", 4, windows={"overlap": 0.25, "aggregate": "max"})
+    out = windowed(decode_batch_of([big]))
+    grid = window_grid(big.shape[:3], (8, 8, 8), 0.25)
+    crops = np.stack([np.ascontiguousarray(c) for c in iter_windows(big, grid)])
+    expected = scores_from_logits(np.asarray(model(crops)))[0]
+    np.testing.assert_allclose(np.frombuffer(out["window_scores"][0], np.float32), expected, atol=1e-5)
