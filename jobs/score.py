@@ -176,9 +176,16 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
     config = config.replace(run_id=config.run_id or new_run_id())
     manifest = check_manifest(config.manifest, redactor)
     channel_paths = channel_columns(manifest.column_names, ["path"])
-    if redactor is not None:  # what the logs, the page and the report must not show
+    if redactor is not None:  # what the logs, the page and the report must not show: every channel's file too
+        ids: list[str] = []
+        named: list[str] = []
         for name in ("path", *channel_paths):
-            redactor.learn(manifest.column("scan_id").to_pylist(), manifest.column(name).to_pylist())
+            column = manifest.column(name).to_pylist()
+            for scan_id, path in zip(manifest.column("scan_id").to_pylist(), column, strict=True):
+                if path:
+                    ids.append(scan_id)
+                    named.append(path)
+        redactor.learn(ids, named)
     info, spec = check_model(config.model, config.model_sha256, config.mode, config.windows)
     sink = ResultSink(
         config.output,
