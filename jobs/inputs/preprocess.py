@@ -61,7 +61,8 @@ def zoom(array: np.ndarray, target: Iterable[int], order: int) -> np.ndarray:
 class Prepared:
     """A scan as the model sees it, and where its voxels came from.
 
-    ``tensor`` is float32, C-contiguous, (D, H, W, 1) with (D, H, W) the (x, y, z) axes: the model's input size,
+    ``tensor`` is float32, C-contiguous, (D, H, W, C) with (D, H, W) the (x, y, z) axes and C the channels (1 from
+    :func:`prepare`; :func:`jobs.inputs.load.prepare_channels` stacks one per channel): the model's input size,
     or (:func:`prepare` with ``at_spacing``) the whole volume at the spec's spacing, for sliding windows.
     ``to_source`` maps a tensor voxel (i, j, k) to the stored volume's voxel coordinates (the file's own index:
     what a viewer shows), ``to_ras`` to RAS world mm; both 4x4 float64.
