@@ -3,6 +3,8 @@ another layer. What each means for the run's exit code is said on the class."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from jobs import stages
 
 
@@ -11,7 +13,16 @@ class JobError(Exception):
 
 
 class JobFailed(Exception):
-    """The pipeline broke mid-run; what was scored is committed and a rerun resumes (exit 1)."""
+    """The pipeline broke mid-run; what was scored is committed and a rerun resumes (exit 1).
+
+    ``partial``: the run's figures up to the failure (set by ``jobs.score``); ``report``: the failed night's run
+    report, written beside the others as far as storage allowed (``status: failed``), or None.
+    """
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.partial: dict[str, Any] = {}
+        self.report: dict[str, Any] | None = None
 
 
 class ManifestError(Exception):

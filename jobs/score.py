@@ -231,9 +231,14 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
             "progress": Progress(0, enabled=False).close(),
             "review": [],
         }
+        failure: JobFailed | None = None
         if pending:
-            scored = _score(pending, config, spec, info, sink, hooks)
-        files = sink.complete()  # (already committed after scoring: this only lists the files)
+            try:
+                scored = _score(pending, config, spec, info, sink, hooks)
+            except JobFailed as e:  # the night still reports: what was committed before it broke, and why
+                failure = e
+                scored = {**scored, **e.partial}
+        files = sink.committed_files() if failure else sink.complete()  # (complete only lists them here)
         counts = {
             "manifest": manifest.num_rows,
             "skipped_done": skipped_done,
@@ -244,6 +249,8 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
         left_out = scored.pop("series_left_out", {})
         review = scored.pop("review", [])
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
+        if failure is not None:
+            report.update(exit_code=EXIT_FAILED, status="failed", failure=redact.scrub(str(failure)))
         # DICOM series scored with a series_note (a localizer/scout left out, a gantry tilt corrected): scan_id -> note.
         report["series_left_out"] = left_out
         if redactor is not None:
@@ -258,12 +265,34 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
         # --redact-paths: how scan_ids and paths were turned into tokens (the key's id, never the key); else None.
         report["redaction"] = redactor.describe() if redactor is not None else None
         report = redact.scrub_data(report)  # no credentials (URIs' user info), and no PHI under --redact-paths
+        if failure is not None:
+            raise _reported(failure, sink, report, redactor)
         page = write_page(sink, report, redactor)  # jobs.report; None (and a warning) if it failed
         report["report_page"] = redact.scrub(page) if page else page
         report["report_path"] = redact.scrub(sink.write_report(report))
         return report
     finally:
         sink.release()
+
+
+def _reported(failure: JobFailed, sink: ResultSink, report: dict[str, Any], redactor: Redactor | None) -> JobFailed:
+    """``failure`` with the failed night's report written beside the others (``runs/<run_id>.json`` and its page,
+    ``status: failed``) as far as storage allows, and attached as ``failure.report``; returned to be raised."""
+    try:
+        report["report_path"] = redact.scrub(sink.write_report(report))
+    except Exception as e:  # storage is what broke, often: the log is then all there is
+        report["report_path"] = None
+        logger.warning("the failed run's report could not be written either (%s): this log is its only record", e)
+        failure.report = report
+        return failure
+    page = write_page(sink, report, redactor)  # None (and a warning) if it failed
+    report["report_page"] = redact.scrub(page) if page else page
+    try:  # again, with the page's path in it
+        sink.write_report(report)
+    except Exception as e:
+        logger.debug("the failed run's report was not rewritten with its page: %s", e)
+    failure.report = report
+    return failure
 
 
 def _known_bad(sink, candidates, retry_failed, redactor=None):
@@ -322,17 +351,22 @@ def _score(pending, config, spec, info, sink, hooks):
                     f"--storage-retry-s {config.storage_retry_s:g} s (their errors/ rows have stage read-transient)"
                 )
         except Exception as e:
-            sink.fail(e)  # raises JobFailed
+            try:
+                sink.fail(e)  # raises JobFailed
+            except JobFailed as failed:  # what the failed night's report can still say
+                failed.partial = {
+                    "loads": loads,
+                    "plan": dataclasses.asdict(run.plan),
+                    "first_result_at": first_result_at,
+                    "cluster": _cluster_figures(run, nodes),
+                    "stage_seconds": stage_seconds,
+                    "series_left_out": left_out,
+                    "progress": progress.close(sink.counts),
+                    "review": review.entries(),
+                }
+                raise
         final_progress = progress.close(sink.counts)
-        starts = run.scoring_actor_starts()
-        states = run.node_states()
-        cluster = {
-            "nodes": {node: {**states.get(node, {}), **counts} for node, counts in nodes.items()},
-            "crash_ledger_node": run.crash_ledger_node(),
-            "scoring_actors": [{"node_id": node, "pid": pid} for node, pid in starts],
-            # Every start beyond one per planned actor is a restart (a dead actor's replacement).
-            "actor_restarts": max(0, len(starts) - run.plan.workers),
-        }
+        cluster = _cluster_figures(run, nodes)
     return {
         "loads": loads,
         "plan": dataclasses.asdict(run.plan),
@@ -342,6 +376,25 @@ def _score(pending, config, spec, info, sink, hooks):
         "series_left_out": left_out,
         "progress": final_progress,
         "review": review.entries(),
+    }
+
+
+def _cluster_figures(run, nodes):
+    """Which Ray nodes decoded and scored how many scans, and the scoring actors' starts (empty when the cluster
+    cannot say: a failed night's head may be gone)."""
+    try:
+        starts = run.scoring_actor_starts()
+        states = run.node_states()
+        ledger_node = run.crash_ledger_node()
+    except Exception as e:  # the cluster broke with the run: the report says what the driver saw
+        logger.debug("cluster figures unavailable: %s", e)
+        starts, states, ledger_node = [], {}, None
+    return {
+        "nodes": {node: {**states.get(node, {}), **counts} for node, counts in nodes.items()},
+        "crash_ledger_node": ledger_node,
+        "scoring_actors": [{"node_id": node, "pid": pid} for node, pid in starts],
+        # Every start beyond one per planned actor is a restart (a dead actor's replacement).
+        "actor_restarts": max(0, len(starts) - run.plan.workers),
     }
 
 
@@ -428,8 +481,9 @@ def summary(report: dict[str, Any]) -> str:
             _cost_line(report.get("cost_per_1k_scans") or {}),
             *_left_out_lines(report.get("series_left_out") or {}),
             f"  progress: {Progress.line(_final_figures(report['progress']), final=True)}",
-            f"  results: {out}/results/   errors: {out}/errors/   report: {report['report_path']}",
+            f"  results: {out}/results/   errors: {out}/errors/   report: {report.get('report_path') or 'not written'}",
             f"  page: {report.get('report_page') or 'not written (see the warning above)'}",
+            *([f"  failed: {report['failure']}"] if report.get("failure") else []),
         ]
     )
 
@@ -489,6 +543,8 @@ def main(argv: list[str] | None = None, hooks: AttemptHooks | None = None) -> in
             return EXIT_USAGE
         except JobFailed as e:
             logger.error("run failed: %s", e)
+            if e.report is not None:
+                print(redact.scrub(summary(e.report)))
             return EXIT_FAILED
         except Exception:  # a bug: its traceback through the scrubbing log handler, not printed raw by Python
             logger.exception("run failed: unexpected error")

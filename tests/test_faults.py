@@ -8,6 +8,7 @@ Tests wait on what they can observe (committed rows, a lock file), never on a fi
 """
 
 import gzip
+import json
 import os
 import resource
 import signal
@@ -28,6 +29,7 @@ from keras_test_models import SeedViT
 import vit3d
 from jobs.errors import ScanError
 from jobs.inputs.formats.nifti import decode_nifti
+from jobs.report.cli import main as report_main
 from jobs.run.ledger import MAX_CRASHES
 from jobs.score import JobError, run
 from jobs.testing import processes
@@ -389,10 +391,26 @@ def test_stalled_pipeline_exits_1_and_rerun_completes(ray_cluster, tiny_model, a
     assert held not in done and len(set(done)) == len(done)
     assert not os.path.exists(os.path.join(output, "_lock.json")), "the stalled run released its lock"
 
-    report = run(manifest, model_path, output, device="cpu", run_id="rerun", progress=False)
+    # The failed night still reports: its JSON report and page, with the reason and what was committed.
+    with open(os.path.join(output, "runs", "stalled.json")) as f:
+        failed = json.load(f)
+    assert failed["status"] == "failed" and failed["exit_code"] == 1
+    assert "no scan was scored for 15 s (--stall-timeout-s)" in failed["failure"]
+    assert failed["counts"]["ok"] == len(done) and failed["counts"]["manifest"] == 16
+    assert len(failed["output"]["results_files"]) >= 1, "the files committed before the failure"
+    assert failed["report_page"].endswith("runs/stalled.html") and os.path.exists(failed["report_page"])
+    assert "run stalled: failed" in text and "report: " + failed["report_path"] in text, text[-3000:]
+    assert report_main([output, "--run-id", "stalled", "--out", str(tmp_path / "redrawn.html")]) == 0
+    page = (tmp_path / "redrawn.html").read_text()
+    assert "failed (exit 1)" in page and "--stall-timeout-s" in page
+
+    # The rerun may take the failed run's id: it scores the rest exactly once, and its report replaces the failed one.
+    report = run(manifest, model_path, output, device="cpu", run_id="stalled", progress=False)
     assert report["counts"]["skipped_done"] == len(done) and report["counts"]["ok"] == 16 - len(done)
     ids = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows), "exactly one row per scan after the rerun"
+    with open(os.path.join(output, "runs", "stalled.json")) as f:
+        assert json.load(f)["status"] == "ok"
 
 
 def save_lambda_model(path):

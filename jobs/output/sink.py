@@ -239,6 +239,10 @@ class ResultSink:
             buffer.flush()
         return {f"{kind}_files": list(buffer.files) for kind, buffer in self._buffers.items()}
 
+    def committed_files(self) -> dict[str, list[str]]:
+        """What :meth:`complete` returns, without committing anything: the files committed so far."""
+        return {f"{kind}_files": list(buffer.files) for kind, buffer in self._buffers.items()}
+
     def fail(self, error: BaseException) -> NoReturn:
         """The pipeline broke: commit what is buffered, as far as storage allows, and raise JobFailed.
 

@@ -65,8 +65,18 @@ class OutputStore:
                     )
             marker = {"tool": "vit3d-batch", "format_version": FORMAT_VERSION, "mode": mode}
             storage.write_bytes(self.child(MARKER), json.dumps(marker).encode(), self.retry_s)
-        if self._exists(f"{self.root}/runs/{run_id}.json"):
+        if self._exists(f"{self.root}/runs/{run_id}.json") and not self._failed(run_id):
             raise OutputError(f"run id {run_id!r} already finished in {self.uri}: choose another --run-id")
+
+    def _failed(self, run_id: str) -> bool:
+        """Whether ``runs/<run_id>.json`` reports a failed run (exit 1): its run id may be used again, by the rerun
+        that scores what it left, whose report then replaces it."""
+        try:
+            return json.loads(storage.read_bytes(self.child("runs", f"{run_id}.json"), self.retry_s)).get("status") == (
+                "failed"
+            )
+        except (OSError, ValueError):
+            return False
 
     def remove_staging_leftovers(self) -> None:
         """Delete hidden staging files of runs that died mid-write (call only while holding the lock)."""

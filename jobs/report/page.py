@@ -109,6 +109,11 @@ def render(report: dict[str, Any], data: dict[str, Any], svgs: Mapping[str, str]
         f"<code>{_e(data['model_sha256'][:12])}</code> ({_e(report['model']['uri'])}) · output "
         f"<code>{_e(report['output']['uri'])}</code></p>",
     ]
+    if data.get("failure"):
+        parts.append(
+            f'<p id="failure"><span class="status bad">failed</span> {_e(data["failure"])}. Below is what was '
+            "committed before the failure; rerunning the same command scores the rest, exactly once.</p>"
+        )
     if data.get("redaction"):
         parts.append(
             '<p class="muted" id="redaction">Scan ids and paths on this page are keyed tokens (--redact-paths: '

@@ -128,6 +128,7 @@ def summarize(
         "mode": report["config"]["mode"],
         "status": report["status"],
         "exit_code": report["exit_code"],
+        "failure": report.get("failure"),  # a failed night (exit 1): why
         "counts": counts,
         "attempted": attempted,
         "error_rate": report["error_rate"],
