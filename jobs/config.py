@@ -67,6 +67,8 @@ class JobConfig:
             (unreachable, reset, timeout, 5xx) before giving up. Defaults to ``60.0``.
         stall_timeout_s: float. Stop the run (exit 1, scored scans committed) when no scan has been scored for
             this many seconds; 0 waits forever. Defaults to ``1800.0``.
+        settle_s: float. Defer (neither score nor fail) a scan any of whose files was modified less than this many
+            seconds before the run started: a series still arriving. 0 is off. Defaults to ``0.0``.
         precision: str. ``"float32"`` or ``"mixed_bfloat16"`` (GPUs). Defaults to ``"float32"``.
         windows: bool. Score each scan as overlapping windows of the model's input size at the spacing its
             preprocessing spec names (MONAI's sliding-window placement), one result row per scan. Defaults to
@@ -164,6 +166,14 @@ class JobConfig:
         help="stop with exit 1 (what was scored is committed) when no scan has been scored for SECONDS, e.g. "
         "a cluster that lost a node and has no CPU left to decode; 0 waits forever (default %(default)s, which "
         "includes the first result's wait for model loads)",
+    )
+    settle_s: float = option(
+        0.0,
+        type=float,
+        metavar="SECONDS",
+        help="defer to a later run any scan one of whose files was modified less than SECONDS before the run "
+        "started, e.g. a DICOM series still arriving from the PACS (counted as deferred_unsettled; neither "
+        "scored nor an error); 0 is off (default %(default)s)",
     )
     precision: str = option(
         "float32",
@@ -274,7 +284,7 @@ class JobConfig:
             raise JobError(f"--review must be at least 0, got {self.review}")
         if not self.progress_every_s > 0:
             raise JobError(f"--progress-every must be above 0 seconds, got {self.progress_every_s}")
-        for name in ("storage_retry_s", "stall_timeout_s"):
+        for name in ("storage_retry_s", "stall_timeout_s", "settle_s"):
             if getattr(self, name) < 0:
                 raise JobError(f"--{flag_of(name)} must be at least 0, got {getattr(self, name)}")
         if not isinstance(self.max_scan_bytes, int) or self.max_scan_bytes < 1024**2:

@@ -154,7 +154,7 @@ def run(manifest: str, model: str, output: str, *, hooks: AttemptHooks | None = 
 
     >>> report = run("manifest.csv", "model.keras", "out/", device="cpu")  # doctest: +SKIP
     >>> report["counts"]  # doctest: +SKIP
-    {'manifest': 41, 'skipped_done': 0, 'skipped_known_bad': 0, 'ok': 40, 'error': 1}
+    {'manifest': 41, 'skipped_done': 0, 'skipped_known_bad': 0, 'ok': 40, 'error': 1, 'deferred_unsettled': 0}
     """
     return run_job(JobConfig(manifest, model, output, **options), hooks=hooks)
 
@@ -234,7 +234,7 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
         failure: JobFailed | None = None
         if pending:
             try:
-                scored = _score(pending, config, spec, info, sink, hooks)
+                scored = _score(pending, config, spec, info, sink, hooks, started_at)
             except JobFailed as e:  # the night still reports: what was committed before it broke, and why
                 failure = e
                 scored = {**scored, **e.partial}
@@ -314,13 +314,21 @@ def _known_bad(sink, candidates, retry_failed, redactor=None):
     return known_bad
 
 
-def _score(pending, config, spec, info, sink, hooks):
+def _score(pending, config, spec, info, sink, hooks, started_at):
     """Stream the pipeline's batches into ``sink``; returns what the report needs."""
+    # --settle-s: files modified after this (µs since the epoch) mark a scan as still arriving.
+    settled_before_us = int((started_at.timestamp() - config.settle_s) * 1e6) if config.settle_s > 0 else None
     loads, nodes, first_result_at, stage_seconds, left_out = {}, {}, None, {}, {}
     review = ReviewPicks(config.review if config.mode == "score" else 0)
     with (
         scoring_pipeline(
-            pending, config, spec=spec, model_sha256=info.sha256, hooks=hooks, channels=info.input_shape[-1]
+            pending,
+            config,
+            spec=spec,
+            model_sha256=info.sha256,
+            hooks=hooks,
+            channels=info.input_shape[-1],
+            settled_before_us=settled_before_us,
         ) as run,
         Progress(
             len(pending),
@@ -473,7 +481,12 @@ def summary(report: dict[str, Any]) -> str:
             f"run {report['run_id']}: {report['status']}",
             f"  manifest {c['manifest']} scans: {c['skipped_done']} already done (skipped), "
             f"{c['skipped_known_bad']} known bad (skipped: unchanged since they failed), "
-            f"{c['ok']} scored, {c['error']} failed (error rate {report['error_rate']:.2%} of attempted)",
+            f"{c['ok']} scored, {c['error']} failed (error rate {report['error_rate']:.2%} of attempted)"
+            + (
+                f", {c['deferred_unsettled']} deferred (still arriving: --settle-s)"
+                if c.get("deferred_unsettled")
+                else ""
+            ),
             f"  {report['wall_s']:.1f} s, {report['throughput_scans_per_s'] or 0:.2f} scans/s, "
             f"model {report['model']['sha256'][:12]}, loads per worker {report['model']['loads_per_worker']}",
             f"  {len(report['cluster']['nodes'])} node(s), {report['cluster']['actor_restarts']} scoring actor "

@@ -157,6 +157,7 @@ def test_every_bad_scan_gives_one_error_row_and_its_batch_is_scored(ray_cluster,
         "skipped_known_bad": 0,
         "ok": 8,
         "error": len(expected),
+        "deferred_unsettled": 0,
     }
     errors = read_table(str(tmp_path / "out"), "errors").to_pylist()
     assert sorted(e["scan_id"] for e in errors) == sorted(expected), "exactly one error row per bad scan"
@@ -251,7 +252,14 @@ def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_pa
     assert not worker.is_alive(), "the run did not finish in 900 s"
     assert "error" not in outcome, repr(outcome.get("error"))
     report = outcome["report"]
-    assert report["counts"] == {"manifest": 16, "skipped_done": 0, "skipped_known_bad": 0, "ok": 16, "error": 0}
+    assert report["counts"] == {
+        "manifest": 16,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 16,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
     ids = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
     assert sorted(ids) == sorted(r["scan_id"] for r in rows), "every scan exactly once"
     loads = report["model"]["loads_per_worker"]
@@ -269,7 +277,14 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
     report = run(
         manifest, model_path, output, device="cpu", batch_size=4, max_error_rate=0.2, progress=False, hooks=hooks
     )
-    assert report["counts"] == {"manifest": 16, "skipped_done": 0, "skipped_known_bad": 0, "ok": 14, "error": 2}
+    assert report["counts"] == {
+        "manifest": 16,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 14,
+        "error": 2,
+        "deferred_unsettled": 0,
+    }
     errors = rows_by_scan_id(output, "errors")
     assert sorted(errors) == ["s005", "s010"]
     assert errors["s005"]["stage"] == "infer" and errors["s010"]["stage"] == "decode"
@@ -280,7 +295,14 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
     assert sorted(ids) == sorted(r["scan_id"] for r in rows if r["scan_id"] not in errors)
     # The next night, without the poison, scores both: a death row is never taken for a known-bad file.
     again = run(manifest, model_path, output, device="cpu", batch_size=4, progress=False)
-    assert again["counts"] == {"manifest": 16, "skipped_done": 14, "skipped_known_bad": 0, "ok": 2, "error": 0}
+    assert again["counts"] == {
+        "manifest": 16,
+        "skipped_done": 14,
+        "skipped_known_bad": 0,
+        "ok": 2,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
 
 
 def start_driver(manifest, model, output, gcs_address, hooks, log, run_id="nightly", extra=()):

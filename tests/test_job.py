@@ -54,7 +54,14 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
     output = tmp_path / "out"
     report = run(manifest, model_path, str(output), device="cpu", batch_size=3, max_error_rate=0.2, progress=False)
 
-    assert report["counts"] == {"manifest": 9, "skipped_done": 0, "skipped_known_bad": 0, "ok": 8, "error": 1}
+    assert report["counts"] == {
+        "manifest": 9,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 8,
+        "error": 1,
+        "deferred_unsettled": 0,
+    }
     assert report["exit_code"] == 0
     assert set(report["model"]["loads_per_worker"].values()) == {1}
     assert json.loads((output / "runs" / f"{report['run_id']}.json").read_text())["counts"]["ok"] == 8
@@ -142,14 +149,28 @@ def test_rerun_is_incremental_and_retries_failures(ray_cluster, tiny_model, arch
 
     again = run(manifest, model_path, output, device="cpu", max_error_rate=0.2, progress=False)
     # The broken file failed validation and is unchanged: skipped as known bad, not attempted.
-    assert again["counts"] == {"manifest": 9, "skipped_done": 8, "skipped_known_bad": 1, "ok": 0, "error": 0}
+    assert again["counts"] == {
+        "manifest": 9,
+        "skipped_done": 8,
+        "skipped_known_bad": 1,
+        "ok": 0,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
 
     # The night after: the archive grew by 3 scans and the broken one was re-sent intact.
     rows += write_archive(str(folder / "archive"), 3, seed=5, start=8, prefix="archive/")
     shutil.copy(folder / rows[0]["path"], folder / "archive" / "broken.nii.gz")
     write_csv(manifest, rows)
     grown = run(manifest, model_path, output, device="cpu", progress=False)
-    assert grown["counts"] == {"manifest": 12, "skipped_done": 8, "skipped_known_bad": 0, "ok": 4, "error": 0}
+    assert grown["counts"] == {
+        "manifest": 12,
+        "skipped_done": 8,
+        "skipped_known_bad": 0,
+        "ok": 4,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
 
     results = read_table(output, columns=["scan_id"])
     ids = results["scan_id"].to_pylist()
@@ -313,7 +334,14 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
         model_sha256=info.sha256,
         progress=False,
     )
-    assert report["counts"] == {"manifest": 9, "skipped_done": 0, "skipped_known_bad": 0, "ok": 8, "error": 1}
+    assert report["counts"] == {
+        "manifest": 9,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 8,
+        "error": 1,
+        "deferred_unsettled": 0,
+    }
     rerun = run(
         f"s3://{bucket}/nightly/manifest.csv", info.path, output, device="cpu", max_error_rate=0.2, progress=False
     )

@@ -52,7 +52,14 @@ def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_pa
 
     code, report, _ = night("n1")
     assert code == 0
-    assert report["counts"] == {"manifest": 13, "skipped_done": 0, "skipped_known_bad": 0, "ok": 11, "error": 2}
+    assert report["counts"] == {
+        "manifest": 13,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 11,
+        "error": 2,
+        "deferred_unsettled": 0,
+    }
     first = {e["scan_id"]: e for e in error_rows(output)}
     assert sorted(first) == ["notes", "truncated"]
     for scan_id, e in first.items():
@@ -64,7 +71,14 @@ def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_pa
     # The next night, nothing changed: the two known-bad files are skipped, nothing is attempted, exit 0.
     code, report, out = night("n2")
     assert code == 0 and report["error_rate"] == 0.0
-    assert report["counts"] == {"manifest": 13, "skipped_done": 11, "skipped_known_bad": 2, "ok": 0, "error": 0}
+    assert report["counts"] == {
+        "manifest": 13,
+        "skipped_done": 11,
+        "skipped_known_bad": 2,
+        "ok": 0,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
     assert "2 known bad (skipped" in out and "0 failed" in out
     assert len(error_rows(output)) == 2, "a skipped known-bad scan writes no error row"
 
@@ -73,19 +87,40 @@ def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_pa
     stat = os.stat(folder / "notes.nii")
     os.utime(folder / "notes.nii", ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     code, report, _ = night("n3")
-    assert report["counts"] == {"manifest": 13, "skipped_done": 11, "skipped_known_bad": 0, "ok": 1, "error": 1}
+    assert report["counts"] == {
+        "manifest": 13,
+        "skipped_done": 11,
+        "skipped_known_bad": 0,
+        "ok": 1,
+        "error": 1,
+        "deferred_unsettled": 0,
+    }
     assert code == 0 and report["error_rate"] == 0.5
 
     # --retry-failed tries the known-bad file again, and it counts: 1 of 1 attempted failed.
     code, report, out = night("n4", "--retry-failed")
-    assert report["counts"] == {"manifest": 13, "skipped_done": 12, "skipped_known_bad": 0, "ok": 0, "error": 1}
+    assert report["counts"] == {
+        "manifest": 13,
+        "skipped_done": 12,
+        "skipped_known_bad": 0,
+        "ok": 0,
+        "error": 1,
+        "deferred_unsettled": 0,
+    }
     assert code == 3 and "over_error_budget" in out
     assert report["config"]["retry_failed"] is True
 
     # Its new error row (same fingerprint) makes it known bad again.
     code, report, _ = night("n5")
     assert code == 0
-    assert report["counts"] == {"manifest": 13, "skipped_done": 12, "skipped_known_bad": 1, "ok": 0, "error": 0}
+    assert report["counts"] == {
+        "manifest": 13,
+        "skipped_done": 12,
+        "skipped_known_bad": 1,
+        "ok": 0,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
     attempts = sorted((e["run_id"], e["scan_id"]) for e in error_rows(output))
     assert attempts == [("n1", "notes"), ("n1", "truncated"), ("n3", "notes"), ("n4", "notes")]
     results = read_table(output, columns=["scan_id"])
@@ -113,7 +148,14 @@ def test_transient_failures_and_old_error_rows_are_retried(ray_cluster, tiny_mod
         return run(manifest, model_path, output, device="cpu", max_error_rate=1.0, progress=False, **options)
 
     first = night()
-    assert first["counts"] == {"manifest": 4, "skipped_done": 0, "skipped_known_bad": 0, "ok": 2, "error": 2}
+    assert first["counts"] == {
+        "manifest": 4,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 2,
+        "error": 2,
+        "deferred_unsettled": 0,
+    }
     errors = {e["scan_id"]: e for e in error_rows(output)}
     assert (errors["late"]["stage"], errors["late"]["permanent"], errors["late"]["source_size"]) == (
         "read",
@@ -124,7 +166,14 @@ def test_transient_failures_and_old_error_rows_are_retried(ray_cluster, tiny_mod
 
     # The missing file is tried again (still missing); the unchanged bad file is not.
     second = night()
-    assert second["counts"] == {"manifest": 4, "skipped_done": 2, "skipped_known_bad": 1, "ok": 0, "error": 1}
+    assert second["counts"] == {
+        "manifest": 4,
+        "skipped_done": 2,
+        "skipped_known_bad": 1,
+        "ok": 0,
+        "error": 1,
+        "deferred_unsettled": 0,
+    }
     assert len(error_rows(output)) == 3
 
     # An output written before error rows had a fingerprint: its rows cannot show the file unchanged.
@@ -133,10 +182,24 @@ def test_transient_failures_and_old_error_rows_are_retried(ray_cluster, tiny_mod
         pq.write_table(pq.read_table(path).drop_columns(["permanent", "source_size", "source_mtime"]), path)
     shutil.copy(folder / rows[0]["path"], folder / "late.nii.gz")  # the late scan arrives
     third = night()
-    assert third["counts"] == {"manifest": 4, "skipped_done": 2, "skipped_known_bad": 0, "ok": 1, "error": 1}
+    assert third["counts"] == {
+        "manifest": 4,
+        "skipped_done": 2,
+        "skipped_known_bad": 0,
+        "ok": 1,
+        "error": 1,
+        "deferred_unsettled": 0,
+    }
 
     # Its new row sits among the old-format files, and makes the bad file known bad again.
     fourth = night()
-    assert fourth["counts"] == {"manifest": 4, "skipped_done": 3, "skipped_known_bad": 1, "ok": 0, "error": 0}
+    assert fourth["counts"] == {
+        "manifest": 4,
+        "skipped_done": 3,
+        "skipped_known_bad": 1,
+        "ok": 0,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
     latest = [e for e in error_rows(output) if e["run_id"] == third["run_id"]]
     assert [(e["scan_id"], e["permanent"]) for e in latest] == [("truncated", True)]

@@ -61,7 +61,14 @@ def test_worker_node_lost_mid_run(tiny_model, tmp_path):
     ids = [r["scan_id"] for r in committed(output)]
     assert sorted(ids) == sorted(r["scan_id"] for r in rows), "every scan exactly once"
     report = json.loads((tmp_path / "out" / "runs" / "node-loss.json").read_text())
-    assert report["counts"] == {"manifest": SCANS, "skipped_done": 0, "skipped_known_bad": 0, "ok": SCANS, "error": 0}
+    assert report["counts"] == {
+        "manifest": SCANS,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": SCANS,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
     cluster = report["cluster"]
     actors = cluster["scoring_actors"]
     (victim_node,) = {a["node_id"] for a in actors if a["pid"] == victim_pid}

@@ -195,7 +195,14 @@ def test_four_runs_started_at_once_exactly_one_scores(ray_cluster, tiny_model, a
     assert sorted(table["scan_id"].to_pylist()) == sorted(r["scan_id"] for r in rows), "each scan exactly once"
     assert set(table["run_id"].to_pylist()) == {winner}
     report = json.loads(storage.read_bytes(storage.join(output, "runs", f"{winner}.json")))
-    assert report["counts"] == {"manifest": 6, "skipped_done": 0, "skipped_known_bad": 0, "ok": 6, "error": 0}
+    assert report["counts"] == {
+        "manifest": 6,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 6,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
     # Nothing by the three others: only the marker and the winner's files.
     for name in listing(output):
         assert name in ("_vit3d_output.json", f"runs/{winner}.json", f"runs/{winner}.html") or (

@@ -283,7 +283,8 @@ def night_report(review=None, mode="score"):
     report = {
         "run_id": "night-9", "status": "ok", "exit_code": 0, "error_rate": 0.0, "wall_s": 60.0,
         "throughput_scans_per_s": 5.0, "startup_s": 10.0, "started_at": now, "finished_at": now,
-        "counts": {"manifest": 2, "skipped_done": 0, "skipped_known_bad": 0, "ok": 2, "error": 0},
+        "counts": {"manifest": 2, "skipped_done": 0, "skipped_known_bad": 0, "ok": 2, "error": 0,
+                   "deferred_unsettled": 0},
         "config": {"mode": mode, "max_error_rate": 0.01}, "model": {"sha256": "ab" * 32, "uri": "m.keras"},
         "output": {"uri": "out"},
     }  # fmt: skip

@@ -195,7 +195,14 @@ def test_outage_within_bounds_run_completes_exactly_once(
         job.join(600)
     assert not job.is_alive() and "error" not in outcome, repr(outcome.get("error"))
     report = outcome["value"]
-    assert report["counts"] == {"manifest": 12, "skipped_done": 0, "skipped_known_bad": 0, "ok": 12, "error": 0}
+    assert report["counts"] == {
+        "manifest": 12,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 12,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
     assert sorted(committed_ids(client, bucket, "out/results/")) == sorted(r["scan_id"] for r in rows)
     assert s3_visible(client, bucket, "out/errors/") == []
     assert not [k for k in s3_keys(client, bucket, "out/") if "/." in k], "staging objects left behind"
@@ -263,6 +270,7 @@ def test_outage_past_bounds_exits_1_then_rerun_exactly_once(
         "skipped_known_bad": 0,
         "ok": 12 - len(done),
         "error": 0,
+        "deferred_unsettled": 0,
     }
     assert sorted(committed_ids(client, bucket, "out/results/")) == sorted(r["scan_id"] for r in rows)
     assert not [k for k in s3_keys(client, bucket, "out/") if "/." in k], "staging objects left behind"
@@ -332,6 +340,13 @@ def test_driver_killed_during_a_slow_commit_upload(ray_cluster, tiny_model, s3_b
     assert not bad, bad
     [key] = s3_visible(client, bucket, "out/results/")
     assert at_kill < client.head_object(Bucket=bucket, Key=key)["ContentLength"], "the kill came after the upload"
-    assert report["counts"] == {"manifest": 24, "skipped_done": 0, "skipped_known_bad": 0, "ok": 24, "error": 0}
+    assert report["counts"] == {
+        "manifest": 24,
+        "skipped_done": 0,
+        "skipped_known_bad": 0,
+        "ok": 24,
+        "error": 0,
+        "deferred_unsettled": 0,
+    }
     assert sorted(committed_ids(client, bucket, "out/results/")) == sorted(r["scan_id"] for r in big)
     assert not [k for k in s3_keys(client, bucket, "out/") if "/." in k], "staging objects left behind"

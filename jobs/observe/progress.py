@@ -136,7 +136,10 @@ class Progress:
         """After a commit: ``counts`` is the sink's ``{"ok": …, "error": …}`` so far."""
         now = self.clock()
         with self._lock:
-            self.done, self.errors = counts["ok"] + counts["error"], counts["error"]
+            self.done, self.errors = (
+                counts["ok"] + counts["error"] + counts.get("deferred_unsettled", 0),
+                counts["error"],
+            )
             self.samples.append((now, self.done))
             self._prune(now)
         if self._bar is not None:
@@ -150,7 +153,10 @@ class Progress:
         """Stop the bar, log the final line (no ETA) and return the final figures (rounded, for the report)."""
         self._stop_ticker()
         if counts is not None:
-            self.done, self.errors = counts["ok"] + counts["error"], counts["error"]
+            self.done, self.errors = (
+                counts["ok"] + counts["error"] + counts.get("deferred_unsettled", 0),
+                counts["error"],
+            )
         f = self.figures()
         if self._bar is not None:
             self._refresh_bar(f)

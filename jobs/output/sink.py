@@ -166,7 +166,7 @@ class ResultSink:
         }
         self._seen: set[str] = set()
         self._lock: OutputLock | None = None
-        self.counts = {"ok": 0, "error": 0}
+        self.counts = {"ok": 0, "error": 0, "deferred_unsettled": 0}  # deferred: --settle-s, neither scored nor failed
         self.unreachable = 0  # error rows of scans whose storage was unreachable (read-transient): not bad files
 
     @property
@@ -220,7 +220,9 @@ class ResultSink:
         fresh = np.array([s not in self._seen for s in scan_ids], dtype=bool)  # retried tasks repeat rows
         self._seen.update(scan_ids.tolist())
         failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
-        ok_rows, error_rows = np.flatnonzero(fresh & ~failed), np.flatnonzero(fresh & failed)
+        deferred = np.asarray(batch["deferred"], dtype=bool) if "deferred" in batch else np.zeros(len(fresh), bool)
+        ok_rows, error_rows = np.flatnonzero(fresh & ~failed), np.flatnonzero(fresh & failed & ~deferred)
+        self.counts["deferred_unsettled"] += int((fresh & deferred).sum())
         if len(ok_rows):
             self._buffers["results"].add(self._result_table(batch, ok_rows))
         if len(error_rows):

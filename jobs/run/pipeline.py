@@ -130,6 +130,7 @@ def decode_batch(
     format_options: dict[str, Any] | None = None,
     at_spacing: bool = False,
     channels: int = 1,
+    settled_before_us: int | None = None,
 ) -> dict[str, np.ndarray]:
     """CPU stage: read, validate, decode and preprocess each scan; failures become error rows.
 
@@ -147,6 +148,10 @@ def decode_batch(
     ``source_size``/``source_mtime``, every file's in ``source_files``): a file replaced after the stat has
     another fingerprint at the next run, so it is never taken for the bad file it replaced.
 
+    ``settled_before_us`` (``--settle-s``: the run's start minus the settling time, µs since the epoch): a scan
+    any of whose files was modified after it is not read but deferred (``deferred`` True, its reason in ``error``),
+    a series still arriving; the sink counts it apart, neither scored nor an error.
+
     A read that fails transiently is retried for up to ``read_retry_s`` seconds (None: jobs.storage's
     default). Once one has spent that budget, the batch's later reads get a single attempt each: storage is
     down, and waiting the whole budget per scan would only delay the run's end.
@@ -161,7 +166,10 @@ def decode_batch(
         "permanent": np.zeros(count, dtype=bool),
         "source_size": np.full(count, -1, dtype=np.int64),  # the fingerprint; -1: unknown
         "source_mtime": np.full(count, -1, dtype=np.int64),
-        "source_files": np.full(count, "", dtype=object),  # JSON: [[path, size, mtime], ...], one per file
+        "source_files": np.full(count, "", dtype=object),
+        "deferred": np.zeros(
+            count, dtype=bool
+        ),  # --settle-s: modified too recently, left for a later run  # JSON: [[path, size, mtime], ...], one per file
         "volume_shape": np.zeros((count, SPATIAL_AXES), np.int64),
         "to_ras": np.full((count, 16), np.nan, np.float64),
         "to_source": np.full((count, 16), np.nan, np.float64),
@@ -185,6 +193,11 @@ def decode_batch(
                 out["source_files"][i] = json.dumps([[p, *(f or (-1, -1))] for p, f in files])
                 if fingerprints[0] is not None:
                     out["source_size"][i], out["source_mtime"][i] = fingerprints[0]
+                newest = max((f[1] for f in fingerprints if f is not None), default=None)
+                if settled_before_us is not None and newest is not None and newest > settled_before_us:
+                    out["deferred"][i] = True
+                    out["error"][i] = f"{paths[0]}: modified after the settling cut-off (--settle-s): deferred"
+                    continue
                 check_count(str(row["scan_id"]), paths, channels)
                 options = [
                     {**(format_options or {}), **channel_options(row, formats.option_columns(), k)}
@@ -310,12 +323,13 @@ def build_dataset(
     ledger_name: str | None = None,
     hooks: AttemptHooks | None = None,
     channels: int = 1,
+    settled_before_us: int | None = None,
 ) -> Dataset:
     """A lazy Ray Dataset of scored rows for ``items`` (dicts with scan_id and path).
 
     ``config`` is the run's :class:`jobs.config.JobConfig`, ``plan`` its :class:`WorkerPlan`, ``spec`` the
-    model's preprocessing spec, ``model_sha256`` the verified artifact's hash (workers load exactly it) and
-    ``channels`` its in_channels.
+    model's preprocessing spec, ``model_sha256`` the verified artifact's hash (workers load exactly it),
+    ``channels`` its in_channels and ``settled_before_us`` the settling cut-off (:func:`decode_batch`).
     """
     import ray
 
@@ -342,6 +356,7 @@ def build_dataset(
                 "format_options": config.format_options,
                 "at_spacing": config.windows,
                 "channels": channels,
+                "settled_before_us": settled_before_us,
             },
             batch_size=rows_per_block,
             batch_format="numpy",
@@ -393,6 +408,7 @@ def scoring_pipeline(
     model_sha256: str,
     hooks: AttemptHooks | None = None,
     channels: int = 1,
+    settled_before_us: int | None = None,
 ) -> Iterator[PipelineRun]:
     """Join (or start) Ray, plan the workers, and yield a :class:`PipelineRun`: scored rows as NumPy batches.
 
@@ -423,6 +439,7 @@ def scoring_pipeline(
             ledger_name=ledger_name,
             hooks=hooks,
             channels=channels,
+            settled_before_us=settled_before_us,
         )
         batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
         yield PipelineRun(plan, watch_for_stall(batches, config.stall_timeout_s), ledger)
