@@ -90,7 +90,10 @@ def observe_stages(batch: dict[str, Any], stages: Iterable[str]) -> None:
 
 
 def committed(batch: dict[str, Any], fresh: np.ndarray, mode: str, model_sha256: str) -> None:
-    """Count the rows the sink has just committed (``fresh``: new rows, not a retried task's repeats)."""
+    """Count the rows the sink has just committed (``fresh``: new rows, not a retried task's repeats; rows deferred
+    by ``--settle-s`` are neither scored nor failed)."""
+    if "deferred" in batch:
+        fresh = np.asarray(fresh, dtype=bool) & ~np.asarray(batch["deferred"], dtype=bool)
 
     def record():
         scored, failed = _get(SCANS_SCORED), _get(SCANS_FAILED)
