@@ -70,6 +70,11 @@ def test_channel_1_is_aligned_onto_channel_0_as_simpleitk_resamples_it(tmp_path,
     assert json.loads(provenance["source_dtypes"]) == ["int16", "int16"]
     assert provenance["original_shape"] == [32, 32, 32] and provenance["orientation"] == "LPS"
 
+    at_spacing = normalize_spec({"orientation": "RAS", "spacing": [3.0, 3.0, 3.0]}, size=(8, 8, 8))
+    whole = prepare_channels(case.paths, at_spacing, channels=2, at_spacing=True)[0]  # what --windows tiles
+    assert whole.tensor.shape == (21, 21, 21, 2)  # channel 0's 64 mm field at 3 mm, both channels
+    np.testing.assert_array_equal(whole.tensor[..., 0], prepare(channel0, at_spacing, at_spacing=True).tensor[..., 0])
+
 
 def test_intensity_is_normalised_per_channel(tmp_path, rng):
     affine = np.diag([2.0, 2.0, 2.0, 1.0])

@@ -58,7 +58,9 @@ def column(name: str, kind: pa.DataType, doc: str) -> pa.Field:
 class Volume:
     """Decoded voxels and their geometry, as every format gives them to the shared preprocessing."""
 
-    data: np.ndarray  # 3-D, stored dtype, usually a read-only Fortran-ordered view of the decoded bytes
+    # 3-D, stored dtype, usually a read-only Fortran-ordered view of the decoded bytes; 4-D (channels last) only
+    # from a NIfTI asked for several channels (jobs.inputs.load.prepare_channels splits it)
+    data: np.ndarray
     affine: np.ndarray  # 4x4 float64, voxel (i, j, k) -> RAS mm
     zooms: tuple[float, ...]  # 3 floats, voxel spacing in mm along i, j, k
     orientation: str  # e.g. "LPS", the axis codes of the affine
