@@ -56,21 +56,12 @@ from jobs.inputs.align import field_overlap, resample_onto, voxel_to_voxel
 from jobs.inputs.formats.base import read_scan
 from jobs.inputs.formats.nifti import decode_nifti
 from jobs.testing.cpu import header
+from jobs.testing.multichannel import rotation
 from jobs.testing.nifti import VOX_OFFSET, write_nifti
 from jobs.testing.volumes import ct_like
 
 LPS = np.diag([-1.0, -1.0, 1.0])  # voxel axes as stored: i right to left, j anterior to posterior, k up
 AGREE = 1e-4  # of the moving channel's range
-
-
-def rotation(axis, degrees):
-    """3x3 rotation by ``degrees`` about world axis ``axis`` (0 = x, 1 = y, 2 = z)."""
-    a = np.radians(degrees)
-    c, s = np.cos(a), np.sin(a)
-    i, j = [(1, 2), (0, 2), (0, 1)][axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 def grid(directions, spacing, extent_mm, centre):

@@ -2,7 +2,6 @@
 pairs of channels that differ in spacing, field of view, orientation (LPS against RAS, sagittal against axial) and
 an oblique affine; equal within 1e-4 of the intensity range, outside-of-field voxels included."""
 
-import math
 import time
 
 import numpy as np
@@ -11,17 +10,9 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from jobs.inputs.align import MIN_CHANNEL_OVERLAP, field_overlap, resample_onto
+from jobs.testing.multichannel import rotation
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
-
-
-def rotation(axis, degrees):
-    a = math.radians(degrees)
-    c, s = math.cos(a), math.sin(a)
-    i, j = [(1, 2), (0, 2), (0, 1)][axis]
-    r = np.eye(3)
-    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
-    return r
 
 
 def affine(directions, spacing, origin):

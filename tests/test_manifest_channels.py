@@ -260,13 +260,6 @@ def test_group_channels_is_pure_and_counts_what_it_left_out():
         group_channels(listing, 0)
 
 
-def test_channel_listing_imports_neither_tensorflow_nor_ray():
-    code = "import sys, jobs.inputs.channel_listing; print(sorted(set(sys.modules) & {'tensorflow', 'keras', 'ray'}))"
-    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == "[]"
-
-
 # --- S3 (moto server) ------------------------------------------------------------------------------------------
 
 

@@ -45,6 +45,16 @@ class ChannelCase:
         return {**row, "planted_anomaly": int(self.lesion)}
 
 
+def rotation(axis: int, degrees: float) -> np.ndarray:
+    """3x3 rotation by ``degrees`` about world axis ``axis`` (0 = x, 1 = y, 2 = z): an oblique grid's."""
+    a = math.radians(degrees)
+    c, s = math.cos(a), math.sin(a)
+    i, j = [(1, 2), (0, 2), (0, 1)][axis]
+    r = np.eye(3)
+    r[i, i], r[i, j], r[j, i], r[j, j] = c, -s, s, c
+    return r
+
+
 def _grid_affine(spacing: float, size: int, shift: Sequence[float]) -> np.ndarray:
     """RAS-ordered voxels of ``spacing`` mm, ``size`` a side, centred on ``shift`` (world mm)."""
     affine = np.diag([spacing, spacing, spacing, 1.0])
