@@ -384,3 +384,30 @@ def test_s3_manifest_and_listing(s3_env, s3_bucket, monkeypatch):
     out = f"s3://{bucket}/out/listing.parquet"
     assert main(["--root", f"s3://{bucket}/study/scans", "--out", out]) == 0
     assert read_manifest(out).column("scan_id").to_pylist() == ["deep/s2.nii.gz", "s1.nii.gz"]
+
+
+def test_a_parquet_manifest_may_be_a_folder_of_files(tmp_path, s3_env, s3_bucket):
+    """A dataset folder, as Spark or DuckDB write one: every part read, _SUCCESS and hidden files ignored, relative
+    paths taken from where the folder lies, and checks (duplicate ids) across the parts; the same on S3."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "night"
+    folder.mkdir()
+    pq.write_table(
+        pa.table({"scan_id": ["a", "b"], "path": ["scans/a.nii.gz", "/abs/b.nii.gz"]}), folder / "p0.parquet"
+    )
+    pq.write_table(pa.table({"scan_id": ["c"], "path": ["scans/c.nii.gz"]}), folder / "p1.parquet")
+    (folder / "_SUCCESS").write_text("")
+    table = read_manifest(str(folder) + "/")
+    assert sorted(table.column("scan_id").to_pylist()) == ["a", "b", "c"]
+    assert str(tmp_path / "scans" / "c.nii.gz") in table.column("path").to_pylist()
+    pq.write_table(pa.table({"scan_id": ["a"], "path": ["x.nii.gz"]}), folder / "p2.parquet")
+    with pytest.raises(ManifestError, match="1 duplicate scan_id"):
+        read_manifest(str(folder))
+
+    client, bucket = s3_bucket
+    for name in ("p0.parquet", "p1.parquet"):
+        client.put_object(Bucket=bucket, Key=f"manifests/night/{name}", Body=(folder / name).read_bytes())
+    table = read_manifest(f"s3://{bucket}/manifests/night/")
+    assert f"s3://{bucket}/manifests/scans/a.nii.gz" in table.column("path").to_pylist() and table.num_rows == 3

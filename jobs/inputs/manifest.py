@@ -1,9 +1,10 @@
 """Read a scan manifest (and write one: :func:`encode_table`).
 
 A manifest is a table with at least ``scan_id`` and ``path`` columns, stored as CSV (``.csv``), Parquet
-(``.parquet``/``.pq``) or JSON Lines (``.jsonl``/``.ndjson``) on a local disk or any filesystem pyarrow.fs
-understands (``s3://``, ``gs://``, ``file://``...). :func:`read_manifest` validates it up front, so a bad manifest
-fails before any cluster work starts, with a message that names the file and the rows at fault.
+(``.parquet``/``.pq``, or a folder of Parquet files: a dataset) or JSON Lines (``.jsonl``/``.ndjson``) on a local
+disk or any filesystem pyarrow.fs understands (``s3://``, ``gs://``, ``file://``...). :func:`read_manifest`
+validates it up front, so a bad manifest fails before any cluster work starts, with a message that names the file
+and the rows at fault.
 
 Multi-channel scans name channel k's file in ``path_k`` (k = 1…C−1; :mod:`jobs.inputs.channels`), resolved as
 ``path`` is, and a format option for channel k in the option's column with the same suffix
@@ -14,9 +15,9 @@ integer id in Parquet/JSON becomes ``"7"``). Every other column passes through w
 (CSV/JSON inference, or the Parquet schema), in its original order.
 
 Paths: absolute local paths and URIs (``scheme://...``) are kept as written; a relative path is taken relative to
-the manifest's folder: ``/data/m.csv`` + ``a/x.nii.gz`` -> ``/data/a/x.nii.gz``; ``s3://bkt/dir/m.csv`` +
-``a/x.nii.gz`` -> ``s3://bkt/dir/a/x.nii.gz`` (a query string on the manifest URI, such as ``?endpoint_override=…``,
-is carried over to each resolved path).
+the manifest's folder (for a dataset folder, the folder it lies in): ``/data/m.csv`` + ``a/x.nii.gz`` ->
+``/data/a/x.nii.gz``; ``s3://bkt/dir/m.csv`` + ``a/x.nii.gz`` -> ``s3://bkt/dir/a/x.nii.gz`` (a query string on the
+manifest URI, such as ``?endpoint_override=…``, is carried over to each resolved path).
 
 This module imports neither TensorFlow, Keras nor Ray: it runs on the driver and in small tools.
 """
@@ -33,8 +34,10 @@ from urllib.parse import urlsplit
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
+import pyarrow.dataset as pads
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
+from pyarrow import fs as pafs
 
 from jobs import storage
 from jobs.errors import ManifestError
@@ -83,6 +86,18 @@ def _parse(uri, fmt, data):
     return pajson.read_json(source)
 
 
+def _parquet_folder(uri: str) -> pa.Table | None:
+    """The rows of a folder (or object prefix) of Parquet files (a dataset, as Spark or DuckDB write one), or None
+    when ``uri`` is not a folder. Hidden and underscore-prefixed files (``_SUCCESS``, staging) are not read."""
+    try:
+        filesystem, path = storage.resolve(uri)
+        if filesystem.get_file_info(path.rstrip("/")).type != pafs.FileType.Directory:
+            return None
+        return pads.dataset(path.rstrip("/"), filesystem=filesystem, format="parquet").to_table()
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ManifestError(f"manifest {uri}: cannot read as a folder of Parquet files", str(e)) from e
+
+
 def _blank(column):
     """Boolean mask: null, empty or whitespace-only."""
     values = column.to_pylist()
@@ -93,7 +108,7 @@ def _resolve_paths(uri, paths):
     """Relative paths against the manifest's folder; absolute local paths and URIs unchanged."""
     if _is_uri(uri):
         parts = urlsplit(uri)
-        folder = posixpath.dirname(parts.path)
+        folder = posixpath.dirname(parts.path.rstrip("/"))  # a dataset folder: relative to where it lies
 
         query = f"?{parts.query}" if parts.query else ""  # e.g. endpoint_override: every object needs it
 
@@ -116,17 +131,21 @@ def read_manifest(uri: str | os.PathLike) -> pa.Table:
     ``scan_id``/``path`` columns, empty or duplicate scan_ids, or empty paths.
     """
     uri = os.fspath(uri)
-    fmt = check_manifest_name(uri)
-    try:
-        data = storage.read_bytes(uri)
-    except (OSError, ValueError) as e:  # missing, permission, bad URI, network
-        raise ManifestError(f"manifest {uri}: cannot read: {e}") from e
-    if not data.strip():
-        raise ManifestError(f"manifest {uri}: empty manifest (the file is empty)")
-    try:
-        table = _parse(uri, fmt, data)
-    except (pa.ArrowException, OSError, ValueError) as e:
-        raise ManifestError(f"manifest {uri}: cannot parse as {fmt}", str(e)) from e
+    folder = _parquet_folder(uri)
+    if folder is not None:
+        table, fmt = folder, "parquet"
+    else:
+        fmt = check_manifest_name(uri)
+        try:
+            data = storage.read_bytes(uri)
+        except (OSError, ValueError) as e:  # missing, permission, bad URI, network
+            raise ManifestError(f"manifest {uri}: cannot read: {e}") from e
+        if not data.strip():
+            raise ManifestError(f"manifest {uri}: empty manifest (the file is empty)")
+        try:
+            table = _parse(uri, fmt, data)
+        except (pa.ArrowException, OSError, ValueError) as e:
+            raise ManifestError(f"manifest {uri}: cannot parse as {fmt}", str(e)) from e
 
     if table.num_rows == 0:
         raise ManifestError(f"manifest {uri}: empty manifest (no rows; columns: {_some(table.column_names)})")
