@@ -405,6 +405,9 @@ def test_a_parquet_manifest_may_be_a_folder_of_files(tmp_path, s3_env, s3_bucket
     pq.write_table(pa.table({"scan_id": ["a"], "path": ["x.nii.gz"]}), folder / "p2.parquet")
     with pytest.raises(ManifestError, match="1 duplicate scan_id"):
         read_manifest(str(folder))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ManifestError, match="a folder with no Parquet files"):
+        read_manifest(str(tmp_path / "empty"))
 
     client, bucket = s3_bucket
     for name in ("p0.parquet", "p1.parquet"):

@@ -89,11 +89,17 @@ def _parse(uri, fmt, data):
 def _parquet_folder(uri: str) -> pa.Table | None:
     """The rows of a folder (or object prefix) of Parquet files (a dataset, as Spark or DuckDB write one), or None
     when ``uri`` is not a folder. Hidden and underscore-prefixed files (``_SUCCESS``, staging) are not read."""
+    path = urlsplit(uri).path if _is_uri(uri) else uri
+    if _FORMATS.get(os.path.splitext(path.rstrip("/"))[1].lower(), "parquet") != "parquet":
+        return None  # a folder named like a CSV or JSON file is no dataset: reading it says what it is
     try:
         filesystem, path = storage.resolve(uri)
         if filesystem.get_file_info(path.rstrip("/")).type != pafs.FileType.Directory:
             return None
-        return pads.dataset(path.rstrip("/"), filesystem=filesystem, format="parquet").to_table()
+        dataset = pads.dataset(path.rstrip("/"), filesystem=filesystem, format="parquet")
+        if not dataset.files:
+            raise ManifestError(f"manifest {uri}: a folder with no Parquet files")
+        return dataset.to_table()
     except (pa.ArrowException, OSError, ValueError) as e:
         raise ManifestError(f"manifest {uri}: cannot read as a folder of Parquet files", str(e)) from e
 
