@@ -22,12 +22,14 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs import redact
 from jobs.config import JobConfig, build_parser
 from jobs.errors import JobError, JobFailed, ManifestError, OutputError, StorageUnreachable
 from jobs.inputs import formats
-from jobs.inputs.channels import channel_columns, named_paths
+from jobs.inputs.channels import channel_columns
 from jobs.inputs.manifest import read_manifest
 from jobs.observe import metrics
 from jobs.observe.cost import add_stage_seconds, per_1k_scans
@@ -41,8 +43,6 @@ from jobs.run.pipeline import scoring_pipeline
 from jobs.run.scorer import configure_tensorflow
 
 if TYPE_CHECKING:
-    import pyarrow as pa
-
     from jobs.run.pipeline import AttemptHooks
     from vit3d.artifact import ArtifactInfo
 
@@ -202,26 +202,27 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
     except OutputError as e:
         raise JobError(f"output problem: {e}") from e
     try:
-        paths = dict(zip(manifest.column("scan_id").to_pylist(), manifest.column("path").to_pylist(), strict=True))
-        # The channel files (path_1, …) and the formats' option columns (the series of a DICOM folder, per
-        # channel) travel with each scan.
-        option_names = [name for name in formats.option_columns() if name in manifest.column_names]
-        option_names += channel_columns(manifest.column_names, ["path", *formats.option_columns()])
-        options = {name: manifest.column(name).to_pylist() for name in option_names}
-        rows = [
-            {"scan_id": s, "path": p, **{name: values[i] or "" for name, values in options.items()}}
-            for i, (s, p) in enumerate(paths.items())
-        ]
-        candidates = {row["scan_id"]: tuple(named_paths(row)) for row in rows if row["scan_id"] not in done}
-        known_bad = _known_bad(sink, candidates, config.retry_failed, redactor)
-        pending = [row for row in rows if row["scan_id"] not in done and row["scan_id"] not in known_bad]
-        skipped_done = len(done & paths.keys())
+        # Planning in Arrow: the manifest less what is done, then less what is known bad. The channel files
+        # (path_1, …) and the formats' option columns (the series of a DICOM folder, per channel) travel with
+        # each scan.
+        carried = [name for name in formats.option_columns() if name in manifest.column_names]
+        carried += channel_columns(manifest.column_names, ["path", *formats.option_columns()])
+        scan_ids = manifest.column("scan_id")
+        is_done = pc.is_in(scan_ids, value_set=done)
+        not_done = manifest.filter(pc.invert(is_done)).select(["scan_id", "path", *carried])
+        known_bad = _known_bad(sink, not_done, config.retry_failed, redactor)
+        pending = not_done
+        if known_bad:
+            pending = not_done.filter(
+                pc.invert(pc.is_in(not_done.column("scan_id"), value_set=pa.array(sorted(known_bad), pa.string())))
+            )
+        skipped_done = int(pc.sum(is_done).as_py() or 0)
         logger.info(
             "%d scans in the manifest, %d already done, %d known bad, %d to score",
             manifest.num_rows,
             skipped_done,
             len(known_bad),
-            len(pending),
+            pending.num_rows,
         )
         scored: dict[str, Any] = {
             "loads": {},
@@ -232,7 +233,7 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
             "review": [],
         }
         failure: JobFailed | None = None
-        if pending:
+        if pending.num_rows:
             try:
                 scored = _score(pending, config, spec, info, sink, hooks, started_at)
             except JobFailed as e:  # the night still reports: what was committed before it broke, and why
@@ -297,7 +298,7 @@ def _reported(failure: JobFailed, sink: ResultSink, report: dict[str, Any], reda
 
 def _known_bad(sink, candidates, retry_failed, redactor=None):
     """The scan_ids of ``candidates`` (not done) that are skipped as known bad: none with ``--retry-failed``."""
-    if retry_failed or not candidates:
+    if retry_failed or not candidates.num_rows:
         return set()
     try:
         known_bad = sink.known_bad(candidates)
@@ -331,7 +332,7 @@ def _score(pending, config, spec, info, sink, hooks, started_at):
             settled_before_us=settled_before_us,
         ) as run,
         Progress(
-            len(pending),
+            pending.num_rows,
             enabled=config.progress,
             every_s=config.progress_every_s,
             bar=None if config.log_format == "text" else False,  # JSON logs: lines only

@@ -39,7 +39,7 @@ import pyarrow.compute as pc
 
 from jobs import stages, storage
 from jobs.errors import JobFailed, LockLost, OutputError
-from jobs.inputs.channels import channel_columns
+from jobs.inputs.channels import channel_columns, named_paths
 from jobs.inputs.formats import fingerprint
 from jobs.output.lock import OutputLock
 from jobs.output.schema import (
@@ -173,8 +173,8 @@ class ResultSink:
     def uri(self) -> str:
         return self.store.uri
 
-    def claim(self) -> set[str]:
-        """Take the output for this run; returns the scan_ids already scored by this model (to skip).
+    def claim(self) -> pa.Array:
+        """Take the output for this run; returns the scan_ids already scored by this model (to skip), as Arrow.
 
         Refuses (OutputError) a foreign or other-mode folder, a finished run id, or a live run's lock.
         """
@@ -188,9 +188,9 @@ class ResultSink:
             self.release()
             raise OutputError(str(e)) from e
 
-    def known_bad(self, pending: Mapping[str, Sequence[str]]) -> set[str]:
-        """The scan_ids of ``pending`` (scan_id -> its channel files: path, path_1, …; not done) to skip as known
-        bad. Call after :meth:`claim`.
+    def known_bad(self, pending: pa.Table) -> set[str]:
+        """The scan_ids of ``pending`` (manifest rows not done: scan_id, path, path_1, …) to skip as known bad.
+        Call after :meth:`claim`.
 
         A scan is known bad when its latest error row for this model (by ``failed_at``) is ``permanent``, names
         the same files, and every file's fingerprint (size, mtime) now equals the one recorded. One stat per
@@ -198,17 +198,20 @@ class ResultSink:
         that is missing now) is retried.
         """
         try:
-            latest = self.store.latest_errors(self.model_sha256, pending)
+            latest = self.store.latest_errors(self.model_sha256, pending.column("scan_id").combine_chunks())
         except (OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
             raise OutputError(f"{self.uri}: cannot read errors/: {e}") from e
+        verdicts = {scan_id: row for scan_id, row in latest.items() if row["permanent"]}
+        if not verdicts:
+            return set()
+        path_columns = ["path", *channel_columns(pending.column_names, ["path"])]
+        wanted = pc.is_in(pending.column("scan_id"), value_set=pa.array(list(verdicts), pa.string()))
         skip = set()
-        for scan_id, row in latest.items():
-            named = pending[scan_id]
-            paths: list[str] = [named] if isinstance(named, str) else list(named)
-            if not row["permanent"] or row["path"] != strip_credentials(paths[0]):
-                continue
-            if _unchanged(row, paths):
-                skip.add(scan_id)
+        for row in pending.filter(wanted).select(["scan_id", *path_columns]).to_pylist():  # one per verdict
+            paths = named_paths(row)
+            verdict = verdicts[row["scan_id"]]
+            if verdict["path"] == strip_credentials(paths[0]) and _unchanged(verdict, paths):
+                skip.add(row["scan_id"])
         return skip
 
     def write(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import io
 import json
 import uuid
-from collections.abc import Collection
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
@@ -88,16 +88,17 @@ class OutputStore:
                 if storage.is_staging_name(entry.base_name):
                     self.filesystem.delete_file(entry.path)
 
-    def done_scan_ids(self, model_sha256: str) -> set[str]:
-        """scan_ids already scored by this model into results/."""
+    def done_scan_ids(self, model_sha256: str) -> pa.Array:
+        """scan_ids already scored by this model into results/, as an Arrow string array (planning joins the
+        manifest against it in Arrow: no Python object per scan)."""
         results = f"{self.root}/results"
         if not self._exists(results):
-            return set()
+            return pa.array([], pa.string())
         dataset = pads.dataset(results, format="parquet", filesystem=self.filesystem)
         table = dataset.to_table(columns=["scan_id"], filter=pads.field("model_sha256") == model_sha256)
-        return set(table.column("scan_id").to_pylist())
+        return pc.unique(table.column("scan_id").combine_chunks().cast(pa.string()))
 
-    def latest_errors(self, model_sha256: str, scan_ids: Collection[str]) -> dict[str, dict[str, Any]]:
+    def latest_errors(self, model_sha256: str, scan_ids: pa.Array) -> dict[str, dict[str, Any]]:
         """scan_id -> its latest error row (dict) for this model, for the scans in ``scan_ids``.
 
         Files written before a column existed read it as null (the dataset is read with ERROR_SCHEMA);
@@ -105,7 +106,7 @@ class OutputStore:
         :func:`jobs.inputs.formats.fingerprint` gives it.
         """
         errors = f"{self.root}/errors"
-        if not scan_ids or not self._exists(errors):
+        if not len(scan_ids) or not self._exists(errors):
             return {}
         dataset = pads.dataset(errors, schema=ERROR_SCHEMA, format="parquet", filesystem=self.filesystem)
         table = dataset.to_table(
@@ -117,11 +118,8 @@ class OutputStore:
         files = table.schema.get_field_index("source_files")
         as_micros = pa.list_(pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64())]))
         table = table.set_column(files, "source_files", table.column(files).cast(as_micros))
-        latest = {}
-        for row in table.sort_by("failed_at").to_pylist():
-            if row["scan_id"] in scan_ids:
-                latest[row["scan_id"]] = row
-        return latest
+        table = table.filter(pc.is_in(table.column("scan_id"), value_set=scan_ids))  # the scans asked about only
+        return {row["scan_id"]: row for row in table.sort_by("failed_at").to_pylist()}  # the last one wins
 
     def commit(self, kind: str, table: pa.Table, name: str) -> str:
         """Write ``table`` as one complete Parquet file ``name`` (see :func:`part_name`) under ``kind``."""

@@ -314,7 +314,7 @@ def plan_workers(
 
 
 def build_dataset(
-    items: list[dict[str, Any]],
+    items: pa.Table,
     config: JobConfig,
     plan: WorkerPlan,
     *,
@@ -325,7 +325,8 @@ def build_dataset(
     channels: int = 1,
     settled_before_us: int | None = None,
 ) -> Dataset:
-    """A lazy Ray Dataset of scored rows for ``items`` (dicts with scan_id and path).
+    """A lazy Ray Dataset of scored rows for ``items`` (an Arrow table: scan_id, path and the columns the formats
+    read; it reaches Ray as Arrow blocks, never as a Python object per scan).
 
     ``config`` is the run's :class:`jobs.config.JobConfig`, ``plan`` its :class:`WorkerPlan`, ``spec`` the
     model's preprocessing spec, ``model_sha256`` the verified artifact's hash (workers load exactly it),
@@ -336,10 +337,11 @@ def build_dataset(
     hooks = hooks or AttemptHooks()
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Small blocks keep every decode slot busy; capped so huge manifests stay cheap to schedule.
-    rows_per_block = max(1, min(8, math.ceil(len(items) / (4 * total_cpus))))
+    rows_per_block = max(1, min(8, math.ceil(items.num_rows / (4 * total_cpus))))
     if config.windows:  # a scan at the model's spacing is large (a CT at 1 mm: ~200 MiB): one per decode task
         rows_per_block = 1
-    ds: Dataset = ray.data.from_items(items, override_num_blocks=max(1, math.ceil(len(items) / rows_per_block)))
+    blocks = [items.slice(start, rows_per_block) for start in range(0, items.num_rows, rows_per_block)]
+    ds: Dataset = ray.data.from_arrow(blocks)
     worker_env = {VERBOSE_ENV: "1"} if is_verbose() else {}  # -v reaches the workers' TensorFlow start-up too
     with warnings.catch_warnings():
         # max_retries has no named parameter in Ray 2.60: only **ray_remote_args, which warns that it goes away in
@@ -401,7 +403,7 @@ def build_dataset(
 
 @contextlib.contextmanager
 def scoring_pipeline(
-    items: list[dict[str, Any]],
+    items: pa.Table,
     config: JobConfig,
     *,
     spec: dict[str, Any],
