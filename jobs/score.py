@@ -209,7 +209,9 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
         carried += channel_columns(manifest.column_names, ["path", *formats.option_columns()])
         scan_ids = manifest.column("scan_id")
         is_done = pc.is_in(scan_ids, value_set=done)
-        not_done = manifest.filter(pc.invert(is_done)).select(["scan_id", "path", *carried])
+        position = pa.array(np.arange(manifest.num_rows, dtype=np.int64))  # the sink's index of each row
+        indexed = manifest.select(["scan_id", "path", *carried]).append_column("manifest_row", position)
+        not_done = indexed.filter(pc.invert(is_done))
         known_bad = _known_bad(sink, not_done, config.retry_failed, redactor)
         pending = not_done
         if known_bad:

@@ -157,14 +157,14 @@ class ResultSink:
         shared = [name for name in manifest.column_names if name in MANIFEST_SHARED_COLUMNS | OPTION_COLUMNS]
         self._manifest_shared = manifest.select(shared)  # merged into the formats' provenance columns
         self._manifest_extra = manifest.drop_columns(["scan_id", "path", *shared])
-        self._manifest_row = {s: i for i, s in enumerate(manifest.column("scan_id").to_pylist())}
+        self._manifest_ids = manifest.column("scan_id").combine_chunks()  # rows arrive with their position in it
         self._channel_paths = frozenset(channel_columns(manifest.column_names, ["path"]))
         metadata = {**schema_metadata(model, mode), b"vit3d.run_id": run_id.encode()}
         self._buffers = {
             kind: _Buffer(self.store, kind, run_id, metadata, rows_per_file, flush_seconds, self._ensure_held)
             for kind in KINDS
         }
-        self._seen: set[str] = set()
+        self._seen = np.zeros(manifest.num_rows, dtype=bool)  # by manifest row: committed already (1 byte a scan)
         self._lock: OutputLock | None = None
         self.counts = {"ok": 0, "error": 0, "deferred_unsettled": 0}  # deferred: --settle-s, neither scored nor failed
         self.unreachable = 0  # error rows of scans whose storage was unreachable (read-transient): not bad files
@@ -219,9 +219,11 @@ class ResultSink:
 
         Returns which rows were new (a boolean mask): the others repeat rows of a retried task.
         """
-        scan_ids = batch["scan_id"]
-        fresh = np.array([s not in self._seen for s in scan_ids], dtype=bool)  # retried tasks repeat rows
-        self._seen.update(scan_ids.tolist())
+        positions = self._positions(batch)
+        fresh = ~self._seen[positions]  # retried tasks repeat rows
+        _, first = np.unique(positions, return_index=True)
+        fresh &= np.isin(np.arange(len(positions)), first)  # and a row twice in one batch counts once
+        self._seen[positions] = True
         failed = np.array([bool(e) for e in batch["error"]], dtype=bool)
         deferred = np.asarray(batch["deferred"], dtype=bool) if "deferred" in batch else np.zeros(len(fresh), bool)
         ok_rows, error_rows = np.flatnonzero(fresh & ~failed), np.flatnonzero(fresh & failed & ~deferred)
@@ -237,6 +239,17 @@ class ResultSink:
         self.counts["error"] += len(error_rows) - transient
         self.unreachable += transient
         return fresh
+
+    def _positions(self, batch: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Each row's position in the manifest: the pipeline's ``manifest_row`` column (planning adds it), or for a
+        batch without it, looked up by scan_id in Arrow."""
+        if "manifest_row" in batch:
+            return np.asarray(batch["manifest_row"], dtype=np.int64)
+        ids = pa.array(np.asarray(batch["scan_id"], dtype=object).tolist(), pa.string())
+        found = pc.index_in(ids, value_set=self._manifest_ids)
+        if found.null_count:
+            raise ValueError("a pipeline row whose scan_id is not in the manifest")
+        return found.to_numpy(zero_copy_only=False).astype(np.int64)
 
     def complete(self) -> dict[str, list[str]]:
         """Commit everything buffered; returns ``{"results_files": [...], "errors_files": [...]}``."""
@@ -296,7 +309,7 @@ class ResultSink:
     def _result_table(self, batch, rows):
         count = len(rows)
         width = np.asarray(batch["embedding"]).shape[1] if self.mode == "embed" else 0
-        take = pa.array([self._manifest_row[s] for s in batch["scan_id"][rows]], pa.int64())
+        take = pa.array(self._positions(batch)[rows], pa.int64())
         extra = self._manifest_extra.take(take)
         shared = self._manifest_shared.take(take)
         schema = result_schema(self.mode, extra.schema, width)

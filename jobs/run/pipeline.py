@@ -160,6 +160,7 @@ def decode_batch(
     out = {
         "scan_id": batch["scan_id"],
         "path": batch["path"],
+        **({"manifest_row": batch["manifest_row"]} if "manifest_row" in batch else {}),  # the sink's index
         "volume": np.full(count, b"", dtype=object),
         "error": np.full(count, "", dtype=object),
         "stage": np.full(count, "", dtype=object),
