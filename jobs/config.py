@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import re
 from typing import Any
 
@@ -285,8 +286,8 @@ class JobConfig:
         if not self.progress_every_s > 0:
             raise JobError(f"--progress-every must be above 0 seconds, got {self.progress_every_s}")
         for name in ("storage_retry_s", "stall_timeout_s", "settle_s"):
-            if getattr(self, name) < 0:
-                raise JobError(f"--{flag_of(name)} must be at least 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise JobError(f"--{flag_of(name)} must be at least 0 (and finite), got {getattr(self, name)}")
         if not isinstance(self.max_scan_bytes, int) or self.max_scan_bytes < 1024**2:
             raise JobError(f"--max-scan-bytes must be at least 1MiB, got {self.max_scan_bytes!r}")
         if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):

@@ -241,6 +241,9 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
             except JobFailed as e:  # the night still reports: what was committed before it broke, and why
                 failure = e
                 scored = {**scored, **e.partial}
+            except Exception as e:  # the pipeline did not start (Ray, the worker plan) or broke past the sink
+                failure = JobFailed(f"the pipeline failed: {type(e).__name__}: {e}")
+                failure.__cause__ = e
         files = sink.committed_files() if failure else sink.complete()  # (complete only lists them here)
         counts = {
             "manifest": manifest.num_rows,
@@ -254,6 +257,8 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
         if failure is not None:
             report.update(exit_code=EXIT_FAILED, status="failed", failure=redact.scrub(str(failure)))
+            # Counted above but lost with the storage: rows buffered when the last commits failed.
+            report["uncommitted_rows"] = dict(sink.uncommitted)
         # DICOM series scored with a series_note (a localizer/scout left out, a gantry tilt corrected): scan_id -> note.
         report["series_left_out"] = left_out
         if redactor is not None:
@@ -560,7 +565,10 @@ def main(argv: list[str] | None = None, hooks: AttemptHooks | None = None) -> in
         except JobFailed as e:
             logger.error("run failed: %s", e)
             if e.report is not None:
-                print(redact.scrub(summary(e.report)))
+                try:
+                    print(redact.scrub(summary(e.report)))
+                except Exception:  # never a second traceback, unscrubbed, over the first failure
+                    logger.exception("the failed run's summary could not be printed")
             return EXIT_FAILED
         except Exception:  # a bug: its traceback through the scrubbing log handler, not printed raw by Python
             logger.exception("run failed: unexpected error")

@@ -292,3 +292,24 @@ def test_a_two_channel_model_passes_the_start_up_check_and_scores_and_embeds(tmp
     crops = np.stack([np.ascontiguousarray(c) for c in iter_windows(big, grid)])
     expected = scores_from_logits(np.asarray(model(crops)))[0]
     np.testing.assert_allclose(np.frombuffer(out["window_scores"][0], np.float32), expected, atol=1e-5)
+
+
+def test_a_known_bad_row_with_an_empty_channel_column_stays_known_bad(tmp_path, rng):
+    """A row whose middle channel column is empty fails validation every time: it is known bad while its files
+    are unchanged (the empty column matches without a stat), and retried when one of them changes."""
+    from jobs.output.sink import _unchanged
+    from jobs.run.pipeline import decode_batch as decode
+
+    case = write_case(str(tmp_path), "c", rng, lesion=False)
+    row = {"scan_id": "gap", "path": case.paths[0], "path_2": case.paths[1]}
+    out = decode(batch_of([row]), SPEC, channels=3)
+    assert out["stage"][0] == "validate" and "path_1 is empty" in out["error"][0]
+    recorded = {
+        "path": case.paths[0],
+        "source_files": [{"path": p, "size": s, "mtime": m} for p, s, m in json.loads(out["source_files"][0])],
+    }
+    paths = [case.paths[0], "", case.paths[1]]
+    assert _unchanged(recorded, paths)
+    os.utime(case.paths[1], ns=(os.stat(case.paths[1]).st_atime_ns, os.stat(case.paths[1]).st_mtime_ns + 10**9))
+    assert not _unchanged(recorded, paths), "channel 2 changed: retried"
+    assert not _unchanged(recorded, [case.paths[0], case.paths[1]]), "other files named: retried"

@@ -56,6 +56,9 @@ def test_every_flag_reaches_the_config():
         ({"run_id": "../escape"}, "--run-id '../escape'"),
         ({"wait_for_gpus": -1}, "--wait-for-gpus"),
         ({"progress_every_s": 0}, "--progress-every must be above 0"),
+        ({"settle_s": -1}, "--settle-s must be at least 0 (and finite)"),
+        ({"settle_s": float("inf")}, "--settle-s must be at least 0 (and finite)"),
+        ({"settle_s": float("nan")}, "--settle-s must be at least 0 (and finite)"),
     ],
 )
 def test_config_validates_itself(options, message):

@@ -168,6 +168,8 @@ class ResultSink:
         self._lock: OutputLock | None = None
         self.counts = {"ok": 0, "error": 0, "deferred_unsettled": 0}  # deferred: --settle-s, neither scored nor failed
         self.unreachable = 0  # error rows of scans whose storage was unreachable (read-transient): not bad files
+        # After fail(): rows counted above that could not be committed, per kind (results, errors).
+        self.uncommitted = {kind: 0 for kind in KINDS}
 
     @property
     def uri(self) -> str:
@@ -210,7 +212,7 @@ class ResultSink:
         for row in pending.filter(wanted).select(["scan_id", *path_columns]).to_pylist():  # one per verdict
             paths = named_paths(row)
             verdict = verdicts[row["scan_id"]]
-            if verdict["path"] == strip_credentials(paths[0]) and _unchanged(verdict, paths):
+            if verdict["path"] == _kept_path(paths[0]) and _unchanged(verdict, paths):
                 skip.add(row["scan_id"])
         return skip
 
@@ -270,11 +272,12 @@ class ResultSink:
             dropped = sum(buffer.rows for buffer in self._buffers.values())
             raise LockLost(f"{error} ({dropped} buffered rows of this run dropped)") from error
         unsaved = 0
-        for buffer in self._buffers.values():
+        for kind, buffer in self._buffers.items():
             try:
                 buffer.flush()
             except Exception:
                 unsaved += buffer.rows
+                self.uncommitted[kind] = buffer.rows
         kept = "all committed" if not unsaved else f"{unsaved} buffered rows could not be committed"
         raise JobFailed(
             f"the pipeline failed after {self.counts['ok']} scans were scored and {self.counts['error']} failed "
@@ -363,19 +366,27 @@ class ResultSink:
 
 
 def _unchanged(row: Mapping[str, Any], paths: Sequence[str]) -> bool:
-    """Whether the files an error row recorded are ``paths`` (with credentials stripped), each with the same
-    fingerprint now; rows written before ``source_files`` existed hold channel 0's alone."""
+    """Whether the files an error row recorded are ``paths`` (as results/ and errors/ keep a path: without
+    credentials), each with the same fingerprint now; rows written before ``source_files`` existed hold channel
+    0's alone. A channel column left empty (recorded "", still "") matches without a stat."""
     files = row.get("source_files")
     if files is None:  # an older row: one file
         recorded = [(row["path"], row["source_size"], row["source_mtime"])]
     else:
         recorded = [(f["path"], f["size"], f["mtime"]) for f in files]
-    if len(recorded) != len(paths) or any(size is None or mtime is None for _, size, mtime in recorded):
+    if len(recorded) != len(paths):
         return False
     for (path, size, mtime), now in zip(recorded, paths, strict=True):
-        if path != strip_credentials(now) or fingerprint(now) != (size, mtime):
+        if path == "" and now == "":
+            continue
+        if size is None or mtime is None or path != _kept_path(now) or fingerprint(now) != (size, mtime):
             return False
     return True
+
+
+def _kept_path(path: str) -> str:
+    """``path`` as results/ and errors/ keep it (:func:`_without_credentials`)."""
+    return str(_without_credentials([path])[0])
 
 
 def _source_files(values: Sequence[str]) -> pa.Array:

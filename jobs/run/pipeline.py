@@ -48,6 +48,8 @@ SPATIAL_AXES = 3  # list-valued provenance (shape, spacing) has one value per sp
 # --windows: whole scans at the model's spacing handed to a scoring call together (a CT at 1 mm is ~200 MiB, and
 # ~150 windows of 96^3: a few scans fill the compiled batches with little padding).
 WINDOW_SCANS_PER_CALL = 4
+# The crash ledger answers the report's questions within this (a partitioned node must not hang a failed run).
+LEDGER_TIMEOUT_S = 10.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,12 +85,12 @@ class PipelineRun:
         """(node_id, pid) of every scoring actor start so far; restarts included."""
         import ray
 
-        return ray.get(self.ledger.starts.remote())
+        return ray.get(self.ledger.starts.remote(), timeout=LEDGER_TIMEOUT_S)
 
     def crash_ledger_node(self) -> str:
         import ray
 
-        return ray.get(self.ledger.node.remote())
+        return ray.get(self.ledger.node.remote(), timeout=LEDGER_TIMEOUT_S)
 
     @staticmethod
     def node_states() -> dict[str, dict[str, Any]]:
@@ -167,10 +169,8 @@ def decode_batch(
         "permanent": np.zeros(count, dtype=bool),
         "source_size": np.full(count, -1, dtype=np.int64),  # the fingerprint; -1: unknown
         "source_mtime": np.full(count, -1, dtype=np.int64),
-        "source_files": np.full(count, "", dtype=object),
-        "deferred": np.zeros(
-            count, dtype=bool
-        ),  # --settle-s: modified too recently, left for a later run  # JSON: [[path, size, mtime], ...], one per file
+        "source_files": np.full(count, "", dtype=object),  # JSON: [[path, size, mtime], ...], one per file
+        "deferred": np.zeros(count, dtype=bool),  # --settle-s: modified too recently, left for a later run
         "volume_shape": np.zeros((count, SPATIAL_AXES), np.int64),
         "to_ras": np.full((count, 16), np.nan, np.float64),
         "to_source": np.full((count, 16), np.nan, np.float64),
