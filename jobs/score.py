@@ -241,6 +241,8 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
             except JobFailed as e:  # the night still reports: what was committed before it broke, and why
                 failure = e
                 scored = {**scored, **e.partial}
+            except JobError:  # nothing scored, for a reason of usage (e.g. --device gpu without GPUs): exit 2
+                raise
             except Exception as e:  # the pipeline did not start (Ray, the worker plan) or broke past the sink
                 failure = JobFailed(f"the pipeline failed: {type(e).__name__}: {e}")
                 failure.__cause__ = e
