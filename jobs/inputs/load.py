@@ -129,8 +129,10 @@ def prepare_channels(
     prepared = stacked[0]
     if len(stacked) > 1:
         prepared = dataclasses.replace(prepared, tensor=np.concatenate([p.tensor for p in stacked], axis=-1))
-    provenance = decode_provenance(reference, 0.0, reading["read_s"], reading["read_s"] + reading["decode_s"], 0.0)
-    provenance["preprocess_s"] = time.perf_counter() - t2
+    # Every file's read and decode, then alignment and preprocessing, as one stretch of each kind.
+    read_end = reading["read_s"]
+    decode_end = read_end + reading["decode_s"]
+    provenance = decode_provenance(reference, 0.0, read_end, decode_end, decode_end + time.perf_counter() - t2)
     provenance.update(_channel_provenance(volumes))
     assert first_format is not None
     fmt, checked = first_format
