@@ -1,22 +1,25 @@
 """The done-set read over a year of nights: as 365 nightly files, after ``jobs.compact``, and as one file.
 
-python -m bench.compaction [--rows 1000000] [--nights 365] [--repeat 5] [--max-ratio 1.5]
+python -m bench.compaction [--rows 1000000] [--nights 365] [--repeat 5] [--max-ratio 1.5] [--s3]
 
 Every scoring run starts by reading the done set (``OutputStore(uri).done_scan_ids(sha)``: the scan_ids of
 ``results/`` for its model) to skip what is scored. Each night adds a file, so after a year that read opens 365
 files where one would do. Here the same ``--rows`` rows (scan_id, model_sha256, run_id, score, scored_at; a
 night's rows share a run id and are scored a second apart) are written three ways on the local disk: as one file,
 as ``--nights`` nightly files, and as those nightly files after ``jobs.compact`` (its defaults: 128 MB or 1M rows
-per file). The done-set read of each is timed, wall clock, best of ``--repeat`` rounds (the three layouts
-interleaved within each round, so a busy neighbour slows all three), as is compaction's own wall time.
+per file). ``--s3``: the same on a moto S3 server on 127.0.0.1 (each file then costs requests: what an object
+store adds per file, without a network's round trip). The done-set read of each is timed, wall clock, best of
+``--repeat`` rounds (the three layouts interleaved within each round, so a busy neighbour slows all three), as is
+compaction's own wall time.
 
 Exits 1 when the three done sets differ, or when the read after compaction is more than ``--max-ratio`` times the
 one-file read (compaction must bring the read back to what one file costs).
 """
 
 import argparse
+import contextlib
+import logging
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -24,7 +27,9 @@ import time
 
 import numpy as np
 import pyarrow as pa
+from pyarrow import fs as pafs
 
+from jobs import storage
 from jobs.output.compaction import compact
 from jobs.output.store import OutputStore, part_name
 from jobs.testing.cpu import header
@@ -61,9 +66,35 @@ def write_output(folder, rows, nights):
 
 
 def folder_figures(folder):
-    names = [n for n in os.listdir(os.path.join(folder, "results")) if n.endswith(".parquet")]
-    size = sum(os.path.getsize(os.path.join(folder, "results", n)) for n in names)
-    return len(names), size
+    """(files, bytes) of ``folder``'s results/."""
+    filesystem, root = storage.resolve(storage.join(folder, "results"))
+    entries = [e for e in filesystem.get_file_info(pafs.FileSelector(root)) if e.base_name.endswith(".parquet")]
+    return len(entries), sum(e.size for e in entries)
+
+
+@contextlib.contextmanager
+def locations(s3):
+    """A temporary folder, or a bucket of a moto S3 server on 127.0.0.1 (stopped at the end)."""
+    if not s3:
+        with tempfile.TemporaryDirectory() as tmp:
+            yield tmp
+        return
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # moto's server: no line per request
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    try:
+        host, port = server.get_host_and_port()
+        os.environ.update(
+            AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+            AWS_REGION="us-east-1", AWS_ENDPOINT_URL=f"http://{host}:{port}", AWS_EC2_METADATA_DISABLED="true",
+        )  # fmt: skip
+        boto3.client("s3").create_bucket(Bucket="bench")
+        yield "s3://bench"
+    finally:
+        server.stop()
 
 
 def main(argv=None):
@@ -72,16 +103,16 @@ def main(argv=None):
     parser.add_argument("--nights", type=int, default=365)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--max-ratio", type=float, default=1.5, help="compacted read / one-file read, at most")
+    parser.add_argument("--s3", action="store_true", help="on a moto S3 server on 127.0.0.1, not the local disk")
     args = parser.parse_args(argv)
     print(header("bench/compaction.py: the done-set read over a year of nights, before and after jobs.compact"))
-    with tempfile.TemporaryDirectory() as tmp:
-        layouts = {"one file": os.path.join(tmp, "one"), "nightly files": os.path.join(tmp, "nightly")}
+    with locations(args.s3) as base:
+        layouts = {name: storage.join(base, name.split()[0]) for name in ("one file", "nightly files", "compacted")}
         started = time.perf_counter()
         write_output(layouts["one file"], args.rows, 1)
         write_output(layouts["nightly files"], args.rows, args.nights)
         written = time.perf_counter() - started
-        layouts["compacted"] = os.path.join(tmp, "compacted")
-        shutil.copytree(layouts["nightly files"], layouts["compacted"])
+        write_output(layouts["compacted"], args.rows, args.nights)
         started = time.perf_counter()
         summary = compact(layouts["compacted"])
         compaction_s = time.perf_counter() - started
@@ -97,7 +128,8 @@ def main(argv=None):
                 done[name] = ids
         figures = {name: folder_figures(folder) for name, folder in layouts.items()}
 
-    print(f"# {args.rows:,} rows as 1 file and as {args.nights} nightly files (written in {written:.1f} s)")
+    where = "moto S3 on 127.0.0.1" if args.s3 else "local disk"
+    print(f"# {args.rows:,} rows as 1 file and as {args.nights} nightly files, {where} (written in {written:.1f} s)")
     print(f"{'layout':<16} {'files':>6} {'MB':>7} {'done-set read best s':>21} {'median s':>9}")
     for name in layouts:
         count, size = figures[name]
