@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--log-format", choices=LOG_FORMATS, default="text", help="text: one line per event; json: one JSON object"
     )
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="also show the libraries' own log lines (debug detail)"
+        "-v", "--verbose", action="store_true", help="also show each step: files listed, groups planned, files deleted"
     )
     return parser
 
@@ -110,6 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("error: %s", e)
         return 2
     configure_logging(log_format=args.log_format, verbose=args.verbose)
+    if args.verbose:
+        logging.getLogger("jobs").setLevel(logging.DEBUG)  # each step: files listed, groups planned, deletes
     from jobs.output.compaction import compact  # here: it imports the input formats (a second or two)
 
     try:

@@ -13,6 +13,7 @@ import time
 import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import fresh_python
 from pyarrow import fs as pafs
 
@@ -192,6 +193,31 @@ compact(sys.argv[1], target_rows=int(sys.argv[2]), after_commit=lambda uri: os.k
 """
 
 
+class Crash(Exception):
+    pass
+
+
+def crash(uri):
+    raise Crash(uri)
+
+
+def test_a_compaction_stopped_between_commit_and_deletes_is_finished_by_the_next(tmp_path):
+    """In-process (fast): an error right after the first compacted file is committed leaves its rows in two files
+    and the lock released; the next compaction deletes the replaced files first."""
+    output = str(tmp_path / "out")
+    write_nights(output, 20, 3)
+    before = rows(output)
+    with pytest.raises(Crash):
+        compact(output, target_rows=30, after_commit=crash)
+    assert len(files(output)) == 21 and len(rows(output)) == 90
+
+    summary = compact(output, target_rows=30)
+
+    assert summary.finished == 10 and [c.sources for c in summary.compacted] == [10]
+    assert rows(output) == before and len(files(output)) == 2
+
+
+@pytest.mark.slow
 def test_a_compaction_killed_between_commit_and_deletes_is_finished_by_the_next(tmp_path):
     """SIGKILL right after the first compacted file is committed: its rows are in two files, the lock is a dead
     process's. The next compaction takes the lock over, deletes the replaced files, compacts the rest: exactly
@@ -262,9 +288,9 @@ def test_compacts_on_s3(s3_env, s3_bucket):
     )
 
 
-def test_python_m_jobs_compact_console(tmp_path):
-    """The command in a real process: its progress lines on stderr, one summary line on stdout, exit 0; then
-    nothing to do."""
+def test_python_m_jobs_compact_console(tmp_path, capsys):
+    """The command in a real process: its progress lines on stderr, one summary line on stdout, exit 0; then (in
+    this process) nothing to do, and nothing said on stderr."""
     output = str(tmp_path / "out")
     write_nights(output, 10, 3, errors_per_night=1)
 
@@ -278,10 +304,10 @@ def test_python_m_jobs_compact_console(tmp_path):
     assert len(out) == 1 and out[0].startswith("compacted 20 files (40 rows) into 2 in "), out
     assert out[0].endswith("results 10 -> 1 files, errors 10 -> 1 files")
 
-    second = fresh_python(["-m", "jobs.compact", output, "--log-format", "json"], timeout=120)
-
-    assert second.returncode == 0 and second.stderr == ""
-    assert second.stdout.strip() == f"nothing to compact in {output} (results 1 -> 1 files, errors 1 -> 1 files)"
+    assert main([output, "--log-format", "json"]) == 0
+    second = capsys.readouterr()
+    assert second.err == ""
+    assert second.out.strip() == f"nothing to compact in {output} (results 1 -> 1 files, errors 1 -> 1 files)"
 
 
 def test_files_over_half_the_target_are_left_as_they_are(tmp_path):

@@ -96,12 +96,12 @@ def test_production_modules_never_import_test_code_and_benches_import_cleanly():
     script = (
         "import sys\n"
         "import jobs.score, jobs.run.pipeline, jobs.output.sink, jobs.run.scorer, jobs.run.ledger, jobs.manifest\n"
-        "import jobs.report, jobs.inputs.load\n"
+        "import jobs.report, jobs.inputs.load, jobs.compact, jobs.output.compaction\n"
         "test_code = [m for m in sys.modules if m.split('.')[0] in ('bench', 'conftest')\n"
         "             or m == 'jobs.testing' or m.startswith('jobs.testing.')]\n"
         "assert not test_code, f'production imported test code: {test_code}'\n"
         "import bench.pipeline, bench.scale, bench.decode, bench.dicom, bench.gpu_feed, bench.soak, bench.train_step\n"
-        "import bench.windows\n"
+        "import bench.windows, bench.compaction\n"
         "import jobs.testing.cpu\n"
         "print(jobs.testing.cpu.header('x').splitlines()[1])\n"
     )

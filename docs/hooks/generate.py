@@ -65,6 +65,7 @@ CLI_MODULES = {
     "jobs.score": ["jobs.score"],
     "jobs.manifest": ["jobs.manifest", "jobs.inputs.listing"],
     "jobs.report": ["jobs.report", "jobs.report.cli", "jobs.report.page"],
+    "jobs.compact": ["jobs.compact"],
     "jobs.heatmap": ["jobs.heatmap"],
     "jobs.demo": ["jobs.demo"],
     "vit3d": ["vit3d.__main__"],

@@ -215,6 +215,10 @@ def _compact_kind(
     candidates = [p for p in parts if p.name not in gone and p.size < target_bytes / 2 and p.rows < target_rows / 2]
     groups, left = plan(kind, candidates, target_bytes, target_rows)
     summary.left_as_is += left
+    logger.debug(
+        "%s: %d files listed, %d under half the target, %d groups to compact", kind, len(listed), len(candidates),
+        len(groups),
+    )  # fmt: skip
     for group in groups:
         done = compact_group(store, filesystem, lock, group, summary.run_id, after_commit)
         if done is None:
@@ -410,6 +414,7 @@ def compact_group(
     lock.ensure_held()
     folder = f"{store.root}/{group.kind}"
     delete_files(filesystem, [f"{folder}/{f.name}" for f in group.files], store.retry_s)
+    logger.debug("%s: deleted the %d files %s replaces", group.kind, len(group.files), storage.name_of(uri))
     return Compacted(group.kind, uri, len(group.files), group.rows, group.size)
 
 
