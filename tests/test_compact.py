@@ -151,6 +151,27 @@ def test_files_whose_schemas_cannot_be_unified_start_a_new_file(tmp_path):
     )
 
 
+def test_files_without_metadata_are_grouped_by_their_rows_model(tmp_path):
+    """No vit3d metadata (a file written by hand): the rows' model_sha256 decides; two models in one file: left."""
+    output = str(tmp_path / "out")
+    write_marker(output)
+    store = OutputStore(output)
+    for night in range(3):
+        store.commit("results", night_results(night, 2).replace_schema_metadata(None), f"part-hand-{night}.parquet")
+    mixed = pa.concat_tables([night_results(5, 1), night_results(6, 1, OTHER_SHA)]).replace_schema_metadata(None)
+    store.commit("results", mixed, "part-mixed.parquet")
+    before = rows(output)
+
+    summary = compact(output)
+
+    assert [c.sources for c in summary.compacted] == [3] and rows(output) == before
+    assert "part-mixed.parquet" in files(output)
+    (left,) = summary.left_as_is
+    assert left == "results/part-mixed.parquet: no single model_sha256 (metadata or rows): left as it is"
+    (compacted,) = [n for n in files(output) if n.startswith("part-compact-")]
+    assert metadata(output, "results", compacted)[b"vit3d.model_sha256"] == SHA.encode()
+
+
 def test_a_reader_polling_during_compaction_counts_every_row_once(tmp_path):
     """DuckDB counts in a loop while 4 groups are compacted (each window held open 0.3 s): the documented count is
     always 120, count(*) shows that some reads did fall in a window; no read misses a row."""
