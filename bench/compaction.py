@@ -2,8 +2,9 @@
 
 python -m bench.compaction [--rows 1000000] [--nights 365] [--repeat 5] [--max-ratio 1.5] [--s3]
 
-Every scoring run starts by reading the done set (``OutputStore(uri).done_scan_ids(sha)``: the scan_ids of
-``results/`` for its model) to skip what is scored. Each night adds a file, so after a year that read opens 365
+Every scoring run starts by reading the done set (:func:`jobs.run.plan.copy_done_set`: the rows of
+``results/`` for its model, with their fingerprints, copied to a local file for the night's join) to skip what
+is scored. Each night adds a file, so after a year that read opens 365
 files where one would do. Here the same ``--rows`` rows (scan_id, model_sha256, run_id, score, scored_at; a
 night's rows share a run id and are scored a second apart) are written three ways on the local disk: as one file,
 as ``--nights`` nightly files, and as those nightly files after ``jobs.compact`` (its defaults: 128 MB or 1M rows
@@ -27,11 +28,13 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
 from jobs import storage
 from jobs.output.compaction import compact
 from jobs.output.store import OutputStore, part_name
+from jobs.run.plan import copy_done_set
 from jobs.testing.cpu import header
 from jobs.testing.nights import SHA, START, run_metadata, write_marker
 
@@ -106,7 +109,7 @@ def main(argv=None):
     parser.add_argument("--s3", action="store_true", help="on a moto S3 server on 127.0.0.1, not the local disk")
     args = parser.parse_args(argv)
     print(header("bench/compaction.py: the done-set read over a year of nights, before and after jobs.compact"))
-    with locations(args.s3) as base:
+    with locations(args.s3) as base, tempfile.TemporaryDirectory() as local_tmp:
         layouts = {name: storage.join(base, name.split()[0]) for name in ("one file", "nightly files", "compacted")}
         started = time.perf_counter()
         write_output(layouts["one file"], args.rows, 1)
@@ -122,10 +125,11 @@ def main(argv=None):
         for _ in range(args.repeat):
             for name, folder in layouts.items():
                 store = OutputStore(folder)
+                copy = os.path.join(local_tmp, f"done-{name.replace(' ', '-')}.parquet")
                 begin = time.perf_counter()
-                ids = store.done_scan_ids(SHA)
+                copy_done_set(store, SHA, copy)
                 times[name].append(time.perf_counter() - begin)
-                done[name] = ids
+                done[name] = pq.read_table(copy, columns=["scan_id"]).column("scan_id").combine_chunks()
         figures = {name: folder_figures(folder) for name, folder in layouts.items()}
 
     where = "moto S3 on 127.0.0.1" if args.s3 else "local disk"

@@ -58,6 +58,8 @@ class JobConfig:
             ``0.01``.
         retry_failed: bool. Also retry known-bad scans (last error at validate, decode or preprocess, file
             unchanged since), which are otherwise skipped. Defaults to ``False``.
+        rescore_changed: bool. Score a done scan again when its source changed since its latest result row
+            (:mod:`jobs.run.plan`). Defaults to ``True``.
         run_id: str or None. The run's name in results and ``runs/``. Defaults to ``None`` (time + random).
         model_sha256: str or None. Refuse the model unless its sha256 is this. Defaults to ``None``.
         ray_address: str or None. Ray cluster to join. Defaults to ``None`` ($RAY_ADDRESS, else a local instance).
@@ -132,6 +134,14 @@ class JobConfig:
         help="also retry known-bad scans. Without it, a scan whose last error was at validate, decode or "
         "preprocess is skipped (counted as skipped_known_bad) while its file is unchanged: same path, size "
         "and mtime. Failures at read (missing file, storage), at infer or by a worker's death are always retried",
+    )
+    rescore_changed: bool = option(
+        True,
+        flag="--no-rescore-changed",
+        action="store_false",
+        help="do not score a done scan again when its source changed since it was scored (default: score it "
+        "again, counted as rescored_changed, when the manifest's size_bytes and modified_at, or a stat without "
+        "them, differ from the fingerprint its latest result row recorded; the old row stays for history)",
     )
     run_id: str | None = option(None, help="name of this run in the results and runs/ (default: time + random)")
     model_sha256: str | None = option(None, help="refuse the model unless its sha256 is this")

@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import heapq
 import logging
+import resource
 import sys
 import time
 import uuid
@@ -40,6 +41,7 @@ from jobs.output.sink import ResultSink
 from jobs.redact import Redactor
 from jobs.report import write_page
 from jobs.run.pipeline import scoring_pipeline
+from jobs.run.plan import NightPlanner
 from jobs.run.scorer import configure_tensorflow
 
 if TYPE_CHECKING:
@@ -71,17 +73,28 @@ def check_manifest(uri: str, redactor: Redactor | None = None) -> pa.Table:
     """The manifest as a table; JobError if it is unusable or a column would shadow a result column.
 
     With a ``redactor`` (``--redact-paths``), a problem's details that may quote the manifest's rows (scan_ids,
-    paths, a line that does not parse) are left out of the message."""
+    paths, a line that does not parse) are left out of the message. (The job itself never holds the whole
+    manifest: it plans in a stream, :mod:`jobs.run.plan`.)"""
     try:
         table = read_manifest(uri)
     except ManifestError as e:
-        if redactor is not None and e.detail:
-            raise JobError(f"manifest problem: {e.summary} (details not shown: --redact-paths)") from e
-        raise JobError(f"manifest problem: {e}") from e
-    clashes = sorted(set(table.column_names[2:]) & (RESERVED_COLUMNS - MANIFEST_SHARED_COLUMNS - OPTION_COLUMNS))
+        raise manifest_problem(e, redactor) from e
+    check_column_names(uri, table.column_names)
+    return table
+
+
+def manifest_problem(error: ManifestError, redactor: Redactor | None) -> JobError:
+    """The JobError (exit 2) for a bad manifest; under ``--redact-paths`` without details that may quote rows."""
+    if redactor is not None and error.detail:
+        return JobError(f"manifest problem: {error.summary} (details not shown: --redact-paths)")
+    return JobError(f"manifest problem: {error}")
+
+
+def check_column_names(uri: str, names: list[str]) -> None:
+    """JobError if a manifest column would shadow a result column."""
+    clashes = sorted(set(names[2:]) & (RESERVED_COLUMNS - MANIFEST_SHARED_COLUMNS - OPTION_COLUMNS))
     if clashes:
         raise JobError(f"manifest problem: {uri}: columns {clashes} have the names of result columns; rename them")
-    return table
 
 
 def check_model(
@@ -154,7 +167,8 @@ def run(manifest: str, model: str, output: str, *, hooks: AttemptHooks | None = 
 
     >>> report = run("manifest.csv", "model.keras", "out/", device="cpu")  # doctest: +SKIP
     >>> report["counts"]  # doctest: +SKIP
-    {'manifest': 41, 'skipped_done': 0, 'skipped_known_bad': 0, 'ok': 40, 'error': 1, 'deferred_unsettled': 0}
+    {'manifest': 41, 'skipped_done': 0, 'skipped_known_bad': 0, 'rescored_changed': 0, 'ok': 40, 'error': 1,
+     'deferred_unsettled': 0}
     """
     return run_job(JobConfig(manifest, model, output, **options), hooks=hooks)
 
@@ -174,54 +188,83 @@ def run_job(config: JobConfig, hooks: AttemptHooks | None = None, redactor: Reda
 def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor | None) -> dict[str, Any]:
     started_at, started = dt.datetime.now(dt.timezone.utc), time.monotonic()
     config = config.replace(run_id=config.run_id or new_run_id())
-    manifest = check_manifest(config.manifest, redactor)
-    channel_paths = channel_columns(manifest.column_names, ["path"])
-    if redactor is not None:  # what the logs, the page and the report must not show: every channel's file too
-        ids: list[str] = []
-        named: list[str] = []
-        for name in ("path", *channel_paths):
-            column = manifest.column(name).to_pylist()
-            for scan_id, path in zip(manifest.column("scan_id").to_pylist(), column, strict=True):
-                if path:
-                    ids.append(scan_id)
-                    named.append(path)
-        redactor.learn(ids, named)
+    try:  # the manifest, streamed and checked whole to local disk (jobs.run.plan) before anything else
+        planner = NightPlanner(config.manifest)
+    except ManifestError as e:
+        raise manifest_problem(e, redactor) from e
+    with planner:
+        return _run_planned(config, hooks, redactor, planner, started_at, started)
+
+
+def _run_planned(
+    config: JobConfig,
+    hooks: AttemptHooks | None,
+    redactor: Redactor | None,
+    planner: NightPlanner,
+    started_at: dt.datetime,
+    started: float,
+) -> dict[str, Any]:
+    """:func:`_run_job` with the manifest's planner open: check it, verify the model, claim the output, plan."""
+    try:
+        names = planner.read_manifest()
+    except ManifestError as e:
+        raise manifest_problem(e, redactor) from e
+    check_column_names(config.manifest, names)
     info, spec = check_model(config.model, config.model_sha256, config.mode, config.windows)
     sink = ResultSink(
         config.output,
         mode=config.mode,
-        run_id=config.run_id,  # type: ignore[arg-type]  # set just above: never None here
+        run_id=config.run_id or "",  # _run_job set it: never empty here
         model=info,
-        manifest=manifest,
         rows_per_file=config.rows_per_file,
         flush_seconds=config.flush_seconds,
         retry_s=config.storage_retry_s,
     )
     try:
-        done = sink.claim()
+        sink.claim()
     except OutputError as e:
         raise JobError(f"output problem: {e}") from e
     try:
-        # Planning in Arrow: the manifest less what is done, then less what is known bad. The channel files
-        # (path_1, …) and the formats' option columns (the series of a DICOM folder, per channel) travel with
-        # each scan.
-        carried = [name for name in formats.option_columns() if name in manifest.column_names]
-        carried += channel_columns(manifest.column_names, ["path", *formats.option_columns()])
-        scan_ids = manifest.column("scan_id")
-        is_done = pc.is_in(scan_ids, value_set=done)
-        position = pa.array(np.arange(manifest.num_rows, dtype=np.int64))  # the sink's index of each row
-        indexed = manifest.select(["scan_id", "path", *carried]).append_column("manifest_row", position)
-        not_done = indexed.filter(pc.invert(is_done))
+        # Planning in a stream (jobs.run.plan): the manifest less what is done (unless its source changed since),
+        # then less what is known bad. The driver holds tonight's rows only, never the whole manifest.
+        try:
+            plan = planner.plan(sink.store, info.sha256, rescore_changed=config.rescore_changed)
+        except (OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
+            raise JobError(f"output problem: {sink.uri}: cannot read results/: {e}") from e
+        if redactor is not None:  # what the logs, the page and the report must not show: every channel's file too
+            _learn(redactor, plan.pending)
+        sink.accept(plan.pending)
+        carried = [name for name in formats.option_columns() if name in plan.pending.column_names]
+        carried += channel_columns(plan.pending.column_names, ["path", *formats.option_columns()])
+        position = pa.array(np.arange(plan.pending.num_rows, dtype=np.int64))  # the sink's index of each row
+        not_done = plan.pending.select(["scan_id", "path", *carried]).append_column("manifest_row", position)
         known_bad = _known_bad(sink, not_done, config.retry_failed, redactor)
         pending = not_done
         if known_bad:
             pending = not_done.filter(
                 pc.invert(pc.is_in(not_done.column("scan_id"), value_set=pa.array(sorted(known_bad), pa.string())))
             )
-        skipped_done = int(pc.sum(is_done).as_py() or 0)
+        skipped_done = plan.skipped_done
+        rescored_changed = plan.rescored_changed
+        if known_bad and plan.rescored_changed:  # changed, then failed on the new bytes, which are unchanged since
+            bad = pc.is_in(plan.pending.column("scan_id"), value_set=pa.array(sorted(known_bad), pa.string()))
+            rescored_changed -= int((plan.changed & bad.to_numpy(zero_copy_only=False)).sum())
+        if plan.rescored_changed:
+            shown = [redactor.scan_id(s) if redactor else s for s in plan.changed_examples[:5]]
+            logger.info(
+                "%d done scans changed since they were scored (size or mtime; --no-rescore-changed keeps their old "
+                "rows): scoring them again: %s",
+                plan.rescored_changed,
+                ", ".join(shown) + (", …" if plan.rescored_changed > len(shown) else ""),
+            )
+        if plan.unfingerprinted:
+            logger.info(
+                "%d done scans were scored before results recorded their source's fingerprint: not checked for changes",
+                plan.unfingerprinted,
+            )
         logger.info(
             "%d scans in the manifest, %d already done, %d known bad, %d to score",
-            manifest.num_rows,
+            plan.manifest_rows,
             skipped_done,
             len(known_bad),
             pending.num_rows,
@@ -235,6 +278,7 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
             "review": [],
         }
         failure: JobFailed | None = None
+        planning_s = time.monotonic() - started  # manifest, model, done set and anti-joins: before Ray starts
         if pending.num_rows:
             try:
                 scored = _score(pending, config, spec, info, sink, hooks, started_at)
@@ -248,15 +292,19 @@ def _run_job(config: JobConfig, hooks: AttemptHooks | None, redactor: Redactor |
                 failure.__cause__ = e
         files = sink.committed_files() if failure else sink.complete()  # (complete only lists them here)
         counts = {
-            "manifest": manifest.num_rows,
+            "manifest": plan.manifest_rows,
             "skipped_done": skipped_done,
             "skipped_known_bad": len(known_bad),
+            # Done scans scored again tonight because their source changed (their rows are among ok and error).
+            "rescored_changed": rescored_changed,
             **sink.counts,
         }
         stage_seconds = scored.pop("stage_seconds", {})
         left_out = scored.pop("series_left_out", {})
         review = scored.pop("review", [])
         report = _report(config, spec, info, sink.uri, counts, files, started, started_at, **scored)
+        # The driver's own cost (bench.nightly): planning time, and its peak resident set over the whole run.
+        report["driver"] = {"planning_s": round(planning_s, 3), "peak_rss_mb": round(_peak_rss_mb(), 1)}
         if failure is not None:
             report.update(exit_code=EXIT_FAILED, status="failed", failure=redact.scrub(str(failure)))
             # Counted above but lost with the storage: rows buffered when the last commits failed.
@@ -303,6 +351,18 @@ def _reported(failure: JobFailed, sink: ResultSink, report: dict[str, Any], reda
         logger.debug("the failed run's report was not rewritten with its page: %s", e)
     failure.report = report
     return failure
+
+
+def _learn(redactor: Redactor, rows: pa.Table) -> None:
+    """Teach ``redactor`` tonight's scan_ids and every file they name (the done ones never reach a log or page)."""
+    ids: list[str] = []
+    named: list[str] = []
+    for name in ("path", *channel_columns(rows.column_names, ["path"])):
+        for scan_id, path in zip(rows.column("scan_id").to_pylist(), rows.column(name).to_pylist(), strict=True):
+            if path:
+                ids.append(scan_id)
+                named.append(path)
+    redactor.learn(ids, named)
 
 
 def _known_bad(sink, candidates, retry_failed, redactor=None):
@@ -395,6 +455,12 @@ def _score(pending, config, spec, info, sink, hooks, started_at):
         "progress": final_progress,
         "review": review.entries(),
     }
+
+
+def _peak_rss_mb() -> float:
+    """This process's peak resident set so far, MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
 
 def _cluster_figures(run, nodes):
@@ -492,6 +558,7 @@ def summary(report: dict[str, Any]) -> str:
             f"  manifest {c['manifest']} scans: {c['skipped_done']} already done (skipped), "
             f"{c['skipped_known_bad']} known bad (skipped: unchanged since they failed), "
             f"{c['ok']} scored, {c['error']} failed (error rate {report['error_rate']:.2%} of attempted)"
+            + (f", {c['rescored_changed']} of them rescored (source changed)" if c.get("rescored_changed") else "")
             + (
                 f", {c['deferred_unsettled']} deferred (still arriving: --settle-s)"
                 if c.get("deferred_unsettled")

@@ -157,6 +157,7 @@ def test_every_bad_scan_gives_one_error_row_and_its_batch_is_scored(ray_cluster,
         "skipped_known_bad": 0,
         "ok": 8,
         "error": len(expected),
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     errors = read_table(str(tmp_path / "out"), "errors").to_pylist()
@@ -258,6 +259,7 @@ def test_scoring_actor_killed_mid_run(ray_cluster, tiny_model, archive16, tmp_pa
         "skipped_known_bad": 0,
         "ok": 16,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     ids = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
@@ -283,6 +285,7 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
         "skipped_known_bad": 0,
         "ok": 14,
         "error": 2,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     errors = rows_by_scan_id(output, "errors")
@@ -301,6 +304,7 @@ def test_scan_that_kills_its_worker_every_try(ray_cluster, tiny_model, archive16
         "skipped_known_bad": 0,
         "ok": 2,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
 

@@ -60,6 +60,7 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
         "skipped_known_bad": 0,
         "ok": 8,
         "error": 1,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     assert report["exit_code"] == 0
@@ -155,6 +156,7 @@ def test_rerun_is_incremental_and_retries_failures(ray_cluster, tiny_model, arch
         "skipped_known_bad": 1,
         "ok": 0,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
 
@@ -169,6 +171,7 @@ def test_rerun_is_incremental_and_retries_failures(ray_cluster, tiny_model, arch
         "skipped_known_bad": 0,
         "ok": 4,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
 
@@ -340,6 +343,7 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
         "skipped_known_bad": 0,
         "ok": 8,
         "error": 1,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     rerun = run(

@@ -58,6 +58,7 @@ def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_pa
         "skipped_known_bad": 0,
         "ok": 11,
         "error": 2,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     first = {e["scan_id"]: e for e in error_rows(output)}
@@ -77,6 +78,7 @@ def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_pa
         "skipped_known_bad": 2,
         "ok": 0,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     assert "2 known bad (skipped" in out and "0 failed" in out
@@ -93,6 +95,7 @@ def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_pa
         "skipped_known_bad": 0,
         "ok": 1,
         "error": 1,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     assert code == 0 and report["error_rate"] == 0.5
@@ -105,6 +108,7 @@ def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_pa
         "skipped_known_bad": 0,
         "ok": 0,
         "error": 1,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     assert code == 3 and "over_error_budget" in out
@@ -119,6 +123,7 @@ def test_known_bad_files_do_not_fail_every_night(ray_cluster, tiny_model, tmp_pa
         "skipped_known_bad": 1,
         "ok": 0,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     attempts = sorted((e["run_id"], e["scan_id"]) for e in error_rows(output))
@@ -154,6 +159,7 @@ def test_transient_failures_and_old_error_rows_are_retried(ray_cluster, tiny_mod
         "skipped_known_bad": 0,
         "ok": 2,
         "error": 2,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     errors = {e["scan_id"]: e for e in error_rows(output)}
@@ -172,6 +178,7 @@ def test_transient_failures_and_old_error_rows_are_retried(ray_cluster, tiny_mod
         "skipped_known_bad": 1,
         "ok": 0,
         "error": 1,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     assert len(error_rows(output)) == 3
@@ -188,6 +195,7 @@ def test_transient_failures_and_old_error_rows_are_retried(ray_cluster, tiny_mod
         "skipped_known_bad": 0,
         "ok": 1,
         "error": 1,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
 
@@ -199,6 +207,7 @@ def test_transient_failures_and_old_error_rows_are_retried(ray_cluster, tiny_mod
         "skipped_known_bad": 1,
         "ok": 0,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     latest = [e for e in error_rows(output) if e["run_id"] == third["run_id"]]

@@ -67,6 +67,7 @@ def test_worker_node_lost_mid_run(tiny_model, tmp_path):
         "skipped_known_bad": 0,
         "ok": SCANS,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     cluster = report["cluster"]

@@ -201,6 +201,7 @@ def test_four_runs_started_at_once_exactly_one_scores(ray_cluster, tiny_model, a
         "skipped_known_bad": 0,
         "ok": 6,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     # Nothing by the three others: only the marker and the winner's files.

@@ -61,6 +61,7 @@ def test_a_series_still_arriving_is_deferred_then_scored_whole(ray_cluster, tiny
         "skipped_known_bad": 0,
         "ok": 3,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 1,
     }
     assert "arriving" not in read_table(output, columns=["scan_id"])["scan_id"].to_pylist()

@@ -201,6 +201,7 @@ def test_outage_within_bounds_run_completes_exactly_once(
         "skipped_known_bad": 0,
         "ok": 12,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     assert sorted(committed_ids(client, bucket, "out/results/")) == sorted(r["scan_id"] for r in rows)
@@ -270,6 +271,7 @@ def test_outage_past_bounds_exits_1_then_rerun_exactly_once(
         "skipped_known_bad": 0,
         "ok": 12 - len(done),
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     assert sorted(committed_ids(client, bucket, "out/results/")) == sorted(r["scan_id"] for r in rows)
@@ -346,6 +348,7 @@ def test_driver_killed_during_a_slow_commit_upload(ray_cluster, tiny_model, s3_b
         "skipped_known_bad": 0,
         "ok": 24,
         "error": 0,
+        "rescored_changed": 0,
         "deferred_unsettled": 0,
     }
     assert sorted(committed_ids(client, bucket, "out/results/")) == sorted(r["scan_id"] for r in big)

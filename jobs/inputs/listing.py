@@ -32,11 +32,13 @@ def is_uri(path: str) -> bool:
     return "://" in path
 
 
-def some(items: Iterable[object]) -> str:
-    """'a, b, c' for the first few items, with the total when there are more."""
+def some(items: Iterable[object], total: int | None = None) -> str:
+    """'a, b, c' for the first few items, with the total when there are more (``total``: how many there are in
+    all, when ``items`` are only the first of them)."""
     items = list(items)
+    total = len(items) if total is None else total
     shown = ", ".join(str(i) for i in items[:_SHOW])
-    return shown if len(items) <= _SHOW else f"{shown}, ... ({len(items)} in all)"
+    return shown if total <= _SHOW else f"{shown}, ... ({total} in all)"
 
 
 def _match_parts(pattern, parts):

@@ -29,10 +29,13 @@ import io
 import json
 import os
 import posixpath
+from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.dataset as pads
 import pyarrow.json as pajson
@@ -72,22 +75,59 @@ def _typed_columns(names: list[str]) -> dict[str, pa.DataType]:
     return out
 
 
-def _parse(uri, fmt, data):
-    source = pa.BufferReader(data)
-    if fmt == "csv":
-        # Ids and paths as text (no "007" -> 7); other columns inferred. column_types may name absent columns.
-        names = pacsv.open_csv(pa.BufferReader(data)).schema.names
-        typed = _typed_columns(names)  # text columns stay text: UIDs look like numbers ("1.2")
-        text = (*REQUIRED, *(name for name, kind in typed.items() if pa.types.is_string(kind)))
-        convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in text})
-        return pacsv.read_csv(source, convert_options=convert)
-    if fmt == "parquet":
-        return pq.read_table(source)
-    return pajson.read_json(source)
+BATCH_ROWS = 65_536  # rows per batch of a streamed manifest
+STREAM_ABOVE_BYTES = 64 * 2**20  # a larger manifest file is streamed, not read whole (with retries) first
 
 
-def _parquet_folder(uri: str) -> pa.Table | None:
-    """The rows of a folder (or object prefix) of Parquet files (a dataset, as Spark or DuckDB write one), or None
+def _csv_reader(open_source):
+    """A streaming CSV reader: ids, paths and the formats' text columns as text (no "007" -> 7); the others
+    inferred. ``open_source()`` gives a fresh source (the header is read once to learn the names)."""
+    names = pacsv.open_csv(open_source()).schema.names
+    typed = _typed_columns(names)  # text columns stay text: UIDs look like numbers ("1.2")
+    text = (*REQUIRED, *(name for name, kind in typed.items() if pa.types.is_string(kind)))
+    convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in text})
+    return pacsv.open_csv(open_source(), convert_options=convert)
+
+
+def _raw_batches(uri: str) -> tuple[str, pa.Schema, Iterator[pa.RecordBatch]]:
+    """(format, schema, batches) of the manifest at ``uri`` as stored; ManifestError if it cannot be opened."""
+    folder = _parquet_folder(uri)
+    if folder is not None:
+        return "parquet", folder.schema, folder.to_batches(batch_size=BATCH_ROWS)
+    fmt = check_manifest_name(uri)
+    try:
+        filesystem, path = storage.resolve(uri)
+        info = storage.retrying(lambda: filesystem.get_file_info(path), f"reading {uri}")
+        if info.type != pafs.FileType.File or info.size is None or info.size <= STREAM_ABOVE_BYTES:
+            data = storage.read_bytes(uri)
+
+            def open_source():
+                return pa.BufferReader(data)
+
+            if not data.strip():
+                raise ManifestError(f"manifest {uri}: empty manifest (the file is empty)")
+        else:
+
+            def open_source():
+                return storage.retrying(lambda: filesystem.open_input_file(path), f"reading {uri}")
+
+    except (OSError, ValueError) as e:  # missing, permission, bad URI, network
+        raise ManifestError(f"manifest {uri}: cannot read: {e}") from e
+    try:
+        if fmt == "csv":
+            reader = _csv_reader(open_source)
+            return fmt, reader.schema, iter(reader)
+        if fmt == "parquet":
+            parquet = pq.ParquetFile(open_source())
+            return fmt, parquet.schema_arrow, parquet.iter_batches(batch_size=BATCH_ROWS)
+        json_reader = pajson.open_json(open_source())
+        return fmt, json_reader.schema, iter(json_reader)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        raise ManifestError(f"manifest {uri}: cannot parse as {fmt}", str(e)) from e
+
+
+def _parquet_folder(uri: str) -> pads.Dataset | None:
+    """The folder (or object prefix) of Parquet files at ``uri`` (a dataset, as Spark or DuckDB write one), or None
     when ``uri`` is not a folder. Hidden and underscore-prefixed files (``_SUCCESS``, staging) are not read."""
     path = urlsplit(uri).path if _is_uri(uri) else uri
     if _FORMATS.get(os.path.splitext(path.rstrip("/"))[1].lower(), "parquet") != "parquet":
@@ -99,15 +139,15 @@ def _parquet_folder(uri: str) -> pa.Table | None:
         dataset = pads.dataset(path.rstrip("/"), filesystem=filesystem, format="parquet")
         if not dataset.files:
             raise ManifestError(f"manifest {uri}: a folder with no Parquet files")
-        return dataset.to_table()
+        return dataset
     except (pa.ArrowException, OSError, ValueError) as e:
         raise ManifestError(f"manifest {uri}: cannot read as a folder of Parquet files", str(e)) from e
 
 
-def _blank(column):
+def _blank(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """Boolean mask: null, empty or whitespace-only."""
-    values = column.to_pylist()
-    return [v is None or not v.strip() for v in values]
+    blank = pc.or_(pc.equal(pc.binary_length(column), 0), pc.utf8_is_space(column))  # no copy of the strings
+    return np.asarray(pc.fill_null(blank, True).to_numpy(zero_copy_only=False), dtype=bool)
 
 
 def _resolve_paths(uri, paths):
@@ -130,90 +170,153 @@ def _resolve_paths(uri, paths):
     return [p if _is_uri(p) or os.path.isabs(p) else join(p) for p in paths]
 
 
+def _resolved(uri: str, column: pa.Array, blank: np.ndarray) -> pa.Array:
+    """``column`` of paths with the relative ones resolved (:func:`_resolve_paths`); null and ``blank`` ones stay
+    as they are. Absolute paths and URIs, the usual case, never become Python strings."""
+    relative = ~np.asarray(pc.fill_null(pc.starts_with(column, "/"), True).to_numpy(zero_copy_only=False), bool)
+    if relative.any():  # a URI (scheme://…) is no relative path either
+        relative &= ~np.asarray(pc.fill_null(pc.match_substring(column, "://"), True).to_numpy(False), bool)
+    relative &= ~blank
+    if not relative.any():
+        return column
+    rows = np.flatnonzero(relative)
+    joined = _resolve_paths(uri, column.take(pa.array(rows)).to_pylist())
+    return pc.replace_with_mask(column, pa.array(relative), pa.array(joined, pa.string()))
+
+
+class ManifestStream:
+    """A manifest read batch by batch (:data:`BATCH_ROWS` rows), each checked and resolved as
+    :func:`read_manifest` says, so that a manifest of millions of rows never has to be in memory at once.
+
+    :meth:`batches` yields the checked tables; the checks that need every row come after it:
+    :meth:`check_rows` (rows, empty scan_ids and paths; call once the batches are consumed) and the duplicate
+    scan_ids (the caller's: :func:`duplicate_ids_error` for a table in memory, a spilling join for a large one).
+    """
+
+    EXAMPLES = 20  # rows kept to name in a message
+
+    def __init__(self, uri: str | os.PathLike) -> None:
+        self.uri = os.fspath(uri)
+        self.format, schema, self._raw = _raw_batches(self.uri)
+        self.stored_names = list(schema.names)
+        missing = [name for name in REQUIRED if name not in schema.names]
+        if missing:
+            raise ManifestError(
+                f"manifest {self.uri}: missing required column(s) {', '.join(missing)}; "
+                f"found columns: {_some(schema.names) or '(none)'}"
+            )
+        duplicated_names = sorted({n for n in schema.names if schema.names.count(n) > 1})
+        if duplicated_names:
+            raise ManifestError(f"manifest {self.uri}: duplicate column name(s) {', '.join(duplicated_names)}")
+        self.others = [name for name in schema.names if name not in REQUIRED]
+        self._typed = _typed_columns(schema.names)  # columns a format understands, cast to its type
+        self._channel_paths = set(channel_columns(schema.names, ["path"]))
+        self.rows = 0
+        self._blank_ids: list[int] = []
+        self._blank_id_count = 0
+        self._no_path: list[str] = []
+        self._no_path_count = 0
+
+    @property
+    def names(self) -> list[str]:
+        """The checked tables' column names: scan_id, path, then the others in their order."""
+        return [*REQUIRED, *self.others]
+
+    def batches(self) -> Iterator[pa.Table]:
+        """The manifest's rows, checked and resolved, one table per batch (raises ManifestError)."""
+        while True:
+            try:
+                batch = next(self._raw, None)
+            except (pa.ArrowException, OSError, ValueError) as e:
+                raise ManifestError(f"manifest {self.uri}: cannot parse as {self.format}", str(e)) from e
+            if batch is None:
+                return
+            if batch.num_rows:
+                yield self._checked(pa.Table.from_batches([batch]))
+
+    def _checked(self, table: pa.Table) -> pa.Table:
+        columns = {}
+        for name in REQUIRED:
+            column = table.column(name)
+            try:
+                columns[name] = column.cast(pa.string()).combine_chunks()
+            except (pa.ArrowException, ValueError) as e:
+                raise ManifestError(
+                    f"manifest {self.uri}: column {name} has type {column.type}, not text", str(e)
+                ) from e
+        blank = np.flatnonzero(_blank(columns["scan_id"]))
+        self._blank_id_count += len(blank)
+        self._blank_ids += [self.rows + int(i) + 1 for i in blank[: self.EXAMPLES - len(self._blank_ids)]]
+        path_blank = _blank(columns["path"])
+        no_path = np.flatnonzero(path_blank)
+        self._no_path_count += len(no_path)
+        if len(no_path) and len(self._no_path) < self.EXAMPLES:
+            named = columns["scan_id"].take(pa.array(no_path[: self.EXAMPLES - len(self._no_path)]))
+            self._no_path += named.to_pylist()
+        self.rows += table.num_rows
+        values = []
+        for name in self.others:
+            column = table.column(name)
+            if name in self._typed and column.type != self._typed[name]:
+                try:
+                    column = column.cast(self._typed[name])
+                except (pa.ArrowException, ValueError) as e:
+                    raise ManifestError(
+                        f"manifest {self.uri}: column {name} has type {column.type}, not {self._typed[name]}", str(e)
+                    ) from e
+            if name in self._channel_paths:  # a channel's file: resolved as path is; empty stays empty (null)
+                text = column.cast(pa.string()).combine_chunks()
+                empty = _blank(text)
+                column = _resolved(self.uri, pc.if_else(pa.array(empty), pa.scalar(None, pa.string()), text), empty)
+            values.append(column)
+        resolved = _resolved(self.uri, columns["path"], path_blank)
+        return pa.table([columns["scan_id"], resolved, *values], names=self.names)
+
+    def check_rows(self) -> None:
+        """After :meth:`batches`: ManifestError for no rows or any empty scan_id (the duplicates are the caller's:
+        see the class)."""
+        if self.rows == 0:
+            raise ManifestError(f"manifest {self.uri}: empty manifest (no rows; columns: {_some(self.stored_names)})")
+        if self._blank_id_count:
+            shown = _some(self._blank_ids, self._blank_id_count)
+            raise ManifestError(
+                f"manifest {self.uri}: {self._blank_id_count} row(s) with an empty scan_id, "
+                f"at data row(s) {shown} (1-based, header not counted)"
+            )
+
+    def check_paths(self) -> None:
+        """After :meth:`check_rows` and the duplicates: ManifestError for any empty path."""
+        if self._no_path_count:
+            shown = _some(map(repr, self._no_path), self._no_path_count)
+            raise ManifestError(f"manifest {self.uri}: {self._no_path_count} scan(s) with an empty path", shown)
+
+
+def duplicate_ids_error(uri: str, duplicates: list[tuple[str, int]], total: int) -> ManifestError:
+    """The error for ``total`` duplicated scan_ids, naming ``duplicates`` (scan_id, count), in manifest order."""
+    listed = [f"{scan_id!r} (x{count})" for scan_id, count in duplicates]
+    return ManifestError(f"manifest {uri}: {total} duplicate scan_id(s)", _some(listed, total))
+
+
 def read_manifest(uri: str | os.PathLike) -> pa.Table:
     """The validated manifest at ``uri``: scan_id, path (resolved), then the other columns as they were.
 
     Raises ManifestError for an unsupported extension, an unreadable or unparsable file, no rows, missing
-    ``scan_id``/``path`` columns, empty or duplicate scan_ids, or empty paths.
+    ``scan_id``/``path`` columns, empty or duplicate scan_ids, or empty paths. The whole table is in memory: a
+    nightly job plans a large manifest in a stream instead (:class:`ManifestStream`, :mod:`jobs.run.plan`).
     """
-    uri = os.fspath(uri)
-    folder = _parquet_folder(uri)
-    if folder is not None:
-        table, fmt = folder, "parquet"
-    else:
-        fmt = check_manifest_name(uri)
-        try:
-            data = storage.read_bytes(uri)
-        except (OSError, ValueError) as e:  # missing, permission, bad URI, network
-            raise ManifestError(f"manifest {uri}: cannot read: {e}") from e
-        if not data.strip():
-            raise ManifestError(f"manifest {uri}: empty manifest (the file is empty)")
-        try:
-            table = _parse(uri, fmt, data)
-        except (pa.ArrowException, OSError, ValueError) as e:
-            raise ManifestError(f"manifest {uri}: cannot parse as {fmt}", str(e)) from e
-
-    if table.num_rows == 0:
-        raise ManifestError(f"manifest {uri}: empty manifest (no rows; columns: {_some(table.column_names)})")
-    missing = [name for name in REQUIRED if name not in table.column_names]
-    if missing:
-        raise ManifestError(
-            f"manifest {uri}: missing required column(s) {', '.join(missing)}; "
-            f"found columns: {_some(table.column_names) or '(none)'}"
-        )
-    duplicated_names = sorted({n for n in table.column_names if table.column_names.count(n) > 1})
-    if duplicated_names:
-        raise ManifestError(f"manifest {uri}: duplicate column name(s) {', '.join(duplicated_names)}")
-
-    columns = {}
-    for name in REQUIRED:
-        column = table.column(name)
-        try:
-            columns[name] = column.cast(pa.string())
-        except (pa.ArrowException, ValueError) as e:
-            raise ManifestError(f"manifest {uri}: column {name} has type {column.type}, not text", str(e)) from e
-    ids = columns["scan_id"].to_pylist()
-
-    blank_rows = [i + 1 for i, blank in enumerate(_blank(columns["scan_id"])) if blank]
-    if blank_rows:
-        raise ManifestError(
-            f"manifest {uri}: {len(blank_rows)} row(s) with an empty scan_id, "
-            f"at data row(s) {_some(blank_rows)} (1-based, header not counted)"
-        )
-    duplicates: dict[str, int]
-    seen, duplicates = set(), {}
-    for scan_id in ids:
-        if scan_id in seen:
-            duplicates[scan_id] = duplicates.get(scan_id, 1) + 1
-        seen.add(scan_id)
-    if duplicates:
-        listed = [f"{scan_id!r} (x{count})" for scan_id, count in duplicates.items()]
-        raise ManifestError(f"manifest {uri}: {len(duplicates)} duplicate scan_id(s)", _some(listed))
-    no_path = [scan_id for scan_id, blank in zip(ids, _blank(columns["path"]), strict=True) if blank]
-    if no_path:
-        raise ManifestError(f"manifest {uri}: {len(no_path)} scan(s) with an empty path", _some(map(repr, no_path)))
-
-    resolved = pa.array(_resolve_paths(uri, columns["path"].to_pylist()), pa.string())
-    others = [name for name in table.column_names if name not in REQUIRED]
-    values = []
-    typed = _typed_columns(table.column_names)  # columns a format understands, cast to its type
-    channel_paths = set(channel_columns(table.column_names, ["path"]))
-    for name in others:
-        column = table.column(name)
-        if name in typed and column.type != typed[name]:
-            try:
-                column = column.cast(typed[name])
-            except (pa.ArrowException, ValueError) as e:
-                raise ManifestError(
-                    f"manifest {uri}: column {name} has type {column.type}, not {typed[name]}", str(e)
-                ) from e
-        if name in channel_paths:  # a channel's file: resolved as path is; empty stays empty (null)
-            given = column.to_pylist()
-            kept = [p if p is not None and p.strip() else None for p in given]
-            resolved_k = _resolve_paths(uri, [p or "" for p in kept])
-            column = pa.array([r if p else None for p, r in zip(kept, resolved_k, strict=True)], pa.string())
-        values.append(column)
-    return pa.table([columns["scan_id"], resolved, *values], names=[*REQUIRED, *others])
+    stream = ManifestStream(uri)
+    tables = list(stream.batches())
+    stream.check_rows()
+    table = pa.concat_tables(tables) if tables else None
+    assert table is not None  # check_rows: at least one row
+    ids = table.column("scan_id")
+    if pc.count_distinct(ids).as_py() != table.num_rows:
+        counts = pc.value_counts(ids)  # in order of first appearance
+        repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+        pairs = list(zip(repeated.field("values").to_pylist(), repeated.field("counts").to_pylist(), strict=True))
+        raise duplicate_ids_error(stream.uri, pairs[: ManifestStream.EXAMPLES], len(pairs))
+    stream.check_paths()
+    return table
 
 
 def _jsonable(value: Any) -> Any:

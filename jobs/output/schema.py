@@ -22,6 +22,7 @@ __all__ = [
     "EMBED_SCHEMA",
     "ERROR_SCHEMA",
     "FINGERPRINT_COLUMNS",
+    "FINGERPRINT_SCHEMA",
     "FORMAT_PROVENANCE",
     "KEY_SCHEMA",
     "MANIFEST_SHARED_COLUMNS",
@@ -116,7 +117,27 @@ SCORING_PROVENANCE = pa.schema(
     ]
 )
 SOURCE_PROVENANCE = source_provenance()  # what the CPU stage measures
-PROVENANCE_SCHEMA = pa.schema([*SOURCE_PROVENANCE, *SCORING_PROVENANCE])
+# The source's fingerprint as it was read (error rows carry the same columns): a later run compares it with the
+# manifest's listing, or a stat, and scores the scan again when it changed (jobs.run.plan).
+FINGERPRINT_SCHEMA = pa.schema(
+    [
+        column(
+            "source_size",
+            pa.int64(),
+            "channel 0's size in bytes (a DICOM folder: the total of its files), stat'ed before it was read "
+            "(null: unknown)",
+        ),
+        column("source_mtime", UTC_TIME, "channel 0's modification time (a DICOM folder: its latest file's)"),
+        column(
+            "source_files",
+            pa.list_(pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime", UTC_TIME)])),
+            "every file of the scan (path, path_1, …: one entry per channel; a DICOM folder: its total size and "
+            "latest mtime), stat'ed before it was read. A later run scores the scan again when their total size "
+            "or latest mtime changed (unless --no-rescore-changed)",
+        ),
+    ]
+)
+PROVENANCE_SCHEMA = pa.schema([*SOURCE_PROVENANCE, *SCORING_PROVENANCE, *FINGERPRINT_SCHEMA])
 ERROR_SCHEMA = pa.schema(
     [
         column("scan_id", pa.string(), "the manifest's scan_id"),

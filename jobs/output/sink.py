@@ -6,10 +6,11 @@ Exactly once per (scan_id, model_sha256), for any number of reruns of any manife
    output's lock (:mod:`jobs.output.lock`: ``_lock.json``, created atomically, with a heartbeat; a stale lock of a dead
    run is taken over atomically). Before every commit the sink renews the lock; a run whose lock was taken over
    stops (:class:`jobs.errors.LockLost`, exit 1) without committing anything more.
-2. **Skip what is done.** Under the lock, :meth:`ResultSink.claim` reads the scan_ids already in ``results/``
-   for this model's sha256; the run scores only the others. Failed scans are never marked done, but a scan known
-   to be bad is skipped: :meth:`ResultSink.known_bad` (its last error judged the file's bytes, and the file is
-   unchanged since).
+2. **Skip what is done.** After :meth:`ResultSink.claim` takes the lock, the night's plan
+   (:mod:`jobs.run.plan`) reads the scan_ids already in ``results/`` for this model's sha256; the run scores only
+   the others, and those whose source changed since their latest row (a new row for the new bytes). Failed scans
+   are never marked done, but a scan known to be bad is skipped: :meth:`ResultSink.known_bad` (its last error
+   judged the file's bytes, and the file is unchanged since).
 3. **No duplicates within a run.** :meth:`ResultSink.write` drops rows of scans it has already seen: Ray
    repeats a task's rows when it retries the task after a worker died.
 4. **Whole files only.** Rows are committed as complete Parquet files through
@@ -133,7 +134,9 @@ class ResultSink:
         mode: str. ``"score"`` or ``"embed"``: one output holds one mode.
         run_id: str. This run's id.
         model: vit3d.ArtifactInfo. The verified model (its sha256 keys exactly-once).
-        manifest: pyarrow.Table. The manifest; its columns beyond scan_id and path are carried into results.
+        manifest: pyarrow.Table or None. The rows this run may write (the night's plan: every manifest column;
+            those beyond scan_id and path are carried into results), or None to give them later with
+            :meth:`accept` (after :meth:`claim`: the plan reads the done set under the lock).
         rows_per_file: int. Rows gathered into one file. Defaults to ``50_000``.
         flush_seconds: float. A file is also committed this often. Defaults to ``300.0``.
         retry_s: float or None. How long each write retries transient storage errors. Defaults to ``None``
@@ -147,24 +150,19 @@ class ResultSink:
         mode: str,
         run_id: str,
         model: ArtifactInfo,
-        manifest: pa.Table,
+        manifest: pa.Table | None = None,
         rows_per_file: int = 50_000,
         flush_seconds: float = 300.0,
         retry_s: float | None = None,
     ) -> None:
         self.store = OutputStore(uri, retry_s)
         self.mode, self.run_id, self.model_sha256 = mode, run_id, model.sha256
-        shared = [name for name in manifest.column_names if name in MANIFEST_SHARED_COLUMNS | OPTION_COLUMNS]
-        self._manifest_shared = manifest.select(shared)  # merged into the formats' provenance columns
-        self._manifest_extra = manifest.drop_columns(["scan_id", "path", *shared])
-        self._manifest_ids = manifest.column("scan_id").combine_chunks()  # rows arrive with their position in it
-        self._channel_paths = frozenset(channel_columns(manifest.column_names, ["path"]))
         metadata = {**schema_metadata(model, mode), b"vit3d.run_id": run_id.encode()}
         self._buffers = {
             kind: _Buffer(self.store, kind, run_id, metadata, rows_per_file, flush_seconds, self._ensure_held)
             for kind in KINDS
         }
-        self._seen = np.zeros(manifest.num_rows, dtype=bool)  # by manifest row: committed already (1 byte a scan)
+        self.accept(manifest if manifest is not None else pa.table({"scan_id": pa.array([], pa.string())}))
         self._lock: OutputLock | None = None
         self.counts = {"ok": 0, "error": 0, "deferred_unsettled": 0}  # deferred: --settle-s, neither scored nor failed
         self.unreachable = 0  # error rows of scans whose storage was unreachable (read-transient): not bad files
@@ -175,8 +173,17 @@ class ResultSink:
     def uri(self) -> str:
         return self.store.uri
 
-    def claim(self) -> pa.Array:
-        """Take the output for this run; returns the scan_ids already scored by this model (to skip), as Arrow.
+    def accept(self, rows: pa.Table) -> None:
+        """The rows this run may write: pipeline rows arrive with their position in ``rows`` (``manifest_row``)."""
+        shared = [name for name in rows.column_names if name in MANIFEST_SHARED_COLUMNS | OPTION_COLUMNS]
+        self._manifest_shared = rows.select(shared)  # merged into the formats' provenance columns
+        self._manifest_extra = rows.drop_columns([n for n in ("scan_id", "path", *shared) if n in rows.column_names])
+        self._manifest_ids = rows.column("scan_id").combine_chunks()  # rows arrive with their position in it
+        self._channel_paths = frozenset(channel_columns(rows.column_names, ["path"]))
+        self._seen = np.zeros(rows.num_rows, dtype=bool)  # by row: committed already (1 byte a scan)
+
+    def claim(self) -> None:
+        """Take the output for this run (then plan it: :mod:`jobs.run.plan` reads the done set under the lock).
 
         Refuses (OutputError) a foreign or other-mode folder, a finished run id, or a live run's lock.
         """
@@ -185,7 +192,6 @@ class ResultSink:
             self._lock = OutputLock(self.store, self.run_id).acquire()
             self.store.prepare(self.mode, self.run_id)  # again under the lock: a run may have finished this id
             self.store.remove_staging_leftovers()
-            return self.store.done_scan_ids(self.model_sha256)
         except (OutputError, OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
             self.release()
             raise OutputError(str(e)) from e
@@ -338,6 +344,8 @@ class ResultSink:
                 columns.append(_window_column(batch, rows, field))
             elif field.name == "path":
                 columns.append(_column(_without_credentials(batch["path"][rows]), field))
+            elif field.name in FINGERPRINT_COLUMNS or field.name == "source_files":
+                columns.append(_fingerprint_column(batch, rows, field.name))
             else:
                 columns.append(_column(batch[field.name][rows], field))
         return pa.Table.from_arrays(columns, schema=schema)
@@ -353,16 +361,25 @@ class ResultSink:
         for f in ERROR_SCHEMA:
             if f.name in constants:
                 columns.append(pa.array(constants[f.name], f.type))
-            elif f.name in FINGERPRINT_COLUMNS:  # -1: unknown
-                values = np.asarray(batch[f.name][rows], np.int64)
-                columns.append(pa.array(values, pa.int64(), mask=values < 0).cast(f.type))
+            elif f.name in FINGERPRINT_COLUMNS or f.name == "source_files":
+                columns.append(_fingerprint_column(batch, rows, f.name))
             elif f.name in ("path", "error"):  # a URI's user info out of both
                 columns.append(_column(_without_credentials(batch[f.name][rows]), f))
-            elif f.name == "source_files":
-                columns.append(_source_files(batch[f.name][rows] if f.name in batch else [""] * count))
             else:
                 columns.append(_column(batch[f.name][rows], f))
         return pa.Table.from_arrays(columns, schema=ERROR_SCHEMA)
+
+
+def _fingerprint_column(batch: Mapping[str, np.ndarray], rows: np.ndarray, name: str) -> pa.Array:
+    """``source_size``, ``source_mtime`` or ``source_files`` of result and error rows, from the pipeline's encoding
+    (bytes and µs since the epoch, -1 unknown; source_files as JSON text)."""
+    kind = ERROR_SCHEMA.field(name).type
+    if name not in batch:
+        return pa.nulls(len(rows), kind)
+    if name == "source_files":
+        return _source_files(batch[name][rows])
+    values = np.asarray(batch[name][rows], np.int64)
+    return pa.array(values, pa.int64(), mask=values < 0).cast(kind)
 
 
 def _unchanged(row: Mapping[str, Any], paths: Sequence[str]) -> bool:

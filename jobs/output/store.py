@@ -98,6 +98,14 @@ class OutputStore:
         table = dataset.to_table(columns=["scan_id"], filter=pads.field("model_sha256") == model_sha256)
         return pc.unique(table.column("scan_id").combine_chunks().cast(pa.string()))
 
+    def results_dataset(self, schema: pa.Schema) -> pads.Dataset | None:
+        """results/ as a dataset read with ``schema``'s columns (a file written before a column existed reads it as
+        null), or None when nothing was committed yet."""
+        results = f"{self.root}/results"
+        if not self._exists(results):
+            return None
+        return pads.dataset(results, schema=schema, format="parquet", filesystem=self.filesystem)
+
     def latest_errors(self, model_sha256: str, scan_ids: pa.Array) -> dict[str, dict[str, Any]]:
         """scan_id -> its latest error row (dict) for this model, for the scans in ``scan_ids``.
 

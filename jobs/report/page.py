@@ -132,6 +132,7 @@ def render(report: dict[str, Any], data: dict[str, Any], svgs: Mapping[str, str]
         ("failed", c["error"]),
         ("skipped: done", c["skipped_done"]),
         ("skipped: known bad", c["skipped_known_bad"]),
+        ("rescored: source changed", c.get("rescored_changed", 0)),
         ("deferred: still arriving", c.get("deferred_unsettled", 0)),
         ("wall time", f"{data['wall_s']:.1f} s"),
         ("scans/s", f"{data['throughput_scans_per_s'] or 0:.2f}"),

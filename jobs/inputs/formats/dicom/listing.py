@@ -40,6 +40,10 @@ LISTING_SCHEMA = pa.schema(
         ("modality", pa.string()),
         ("slices", pa.int32()),  # image frames (a Siemens MOSAIC's: its tiles) of the series in that folder
         ("series_description", pa.string()),
+        # The folder's fingerprint as a run records it (folder_fingerprint): every file directly in it, whichever
+        # series. A later run scores the series again when these differ from its result row's (jobs.run.plan).
+        ("size_bytes", pa.int64()),
+        ("modified_at", pa.timestamp("us", tz="UTC")),
     ]
 )
 DICOM_LISTING_SCHEMA = LISTING_SCHEMA
@@ -118,20 +122,47 @@ def list_dicom_archive(root: str) -> pa.Table:
         def folder_path(rel):
             return os.path.join(base, rel) if rel else base
 
+    in_folder: dict[str, list[pafs.FileInfo]] = {}  # every file directly in a folder, as folder_fingerprint sees it
+    for info in infos:
+        if info.type == pafs.FileType.File:
+            in_folder.setdefault(posixpath.dirname(info.path[strip:]) if len(info.path) > strip else "", []).append(
+                info
+            )
+    totals = {folder: folder_totals(in_folder.get(folder, [])) for folder, _ in series}
     folders_of: dict[str, list[str]] = {}
     for folder, uid in series:
         folders_of.setdefault(uid, []).append(folder)
     rows = []
     for (folder, uid), entry in sorted(series.items()):
         scan_id = uid if len(folders_of[uid]) == 1 else f"{uid}@{folder or '.'}"
-        rows.append((scan_id, folder_path(folder), uid, entry["study"], entry["modality"], entry["n"], entry["desc"]))
+        size, mtime = totals[folder] or (None, None)
+        rows.append(
+            (
+                scan_id,
+                folder_path(folder),
+                uid,
+                entry["study"],
+                entry["modality"],
+                entry["n"],
+                entry["desc"],
+                size,
+                mtime,
+            )
+        )
     split = sorted(uid for uid, folders in folders_of.items() if len(folders) > 1)
     if split:
         logger.warning("series in more than one folder (their scan_ids get '@folder'): %s", some(split))
-    return pa.table(
-        [pa.array([r[i] for r in rows], field.type) for i, field in enumerate(DICOM_LISTING_SCHEMA)],
-        schema=DICOM_LISTING_SCHEMA,
-    )
+    last = len(DICOM_LISTING_SCHEMA) - 1  # modified_at: µs, cast to its timestamp type
+    columns = [pa.array([r[i] for r in rows], DICOM_LISTING_SCHEMA.field(i).type) for i in range(last)]
+    columns.append(pa.array([r[last] for r in rows], pa.int64()).cast(DICOM_LISTING_SCHEMA.field(last).type))
+    return pa.table(columns, schema=DICOM_LISTING_SCHEMA)
+
+
+def folder_totals(files: list[pafs.FileInfo]) -> Fingerprint | None:
+    """(total size, latest mtime in µs) of a folder's files, or None when there are none or one lacks either."""
+    if not files or any(i.size is None or i.mtime_ns is None for i in files):
+        return None
+    return sum(int(i.size) for i in files), max(int(i.mtime_ns) for i in files) // 1000
 
 
 def folder_fingerprint(uri: str) -> Fingerprint | None:
@@ -148,7 +179,4 @@ def folder_fingerprint(uri: str) -> Fingerprint | None:
         infos = filesystem.get_file_info(pafs.FileSelector(path.rstrip("/"), recursive=False))
     except (OSError, ValueError):  # ValueError: pyarrow's ArrowInvalid for a URI it does not understand
         return None
-    files = [i for i in infos if i.type == pafs.FileType.File]
-    if not files or any(i.size is None or i.mtime_ns is None for i in files):
-        return None
-    return sum(int(i.size) for i in files), max(int(i.mtime_ns) for i in files) // 1000
+    return folder_totals([i for i in infos if i.type == pafs.FileType.File])

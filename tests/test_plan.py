@@ -1,0 +1,224 @@
+"""A night's plan (jobs.run.plan): the anti-join against results/, rescoring changed sources, and the manifest
+checks, decided in a stream with DuckDB. Real files and real results files; no Ray.
+
+The rows of results/ are written as a run writes them (OutputStore.commit), with the columns planning reads.
+"""
+
+import datetime as dt
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from jobs.errors import ManifestError
+from jobs.inputs.manifest import read_manifest
+from jobs.output.store import OutputStore, part_name
+from jobs.run.plan import plan_night
+from jobs.testing.archive import write_csv
+
+SHA = "ab" * 32
+US = pa.timestamp("us", tz="UTC")
+FILE = pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime", US)])
+T0 = dt.datetime(2026, 11, 1, 2, tzinfo=dt.timezone.utc)
+
+
+def output_with(tmp_path, rows, sha=SHA):
+    """An output whose results/ holds ``rows`` (dicts: scan_id, scored_at, and a fingerprint or none)."""
+    store = OutputStore(str(tmp_path / "out"))
+    store.prepare("score", "setup")
+    if rows:
+        table = pa.table(
+            {
+                "scan_id": pa.array([r["scan_id"] for r in rows], pa.string()),
+                "model_sha256": pa.array([r.get("sha", sha) for r in rows], pa.string()),
+                "scored_at": pa.array([r.get("scored_at", T0) for r in rows], US),
+                "score": pa.array([0.5] * len(rows), pa.float32()),
+                "source_size": pa.array([r.get("size") for r in rows], pa.int64()),
+                "source_mtime": pa.array([r.get("mtime") for r in rows], US),
+                "source_files": pa.array([r.get("files") for r in rows], pa.list_(FILE)),
+            }
+        )
+        store.commit("results", table, part_name("setup"))
+    return store
+
+
+def stamp(path):
+    """A file's (size, mtime) as a run records it."""
+    st = os.stat(path)
+    return st.st_size, dt.datetime.fromtimestamp(st.st_mtime_ns // 1000 / 1e6, dt.timezone.utc)
+
+
+def test_new_done_and_changed_against_the_listing_columns(tmp_path):
+    """size_bytes/modified_at in the manifest (as jobs.manifest lists them) decide what changed: no stat."""
+    old = dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc)
+    store = output_with(
+        tmp_path,
+        [
+            {"scan_id": "same", "size": 10, "mtime": old},
+            {"scan_id": "bigger", "size": 10, "mtime": old},
+            {"scan_id": "touched", "size": 10, "mtime": old},
+            {"scan_id": "unrecorded"},  # scored before results recorded a fingerprint
+            {"scan_id": "rescored", "size": 10, "mtime": old, "scored_at": T0},  # rescored once already:
+            {"scan_id": "rescored", "size": 12, "mtime": T0, "scored_at": T0 + dt.timedelta(days=1)},  # latest counts
+            {"scan_id": "other-model", "size": 10, "mtime": old, "sha": "cd" * 32},
+        ],
+    )
+    ids = ["same", "bigger", "touched", "unrecorded", "rescored", "other-model", "new"]
+    sizes = [10, 11, 10, 99, 12, 10, 5]
+    stamps = [old, old, old + dt.timedelta(seconds=1), old, T0, old, old]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "scan_id": ids,
+                "path": [f"/nowhere/{i}.nii.gz" for i in ids],  # never stat'ed: the listing decides
+                "size_bytes": pa.array(sizes, pa.int64()),
+                "modified_at": pa.array(stamps, US),
+                "site": [f"s{i}" for i in range(len(ids))],
+            }
+        ),
+        manifest,
+    )
+    plan, names = plan_night(str(manifest), store, SHA)
+    assert names == ["scan_id", "path", "size_bytes", "modified_at", "site"]
+    assert plan.pending.column("scan_id").to_pylist() == ["bigger", "touched", "other-model", "new"]
+    assert plan.pending.column("site").to_pylist() == ["s1", "s2", "s5", "s6"]  # every column, manifest order
+    assert plan.changed.tolist() == [True, True, False, False]
+    assert (plan.manifest_rows, plan.skipped_done, plan.rescored_changed, plan.unfingerprinted) == (7, 3, 2, 1)
+    assert plan.changed_examples == ["bigger", "touched"]
+
+    plan, _ = plan_night(str(manifest), store, SHA, rescore_changed=False)
+    assert plan.pending.column("scan_id").to_pylist() == ["other-model", "new"]
+    assert (plan.skipped_done, plan.rescored_changed) == (5, 0)
+
+
+def test_without_listing_columns_done_sources_are_stat_ed(tmp_path):
+    """A hand-written CSV: each done scan's files are stat'ed; every file of a multi-channel scan counts; a file
+    that is gone is not taken for changed."""
+    for name in ("a", "b", "c0", "c1", "gone"):
+        (tmp_path / f"{name}.nii.gz").write_bytes(b"x" * 10)
+    a, b, c0, c1 = (stamp(tmp_path / f"{n}.nii.gz") for n in ("a", "b", "c0", "c1"))
+
+    def one(path, fp):
+        return [{"path": str(tmp_path / path), "size": fp[0], "mtime": fp[1]}]
+
+    store = output_with(
+        tmp_path,
+        [
+            {"scan_id": "a", "size": a[0], "mtime": a[1], "files": one("a.nii.gz", a)},
+            {"scan_id": "b", "size": b[0], "mtime": b[1], "files": one("b.nii.gz", b)},
+            {"scan_id": "c", "size": c0[0], "mtime": c0[1], "files": one("c0.nii.gz", c0) + one("c1.nii.gz", c1)},
+            {"scan_id": "gone", "size": 10, "mtime": T0, "files": one("gone.nii.gz", (10, T0))},
+        ],
+    )
+    (tmp_path / "gone.nii.gz").unlink()
+    (tmp_path / "b.nii.gz").write_bytes(b"y" * 11)  # re-exported: other bytes
+    os.utime(tmp_path / "c1.nii.gz", ns=(0, os.stat(tmp_path / "c1.nii.gz").st_mtime_ns + 10**9))  # channel 1 only
+    manifest = write_csv(
+        tmp_path / "m.csv",
+        [
+            {"scan_id": "a", "path": "a.nii.gz", "path_1": ""},
+            {"scan_id": "b", "path": "b.nii.gz", "path_1": ""},
+            {"scan_id": "c", "path": "c0.nii.gz", "path_1": "c1.nii.gz"},
+            {"scan_id": "gone", "path": "gone.nii.gz", "path_1": ""},
+            {"scan_id": "new", "path": "a.nii.gz", "path_1": ""},
+        ],
+    )
+    plan, _ = plan_night(manifest, store, SHA)
+    assert plan.pending.column("scan_id").to_pylist() == ["b", "c", "new"]
+    assert plan.changed.tolist() == [True, True, False]
+    assert plan.pending.column("path_1").to_pylist() == [None, str(tmp_path / "c1.nii.gz"), None]
+    assert (plan.skipped_done, plan.rescored_changed) == (2, 2)
+
+
+@pytest.mark.parametrize(
+    "text, fragments",
+    [
+        ("scan_id,path\na,x\n,y\nb,z\n  ,w\n", ["2 row(s) with an empty scan_id", "data row(s) 2, 4"]),
+        ("scan_id,path\na,x\nb,y\na,z\nc,w\nb,v\na,u\n", ["2 duplicate scan_id(s)", "'a' (x3), 'b' (x2)"]),
+        ("scan_id,path\na,x\nb,\nc, \n", ["2 scan(s) with an empty path", "'b', 'c'"]),
+        ("scan_id,path,site\n", ["empty manifest", "no rows"]),
+    ],
+    ids=["blank-ids", "duplicates", "no-path", "no-rows"],
+)
+def test_the_stream_refuses_what_read_manifest_refuses_with_the_same_words(tmp_path, text, fragments):
+    manifest = tmp_path / "m.csv"
+    manifest.write_text(text)
+    with pytest.raises(ManifestError) as planned:
+        plan_night(str(manifest), output_with(tmp_path, []), SHA)
+    with pytest.raises(ManifestError) as read:
+        read_manifest(str(manifest))
+    assert str(planned.value) == str(read.value)
+    for fragment in fragments:
+        assert fragment in str(planned.value), planned.value
+
+
+def test_duplicates_beyond_one_batch_are_found_and_counted(tmp_path):
+    """Duplicates far apart (other batches) are found by the spilling join, named in manifest order."""
+    count = 150_000  # more than two batches (jobs.inputs.manifest.BATCH_ROWS)
+    ids = [f"scan{i:07d}" for i in range(count)] + ["scan0000003", "scan0140000", "scan0000003"]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(pa.table({"scan_id": ids, "path": ["/x.nii.gz"] * len(ids)}), manifest)
+    with pytest.raises(ManifestError, match=r"2 duplicate scan_id\(s\): 'scan0000003' \(x3\), 'scan0140000' \(x2\)"):
+        plan_night(str(manifest), output_with(tmp_path, []), SHA)
+
+
+PLAN_ONLY = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    from jobs.output.store import OutputStore
+    from jobs.run.plan import plan_night
+
+    folder, done, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    started = time.perf_counter()
+    plan, _ = plan_night(f"{folder}/m.parquet", OutputStore(f"{folder}/out"), "ab" * 32)
+    seconds = time.perf_counter() - started
+    assert plan.pending.num_rows == new and plan.skipped_done == done, plan
+    print(json.dumps({"seconds": seconds, "peak_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+    """
+)
+
+
+def write_archive_night(folder, done, new):
+    """results/ with ``done`` rows and a listing manifest of those plus ``new``, listing-style ids (36 chars)."""
+    ids = pa.array([f"2025/{n % 12:02d}/p{n // 7:07d}/s{n:010d}.nii.gz" for n in range(done + new)])
+    paths = pa.compute.binary_join_element_wise("/archive/radiology/ct", ids, "/")
+    store = output_with(folder, [])
+    stamps = pa.array([T0] * (done + new), US)
+    sizes = pa.array(np.full(done + new, 7, np.int64))
+    results = {"scan_id": ids[:done], "model_sha256": pa.array([SHA] * done), "scored_at": stamps[:done]}
+    results |= {"source_size": sizes[:done], "source_mtime": stamps[:done]}
+    store.commit("results", pa.table(results), part_name("setup"))
+    manifest = {"scan_id": ids, "path": paths, "size_bytes": sizes, "modified_at": stamps}
+    pq.write_table(pa.table(manifest), folder / "m.parquet")
+
+
+@pytest.mark.slow
+def test_planning_memory_grows_little_with_the_archive(tmp_path):
+    """The memory regression check of bench.nightly, small: planning 20k and 200k done rows (plus 1,000 new) in
+    fresh processes; the driver's peak resident set may grow by at most 400 bytes per manifest row (the target,
+    measured by bench.nightly at 1M and 10M rows, is 100)."""
+    import json
+
+    peaks = {}
+    for done in (20_000, 200_000):
+        folder = tmp_path / str(done)
+        folder.mkdir()
+        write_archive_night(folder, done, 1000)
+        result = subprocess.run(
+            [sys.executable, "-c", PLAN_ONLY, str(folder), str(done), "1000"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        peaks[done] = json.loads(result.stdout.strip().splitlines()[-1])
+    slope = (peaks[200_000]["peak_kib"] - peaks[20_000]["peak_kib"]) * 1024 / 180_000
+    assert slope <= 400, (slope, peaks)
+    assert peaks[200_000]["seconds"] < 120, peaks  # generous: a stray per-row Python loop would show here too
