@@ -458,7 +458,16 @@ def _score(pending, config, spec, info, sink, hooks, started_at):
 
 
 def _peak_rss_mb() -> float:
-    """This process's peak resident set so far, MiB (Linux reports ru_maxrss in KiB, macOS in bytes)."""
+    """This process's peak resident set so far, MiB: Linux's VmHWM (ru_maxrss there keeps the parent's resident
+    set at fork through exec, so a driver started by a large process would report the parent's), else ru_maxrss
+    (KiB; bytes on macOS)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10
 
