@@ -12,10 +12,10 @@ with the archive). Slopes: (figure(10·N) − figure(N)) / (9·N).
 Part 2, a first night: M and 4·M new tiny scans (the same few NIfTI files under distinct scan_ids), nothing done;
 the driver's peak resident set slope per scan scored.
 
-The manifest is what ``jobs.manifest`` writes for a file archive (scan_id = the path under the root, path, size_bytes,
-modified_at), with scan_ids and paths of realistic length (printed). Targets (issue 24): planning <= 1 µs and
-<= 100 bytes per manifest row; <= 100 bytes per scan scored on a first night. Exits 1 if a night is not exactly once
-or a target is missed.
+The manifest is what ``jobs.manifest`` writes for a file archive (scan_id = the path under the root, path,
+size_bytes, modified_at; sorted by scan_id), with scan_ids and paths of realistic length (printed). Targets (issue
+24): planning <= 1 µs and <= 100 bytes per manifest row; <= 100 bytes per scan scored on a first night. Exits 1 if
+a night is not exactly once or a target is missed.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ def write_night(folder: str, done: int, new: int, templates: list[str], model_sh
             "size_bytes": pa.array(sizes, pa.int64()),
             "modified_at": pa.array(stamps, US),
         }
-    )
+    ).sort_by("scan_id")  # as jobs.manifest writes a listing
     path = os.path.join(folder, "manifest.parquet")
     pq.write_table(manifest, path)
     return path

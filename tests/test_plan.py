@@ -141,10 +141,11 @@ def test_without_listing_columns_done_sources_are_stat_ed(tmp_path):
     [
         ("scan_id,path\na,x\n,y\nb,z\n  ,w\n", ["2 row(s) with an empty scan_id", "data row(s) 2, 4"]),
         ("scan_id,path\na,x\nb,y\na,z\nc,w\nb,v\na,u\n", ["2 duplicate scan_id(s)", "'a' (x3), 'b' (x2)"]),
+        ("scan_id,path\na,x\nb,y\nb,z\nc,w\n", ["1 duplicate scan_id(s)", "'b' (x2)"]),  # sorted, as listings are
         ("scan_id,path\na,x\nb,\nc, \n", ["2 scan(s) with an empty path", "'b', 'c'"]),
         ("scan_id,path,site\n", ["empty manifest", "no rows"]),
     ],
-    ids=["blank-ids", "duplicates", "no-path", "no-rows"],
+    ids=["blank-ids", "duplicates", "sorted-duplicates", "no-path", "no-rows"],
 )
 def test_the_stream_refuses_what_read_manifest_refuses_with_the_same_words(tmp_path, text, fragments):
     manifest = tmp_path / "m.csv"
@@ -186,10 +187,11 @@ PLAN_ONLY = textwrap.dedent(
 
 
 def write_archive_night(folder, done, new):
-    """results/ with ``done`` rows and a listing manifest of those plus ``new``, listing-style ids (36 chars)."""
-    ids = pa.array([f"2025/{n % 12:02d}/p{n // 7:07d}/s{n:010d}.nii.gz" for n in range(done + new)])
+    """results/ with ``done`` rows and a listing manifest of those plus ``new``, listing-style ids (36 chars),
+    sorted by scan_id as jobs.manifest writes them."""
+    ids = pa.array(sorted(f"2025/{n % 12:02d}/p{n // 7:07d}/s{n:010d}.nii.gz" for n in range(done + new)))
     paths = pa.compute.binary_join_element_wise("/archive/radiology/ct", ids, "/")
-    store = output_with(folder, [])
+    output_with(folder, [])  # the marker; results/ is written below, in row groups
     stamps = pa.array([T0] * (done + new), US)
     sizes = pa.array(np.full(done + new, 7, np.int64))
     results = {"scan_id": ids[:done], "model_sha256": pa.array([SHA] * done), "scored_at": stamps[:done]}
