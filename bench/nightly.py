@@ -85,6 +85,7 @@ def write_night(folder: str, done: int, new: int, templates: list[str], model_sh
                 "source_mtime": pa.array([mtime] * count, US),
             }
         )
+        table = table.replace_schema_metadata({b"vit3d.model_sha256": model_sha256.encode()})  # as a run writes it
         pq.write_table(table, os.path.join(out, "results", f"part-bench-{start // ROWS_PER_RESULTS_FILE:05d}.parquet"))
     done_ids = scan_ids(0, done)
     new_ids = scan_ids(done, new)

@@ -136,6 +136,20 @@ def test_without_listing_columns_done_sources_are_stat_ed(tmp_path):
     assert (plan.skipped_done, plan.rescored_changed) == (2, 2)
 
 
+def test_results_files_are_told_apart_by_their_model_metadata(tmp_path):
+    """A file whose metadata names another model is not read; one naming ours is read whole; one naming none is
+    filtered row by row."""
+    store = output_with(tmp_path, [{"scan_id": "no-metadata", "size": 1, "mtime": T0}])
+    for name, sha in (("ours", SHA), ("theirs", "cd" * 32)):
+        rows = pa.table({"scan_id": [name], "model_sha256": [sha], "scored_at": pa.array([T0], US)})
+        store.commit("results", rows.replace_schema_metadata({b"vit3d.model_sha256": sha.encode()}), part_name(name))
+    manifest = write_csv(
+        tmp_path / "m.csv", [{"scan_id": s, "path": f"/x/{s}"} for s in ("no-metadata", "ours", "theirs", "new")]
+    )
+    plan, _ = plan_night(manifest, store, SHA, rescore_changed=False)
+    assert plan.pending.column("scan_id").to_pylist() == ["theirs", "new"]
+
+
 @pytest.mark.parametrize(
     "text, fragments",
     [
@@ -198,7 +212,8 @@ def write_archive_night(folder, done, new):
     results |= {"source_size": sizes[:done], "source_mtime": stamps[:done]}
     # Row groups of 64k rows (a reader holds one at a time, so the figures below are what grows with the rows).
     (folder / "out" / "results").mkdir()
-    pq.write_table(pa.table(results), folder / "out" / "results" / part_name("setup"), row_group_size=65_536)
+    table = pa.table(results).replace_schema_metadata({b"vit3d.model_sha256": SHA.encode()})  # as a run writes it
+    pq.write_table(table, folder / "out" / "results" / part_name("setup"), row_group_size=65_536)
     manifest = {"scan_id": ids, "path": paths, "size_bytes": sizes, "modified_at": stamps}
     pq.write_table(pa.table(manifest), folder / "m.parquet", row_group_size=65_536)
 

@@ -243,15 +243,34 @@ def copy_done_set(store: OutputStore, model_sha256: str, path: str) -> int:
     results = store.results_dataset(RESULT_FINGERPRINT)
     rows = 0
     with pq.ParquetWriter(path, DONE_SCHEMA, compression="lz4", use_dictionary=False) as writer:
-        if results is not None:
-            scanner = results.scanner(  # one batch at a time: read-ahead would hold many in memory
-                filter=pads.field("model_sha256") == model_sha256, batch_readahead=1, fragment_readahead=1
+        if results is None:
+            return 0
+        # A file whose metadata names the model (every file a run or jobs.compact writes) is read without its
+        # model_sha256 column: 64 characters a row, the widest column planning would otherwise decode.
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            models = list(pool.map(lambda f: _file_model(store, f), results.files))
+        ours = [f for f, model in zip(results.files, models, strict=True) if model == model_sha256]
+        unknown = [f for f, model in zip(results.files, models, strict=True) if model is None]
+        wanted = [name for name in RESULT_FINGERPRINT.names if name != "model_sha256"]
+        for files, where in ((ours, None), (unknown, pads.field("model_sha256") == model_sha256)):
+            if not files:
+                continue
+            dataset = pads.dataset(files, schema=RESULT_FINGERPRINT, format="parquet", filesystem=store.filesystem)
+            scanner = dataset.scanner(  # one batch at a time: read-ahead would hold many in memory
+                columns=wanted, filter=where, batch_readahead=1, fragment_readahead=1
             )
             for batch in scanner.to_batches():
                 if batch.num_rows:
                     writer.write_batch(_recorded(batch))
                     rows += batch.num_rows
     return rows
+
+
+def _file_model(store: OutputStore, path: str) -> str | None:
+    """The model a results file's metadata names (``vit3d.model_sha256``), or None when it names none."""
+    metadata = pq.read_metadata(path, filesystem=store.filesystem).metadata or {}
+    model = metadata.get(b"vit3d.model_sha256")
+    return model.decode() if model else None
 
 
 def _read_done(con: Any, store: OutputStore, model_sha256: str, tmp: str) -> None:
