@@ -1,12 +1,12 @@
 """A night's plan: which manifest rows to score, decided without a Python object per manifest row.
 
-The manifest is streamed (:class:`jobs.inputs.manifest.ManifestStream`, checked batch by batch) into two places on
-local disk, in a temporary folder: a Parquet copy of the checked rows, and the keys (scan_id, row, the listing's
-size_bytes and modified_at) in a DuckDB database whose memory is capped (:data:`MEMORY_LIMIT`: joins and
-aggregates beyond it spill to disk). The done set is read from ``results/`` into the same database. The duplicate
-scan_ids, the anti-join against what is done and the comparison of each done scan's source with the fingerprint
-its latest result row recorded are then SQL; only the rows to score come back, read from the Parquet copy. So the
-driver's memory grows with what is scored tonight, not with the archive.
+The manifest is streamed (:class:`jobs.inputs.manifest.ManifestStream`, checked batch by batch) into a Parquet
+copy on local disk, in a temporary folder, each row with its position and the listing's size_bytes and
+modified_at. The done set is copied from ``results/`` beside it (:func:`copy_done_set`). DuckDB, its memory capped
+(:data:`MEMORY_LIMIT`: joins and aggregates beyond it spill to disk), reads both: the duplicate scan_ids, the join
+against what is done and the comparison of each done scan's source with the fingerprint its latest result row
+recorded are SQL; only the rows to score come back, read from the copy. So the driver's memory grows with what is
+scored tonight, not with the archive.
 
 A done scan is scored again (``rescored_changed``) when its source changed since the result row that marks it
 done: the manifest's ``size_bytes`` and ``modified_at`` (as ``jobs.manifest`` lists them: for several files, the
