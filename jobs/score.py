@@ -205,10 +205,14 @@ def _run_planned(
     started: float,
 ) -> dict[str, Any]:
     """:func:`_run_job` with the manifest's planner open: check it, verify the model, claim the output, plan."""
+    import duckdb
+
     try:
         names = planner.read_manifest()
     except ManifestError as e:
         raise manifest_problem(e, redactor) from e
+    except duckdb.Error as e:  # its local disk full while spilling, or out of memory
+        raise JobError(f"planning problem: checking the manifest on local disk ({planner.workdir}): {e}") from e
     check_column_names(config.manifest, names)
     info, spec = check_model(config.model, config.model_sha256, config.mode, config.windows)
     sink = ResultSink(
@@ -231,6 +235,8 @@ def _run_planned(
             plan = planner.plan(sink.store, info.sha256, rescore_changed=config.rescore_changed)
         except (OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
             raise JobError(f"output problem: {sink.uri}: cannot read results/: {e}") from e
+        except duckdb.Error as e:
+            raise JobError(f"planning problem: joining the manifest with results/ ({planner.workdir}): {e}") from e
         if redactor is not None:  # what the logs, the page and the report must not show: every channel's file too
             _learn(redactor, plan.pending)
         sink.accept(plan.pending)
@@ -249,13 +255,13 @@ def _run_planned(
         if known_bad and plan.rescored_changed:  # changed, then failed on the new bytes, which are unchanged since
             bad = pc.is_in(plan.pending.column("scan_id"), value_set=pa.array(sorted(known_bad), pa.string()))
             rescored_changed -= int((plan.changed & bad.to_numpy(zero_copy_only=False)).sum())
-        if plan.rescored_changed:
+        if rescored_changed:
             shown = [redactor.scan_id(s) if redactor else s for s in plan.changed_examples[:5]]
             logger.info(
                 "%d done scans changed since they were scored (size or mtime; --no-rescore-changed keeps their old "
                 "rows): scoring them again: %s",
-                plan.rescored_changed,
-                ", ".join(shown) + (", …" if plan.rescored_changed > len(shown) else ""),
+                rescored_changed,
+                ", ".join(shown) + (", …" if rescored_changed > len(shown) else ""),
             )
         if plan.unfingerprinted:
             logger.info(

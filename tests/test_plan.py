@@ -53,9 +53,18 @@ def stamp(path):
     return st.st_size, dt.datetime.fromtimestamp(st.st_mtime_ns // 1000 / 1e6, dt.timezone.utc)
 
 
-def test_new_done_and_changed_against_the_listing_columns(tmp_path):
-    """size_bytes/modified_at in the manifest (as jobs.manifest lists them) decide what changed: no stat."""
+def test_new_done_and_changed_against_the_listing_columns(tmp_path, caplog):
+    """size_bytes/modified_at in the manifest (as jobs.manifest lists them) decide which done scans need a look:
+    those that match their row are done without a stat; a stat confirms the others (a listing can be stale, or
+    coarser than a stat)."""
     old = dt.datetime(2026, 10, 1, tzinfo=dt.timezone.utc)
+    files = {"same": 10, "bigger": 11, "touched": 10, "unrecorded": 99, "rescored": 12, "other-model": 10, "new": 5}
+    files["stale"] = 10
+    when = {"touched": old + dt.timedelta(seconds=1), "rescored": T0}
+    for name, size in files.items():
+        (tmp_path / name).write_bytes(b"x" * size)
+        ns = int(when.get(name, old).timestamp() * 1e9)
+        os.utime(tmp_path / name, ns=(ns, ns))
     store = output_with(
         tmp_path,
         [
@@ -66,35 +75,38 @@ def test_new_done_and_changed_against_the_listing_columns(tmp_path):
             {"scan_id": "rescored", "size": 10, "mtime": old, "scored_at": T0},  # rescored once already:
             {"scan_id": "rescored", "size": 12, "mtime": T0, "scored_at": T0 + dt.timedelta(days=1)},  # latest counts
             {"scan_id": "other-model", "size": 10, "mtime": old, "sha": "cd" * 32},
+            {"scan_id": "stale", "size": 10, "mtime": old},  # the listing says 12 bytes, the file has 10
         ],
     )
-    ids = ["same", "bigger", "touched", "unrecorded", "rescored", "other-model", "new"]
-    sizes = [10, 11, 10, 99, 12, 10, 5]
-    stamps = [old, old, old + dt.timedelta(seconds=1), old, T0, old, old]
+    ids = ["same", "bigger", "touched", "unrecorded", "rescored", "other-model", "new", "stale"]
+    listed = [stamp(tmp_path / i) for i in ids]
+    listed[ids.index("stale")] = (12, old)
     manifest = tmp_path / "m.parquet"
     pq.write_table(
         pa.table(
             {
                 "scan_id": ids,
-                "path": [f"/nowhere/{i}.nii.gz" for i in ids],  # never stat'ed: the listing decides
-                "size_bytes": pa.array(sizes, pa.int64()),
-                "modified_at": pa.array(stamps, US),
+                "path": [str(tmp_path / i) for i in ids],
+                "size_bytes": pa.array([size for size, _ in listed], pa.int64()),
+                "modified_at": pa.array([mtime for _, mtime in listed], pa.timestamp("ns", tz="UTC")),  # ns: pandas'
                 "site": [f"s{i}" for i in range(len(ids))],
             }
         ),
         manifest,
     )
+    caplog.set_level("INFO", logger="jobs.run.plan")
     plan, names = plan_night(str(manifest), store, SHA)
     assert names == ["scan_id", "path", "size_bytes", "modified_at", "site"]
     assert plan.pending.column("scan_id").to_pylist() == ["bigger", "touched", "other-model", "new"]
     assert plan.pending.column("site").to_pylist() == ["s1", "s2", "s5", "s6"]  # every column, manifest order
     assert plan.changed.tolist() == [True, True, False, False]
-    assert (plan.manifest_rows, plan.skipped_done, plan.rescored_changed, plan.unfingerprinted) == (7, 3, 2, 1)
+    assert (plan.manifest_rows, plan.skipped_done, plan.rescored_changed, plan.unfingerprinted) == (8, 4, 2, 1)
     assert plan.changed_examples == ["bigger", "touched"]
+    assert "one stat per file" not in caplog.text  # the listing spared the stats of the unchanged
 
     plan, _ = plan_night(str(manifest), store, SHA, rescore_changed=False)
     assert plan.pending.column("scan_id").to_pylist() == ["other-model", "new"]
-    assert (plan.skipped_done, plan.rescored_changed) == (5, 0)
+    assert (plan.skipped_done, plan.rescored_changed) == (6, 0)
 
 
 def test_without_listing_columns_done_sources_are_stat_ed(tmp_path):

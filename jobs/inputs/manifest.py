@@ -89,12 +89,24 @@ def _csv_reader(open_source):
     return pacsv.open_csv(open_source(), convert_options=convert)
 
 
+def _parse_whole(fmt: str, data: bytes) -> pa.Table:
+    """A CSV or JSON Lines manifest read whole, so that each column's type is inferred from all its rows."""
+    if fmt == "csv":
+        names = pacsv.open_csv(pa.BufferReader(data)).schema.names
+        typed = _typed_columns(names)  # text columns stay text: UIDs look like numbers ("1.2")
+        text = (*REQUIRED, *(name for name, kind in typed.items() if pa.types.is_string(kind)))
+        convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in text})
+        return pacsv.read_csv(pa.BufferReader(data), convert_options=convert)
+    return pajson.read_json(pa.BufferReader(data))
+
+
 def _raw_batches(uri: str) -> tuple[str, pa.Schema, Iterator[pa.RecordBatch]]:
     """(format, schema, batches) of the manifest at ``uri`` as stored; ManifestError if it cannot be opened."""
     folder = _parquet_folder(uri)
     if folder is not None:
         return "parquet", folder.schema, folder.to_batches(batch_size=BATCH_ROWS)
     fmt = check_manifest_name(uri)
+    data: bytes | None = None
     try:
         filesystem, path = storage.resolve(uri)
         info = storage.retrying(lambda: filesystem.get_file_info(path), f"reading {uri}")
@@ -114,7 +126,10 @@ def _raw_batches(uri: str) -> tuple[str, pa.Schema, Iterator[pa.RecordBatch]]:
     except (OSError, ValueError) as e:  # missing, permission, bad URI, network
         raise ManifestError(f"manifest {uri}: cannot read: {e}") from e
     try:
-        if fmt == "csv":
+        if fmt != "parquet" and isinstance(data, bytes):  # read whole: types inferred from every row, as before
+            table = _parse_whole(fmt, data)
+            return fmt, table.schema, iter(table.to_batches(max_chunksize=BATCH_ROWS))
+        if fmt == "csv":  # a large file, streamed: types inferred from its first block (Parquet keeps them exact)
             reader = _csv_reader(open_source)
             return fmt, reader.schema, iter(reader)
         if fmt == "parquet":

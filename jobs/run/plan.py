@@ -43,6 +43,7 @@ MEMORY_LIMIT = os.environ.get("VIT3D_PLAN_MEMORY", "512MB")
 STAT_THREADS = 32  # a manifest without size_bytes/modified_at: done scans' files stat'ed at once
 ROW, SIZE, MTIME = "__manifest_row", "__listed_size", "__listed_mtime"  # planning's own columns of the copy
 US = pa.timestamp("us", tz="UTC")
+_TO_US = {"s": 1_000_000, "ms": 1000}
 _FILE = pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime", US)])
 # What planning reads of results/ (files written before a column existed read it as null).
 RESULT_FINGERPRINT = pa.schema(
@@ -86,9 +87,17 @@ def _fingerprint_columns(table: pa.Table) -> tuple[pa.Array, pa.Array]:
     size, mtime = pa.nulls(count, pa.int64()), pa.nulls(count, pa.int64())
     if "size_bytes" in table.column_names and pa.types.is_integer(table.schema.field("size_bytes").type):
         size = table.column("size_bytes").cast(pa.int64()).combine_chunks()
-    if "modified_at" in table.column_names and pa.types.is_timestamp(table.schema.field("modified_at").type):
+    if "modified_at" in table.column_names:
         stamps = table.column("modified_at").combine_chunks()
-        mtime = stamps.cast(pa.timestamp("us", tz=stamps.type.tz)).cast(pa.int64())
+        if pa.types.is_string(stamps.type) or pa.types.is_large_string(stamps.type):  # JSON Lines: ISO text
+            try:
+                stamps = stamps.cast(US)
+            except (pa.ArrowException, ValueError):
+                stamps = pa.nulls(count, US)  # not a time: compared by a stat instead
+        if pa.types.is_timestamp(stamps.type):  # any unit, as µs (ns truncated, as a run's stat is)
+            raw = pc.cast(stamps, pa.int64())
+            unit = stamps.type.unit
+            mtime = pc.divide(raw, 1000) if unit == "ns" else raw if unit == "us" else pc.multiply(raw, _TO_US[unit])
     return size, mtime
 
 
@@ -113,6 +122,11 @@ class NightPlanner:
             "enable_progress_bar = false",
         ):
             self._con.execute(f"SET {setting}")
+
+    @property
+    def workdir(self) -> str:
+        """The temporary folder (local disk) that holds the manifest's copy and DuckDB's spill."""
+        return self._tmp.name
 
     def __enter__(self) -> NightPlanner:
         return self
@@ -316,7 +330,7 @@ def _decide(con: Any, copy: str, stream: ManifestStream, rescore_changed: bool) 
                 WHEN c.new THEN 'new'
                 WHEN l.fp.size IS NULL OR l.fp.mtime IS NULL THEN 'unrecorded'
                 WHEN c.size IS NULL OR c.mtime IS NULL THEN 'stat'
-                WHEN c.size <> l.fp.size OR c.mtime <> l.fp.mtime THEN 'changed'
+                WHEN c.size <> l.fp.size OR c.mtime <> l.fp.mtime THEN 'confirm'
                 ELSE 'done'
             END AS verdict,
             l.fp.size AS recorded_size, l.fp.mtime AS recorded_mtime
@@ -324,10 +338,16 @@ def _decide(con: Any, copy: str, stream: ManifestStream, rescore_changed: bool) 
         """
     )
     counts = dict(con.execute("SELECT verdict, count(*) FROM verdict GROUP BY verdict").fetchall())
-    stat_changed = _changed_by_stat(con, copy, counts["stat"]) if counts.get("stat") else np.zeros(0, np.int64)
+    if counts.get("stat"):
+        logger.info(
+            "checking %d done scans for changed sources with one stat per file (the manifest has no size_bytes and "
+            "modified_at; python -m jobs.manifest lists them, and spares this)",
+            counts["stat"],
+        )
+    # Where the listing differs from the row (or there is no listing), a stat now decides: a listing can be stale,
+    # coarser than a stat (seconds), or name fewer files than the scan reads (a detached NRRD header's data file).
+    changed_rows = _changed_by_stat(con, copy) if counts.get("stat") or counts.get("confirm") else np.array([], int)
     new = con.sql("SELECT row FROM verdict WHERE verdict = 'new'").to_arrow_table().column("row").to_numpy()
-    compared = con.sql("SELECT row FROM verdict WHERE verdict = 'changed'").to_arrow_table().column("row")
-    changed_rows = np.union1d(compared.to_numpy(), stat_changed)
     rows = np.union1d(new, changed_rows)
     changed = len(changed_rows)
     examples = [
@@ -362,15 +382,13 @@ def _rows_of(copy: str, rows: np.ndarray) -> pa.Table:
     return table.filter(pc.is_in(table.column(ROW), value_set=pa.array(rows))).sort_by(ROW)
 
 
-def _changed_by_stat(con: Any, copy: str, count: int) -> np.ndarray:
-    """Rows of done scans whose files, stat'ed now, differ from what their result row recorded (the manifest has no
-    size_bytes/modified_at to compare with). A file that cannot be stat'ed now is not taken for changed."""
-    logger.info(
-        "checking %d done scans for changed sources with one stat per file (the manifest has no size_bytes and "
-        "modified_at; python -m jobs.manifest lists them, and spares this)",
-        count,
-    )
-    recorded = con.sql("SELECT row, recorded_size, recorded_mtime FROM verdict WHERE verdict = 'stat'").to_arrow_table()
+def _changed_by_stat(con: Any, copy: str) -> np.ndarray:
+    """Rows of done scans (verdict ``stat``: no listing to compare with; ``confirm``: the listing differs from the
+    row) whose files, stat'ed now as a run stats them, differ from what their latest result row recorded. A file
+    that cannot be stat'ed now is not taken for changed."""
+    recorded = con.sql(
+        "SELECT row, recorded_size, recorded_mtime FROM verdict WHERE verdict IN ('stat', 'confirm')"
+    ).to_arrow_table()
     sizes, mtimes = recorded.column("recorded_size").to_pylist(), recorded.column("recorded_mtime").to_pylist()
     by_row = dict(zip(recorded.column("row").to_pylist(), zip(sizes, mtimes, strict=True), strict=True))
     dataset = pads.dataset(copy, format="parquet")
