@@ -79,24 +79,24 @@ BATCH_ROWS = 65_536  # rows per batch of a streamed manifest
 STREAM_ABOVE_BYTES = 64 * 2**20  # a larger manifest file is streamed, not read whole (with retries) first
 
 
-def _csv_reader(open_source):
-    """A streaming CSV reader: ids, paths and the formats' text columns as text (no "007" -> 7); the others
-    inferred. ``open_source()`` gives a fresh source (the header is read once to learn the names)."""
-    names = pacsv.open_csv(open_source()).schema.names
-    typed = _typed_columns(names)  # text columns stay text: UIDs look like numbers ("1.2")
+def _csv_convert(source: pa.NativeFile) -> pacsv.ConvertOptions:
+    """Ids, paths and the formats' text columns as text (no "007" -> 7; UIDs look like numbers, "1.2"); the others
+    inferred. ``source`` is read for its header only."""
+    names = pacsv.open_csv(source).schema.names
+    typed = _typed_columns(names)
     text = (*REQUIRED, *(name for name, kind in typed.items() if pa.types.is_string(kind)))
-    convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in text})
-    return pacsv.open_csv(open_source(), convert_options=convert)
+    return pacsv.ConvertOptions(column_types={name: pa.string() for name in text})
+
+
+def _csv_reader(open_source):
+    """A streaming CSV reader (:func:`_csv_convert`'s types); ``open_source()`` gives a fresh source."""
+    return pacsv.open_csv(open_source(), convert_options=_csv_convert(open_source()))
 
 
 def _parse_whole(fmt: str, data: bytes) -> pa.Table:
     """A CSV or JSON Lines manifest read whole, so that each column's type is inferred from all its rows."""
     if fmt == "csv":
-        names = pacsv.open_csv(pa.BufferReader(data)).schema.names
-        typed = _typed_columns(names)  # text columns stay text: UIDs look like numbers ("1.2")
-        text = (*REQUIRED, *(name for name, kind in typed.items() if pa.types.is_string(kind)))
-        convert = pacsv.ConvertOptions(column_types={name: pa.string() for name in text})
-        return pacsv.read_csv(pa.BufferReader(data), convert_options=convert)
+        return pacsv.read_csv(pa.BufferReader(data), convert_options=_csv_convert(pa.BufferReader(data)))
     return pajson.read_json(pa.BufferReader(data))
 
 
