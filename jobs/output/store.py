@@ -89,8 +89,8 @@ class OutputStore:
                     self.filesystem.delete_file(entry.path)
 
     def done_scan_ids(self, model_sha256: str) -> pa.Array:
-        """scan_ids already scored by this model into results/, as an Arrow string array (planning joins the
-        manifest against it in Arrow: no Python object per scan)."""
+        """scan_ids already scored by this model into results/, unique, as an Arrow string array: a reader's view
+        (tools, tests). A night's plan reads the rows with their fingerprints instead (jobs.run.plan.copy_done_set)."""
         results = f"{self.root}/results"
         if not self._exists(results):
             return pa.array([], pa.string())
