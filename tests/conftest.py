@@ -15,6 +15,8 @@ import pytest  # noqa: E402
 
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 REPO_ROOT = os.path.dirname(TESTS_DIR)
+# Idle worker processes the session's Ray instance keeps (see ray_cluster).
+SESSION_WORKERS_SOFT_LIMIT = 32
 
 
 def fresh_python(args, timeout=600, **kwargs):
@@ -128,6 +130,10 @@ def ray_cluster(tmp_path_factory, s3_server):
         num_gpus=2,
         include_dashboard=False,
         runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "3"}},
+        # Idle workers stay for the next run of the session instead of being ended once more than num_cpus of them
+        # exist (Ray's default soft limit). Each run's scoring actors are still new processes, as they are on a
+        # cluster; what is kept are the task workers (decode, Ray Data's own), whose restart cost every run ~6 s.
+        _system_config={"num_workers_soft_limit": SESSION_WORKERS_SOFT_LIMIT},
         _temp_dir=tempfile.mkdtemp(prefix="ray-", dir="/tmp"),  # short: socket paths
     )
     yield ray
