@@ -15,6 +15,7 @@ import dataclasses
 import datetime as dt
 import heapq
 import logging
+import os
 import resource
 import sys
 import time
@@ -24,12 +25,10 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from jobs import redact
 from jobs.config import JobConfig, build_parser
 from jobs.errors import JobError, JobFailed, ManifestError, OutputError, StorageUnreachable
-from jobs.inputs import formats
 from jobs.inputs.channels import channel_columns
 from jobs.inputs.manifest import read_manifest
 from jobs.observe import metrics
@@ -41,7 +40,7 @@ from jobs.output.sink import ResultSink
 from jobs.redact import Redactor
 from jobs.report import write_page
 from jobs.run.pipeline import scoring_pipeline
-from jobs.run.plan import NightPlanner
+from jobs.run.plan import NightPlanner, Plan
 from jobs.run.scorer import configure_tensorflow
 
 if TYPE_CHECKING:
@@ -238,23 +237,19 @@ def _run_planned(
         except duckdb.Error as e:
             raise JobError(f"planning problem: joining the manifest with results/ ({planner.workdir}): {e}") from e
         if redactor is not None:  # what the logs, the page and the report must not show: every channel's file too
-            _learn(redactor, plan.pending)
-        sink.accept(plan.pending)
-        carried = [name for name in formats.option_columns() if name in plan.pending.column_names]
-        carried += channel_columns(plan.pending.column_names, ["path", *formats.option_columns()])
-        position = pa.array(np.arange(plan.pending.num_rows, dtype=np.int64))  # the sink's index of each row
-        not_done = plan.pending.select(["scan_id", "path", *carried]).append_column("manifest_row", position)
-        known_bad = _known_bad(sink, not_done, config.retry_failed, redactor)
-        pending = not_done
-        if known_bad:
-            pending = not_done.filter(
-                pc.invert(pc.is_in(not_done.column("scan_id"), value_set=pa.array(sorted(known_bad), pa.string())))
-            )
+            _learn(redactor, plan)
+        known_bad = _known_bad(sink, plan, config.retry_failed, redactor)
+        # Tonight's rows less the known-bad ones, on the driver's local disk: Ray Data reads them from there and
+        # the sink looks each scored row's manifest columns up by its position (manifest_row) in the file.
+        tonight = os.path.join(planner.workdir, "tonight.parquet")
+        try:
+            to_score, bad_changed = plan.write(tonight, skip=known_bad)
+        except OSError as e:
+            raise JobError(f"planning problem: writing tonight's rows to local disk ({planner.workdir}): {e}") from e
+        sink.accept(tonight)
         skipped_done = plan.skipped_done
         rescored_changed = plan.rescored_changed
-        if known_bad and plan.rescored_changed:  # changed, then failed on the new bytes, which are unchanged since
-            bad = pc.is_in(plan.pending.column("scan_id"), value_set=pa.array(sorted(known_bad), pa.string()))
-            rescored_changed -= int((plan.changed & bad.to_numpy(zero_copy_only=False)).sum())
+        rescored_changed -= bad_changed  # changed, then failed on the new bytes, which are unchanged since
         if rescored_changed:
             shown = [redactor.scan_id(s) if redactor else s for s in plan.changed_examples[:5]]
             logger.info(
@@ -273,7 +268,7 @@ def _run_planned(
             plan.manifest_rows,
             skipped_done,
             len(known_bad),
-            pending.num_rows,
+            to_score,
         )
         scored: dict[str, Any] = {
             "loads": {},
@@ -285,9 +280,9 @@ def _run_planned(
         }
         failure: JobFailed | None = None
         planning_s = time.monotonic() - started  # manifest, model, done set and anti-joins: before Ray starts
-        if pending.num_rows:
+        if to_score:
             try:
-                scored = _score(pending, config, spec, info, sink, hooks, started_at)
+                scored = _score(tonight, to_score, config, spec, info, sink, hooks, started_at)
             except JobFailed as e:  # the night still reports: what was committed before it broke, and why
                 failure = e
                 scored = {**scored, **e.partial}
@@ -333,6 +328,7 @@ def _run_planned(
             raise _reported(failure, sink, report, redactor)
         page = write_page(sink, report, redactor)  # jobs.report; None (and a warning) if it failed
         report["report_page"] = redact.scrub(page) if page else page
+        report["driver"]["peak_rss_mb"] = round(_peak_rss_mb(), 1)  # drawing the page included
         report["report_path"] = redact.scrub(sink.write_report(report))
         return report
     finally:
@@ -359,24 +355,26 @@ def _reported(failure: JobFailed, sink: ResultSink, report: dict[str, Any], reda
     return failure
 
 
-def _learn(redactor: Redactor, rows: pa.Table) -> None:
+def _learn(redactor: Redactor, plan: Plan) -> None:
     """Teach ``redactor`` tonight's scan_ids and every file they name (the done ones never reach a log or page)."""
     ids: list[str] = []
     named: list[str] = []
-    for name in ("path", *channel_columns(rows.column_names, ["path"])):
-        for scan_id, path in zip(rows.column("scan_id").to_pylist(), rows.column(name).to_pylist(), strict=True):
-            if path:
-                ids.append(scan_id)
-                named.append(path)
+    columns = ["scan_id", "path", *channel_columns(plan.column_names, ["path"])]
+    for rows in plan.batches(columns):
+        for name in columns[1:]:
+            for scan_id, path in zip(rows.column("scan_id").to_pylist(), rows.column(name).to_pylist(), strict=True):
+                if path:
+                    ids.append(scan_id)
+                    named.append(path)
     redactor.learn(ids, named)
 
 
-def _known_bad(sink, candidates, retry_failed, redactor=None):
-    """The scan_ids of ``candidates`` (not done) that are skipped as known bad: none with ``--retry-failed``."""
-    if retry_failed or not candidates.num_rows:
+def _known_bad(sink: ResultSink, plan: Plan, retry_failed: bool, redactor: Redactor | None = None) -> set[str]:
+    """The scan_ids of tonight's rows that are skipped as known bad: none with ``--retry-failed``."""
+    if retry_failed or not len(plan.rows):
         return set()
     try:
-        known_bad = sink.known_bad(candidates)
+        known_bad = sink.known_bad(plan.rows_of)
     except OutputError as e:
         raise JobError(f"output problem: {e}") from e
     if known_bad:
@@ -390,15 +388,16 @@ def _known_bad(sink, candidates, retry_failed, redactor=None):
     return known_bad
 
 
-def _score(pending, config, spec, info, sink, hooks, started_at):
-    """Stream the pipeline's batches into ``sink``; returns what the report needs."""
+def _score(tonight, count, config, spec, info, sink, hooks, started_at):
+    """Stream the pipeline's batches of ``tonight``'s ``count`` rows (a local Parquet file: :meth:`Plan.write`)
+    into ``sink``; returns what the report needs."""
     # --settle-s: files modified after this (µs since the epoch) mark a scan as still arriving.
     settled_before_us = int((started_at.timestamp() - config.settle_s) * 1e6) if config.settle_s > 0 else None
     loads, nodes, first_result_at, stage_seconds, left_out = {}, {}, None, {}, {}
     review = ReviewPicks(config.review if config.mode == "score" else 0)
     with (
         scoring_pipeline(
-            pending,
+            tonight,
             config,
             spec=spec,
             model_sha256=info.sha256,
@@ -407,7 +406,7 @@ def _score(pending, config, spec, info, sink, hooks, started_at):
             settled_before_us=settled_before_us,
         ) as run,
         Progress(
-            pending.num_rows,
+            count,
             enabled=config.progress,
             every_s=config.progress_every_s,
             bar=None if config.log_format == "text" else False,  # JSON logs: lines only

@@ -29,6 +29,39 @@ def fresh_python(args, timeout=600, **kwargs):
 # --- S3 server on 127.0.0.1 --------------------------------------------------
 
 
+class _SerialWrites:
+    """WSGI middleware: one write request at a time. moto checks a conditional PUT (``If-None-Match: *``, the output
+    lock's create-if-absent) and stores the key in two steps, so two concurrent PUTs could both succeed, where S3
+    itself is atomic (seen once under load: two processes holding the lock). Reads stay concurrent."""
+
+    def __init__(self, app):
+        import threading
+
+        self.app, self.lock = app, threading.Lock()
+
+    def __call__(self, environ, start_response):
+        if environ.get("REQUEST_METHOD") in ("PUT", "POST", "DELETE"):
+            with self.lock:
+                return list(self.app(environ, start_response))
+        return self.app(environ, start_response)
+
+
+def _atomic_writes_moto_server(**kwargs):
+    """moto's ThreadedMotoServer with :class:`_SerialWrites` around its application."""
+    from moto.moto_server import threaded_moto_server as moto_server
+
+    class Server(moto_server.ThreadedMotoServer):
+        def _server_entry(self) -> None:
+            app = _SerialWrites(moto_server.DomainDispatcherApplication(moto_server.create_backend_app))
+            self._server = moto_server.make_server(
+                self._ip_address, self._port, app, True, request_handler=moto_server.MotoRequestHandler
+            )
+            self._server_ready_event.set()
+            self._server.serve_forever()
+
+    return Server(**kwargs)
+
+
 @pytest.fixture(scope="session")
 def s3_server():
     """A moto S3 server on 127.0.0.1 (free port) for the whole session.
@@ -37,9 +70,7 @@ def s3_server():
     Point pyarrow at it with the env vars AWS_ENDPOINT_URL/AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (see s3_env),
     boto3 with endpoint_url=... and the same credentials.
     """
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server = _atomic_writes_moto_server(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     try:
         host, port = server.get_host_and_port()

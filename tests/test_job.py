@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import tempfile
 
 import duckdb
 import numpy as np
@@ -441,3 +442,35 @@ def test_object_storage_through_endpoint_override_uris(
     assert report["counts"]["ok"] == 8
     keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="out/")["Contents"]]
     assert sum(k.startswith("out/results/part-") for k in keys) == 1 and f"out/runs/{report['run_id']}.json" in keys
+
+
+def test_rows_wait_on_local_disk_and_manifest_columns_come_back_by_position(
+    ray_cluster, tiny_model, archive, tmp_path, monkeypatch
+):
+    """The driver holds neither tonight's rows nor the rows waiting for a commit: tonight's rows are read back from
+    their local file by position (row groups of 2, one cached: every lookup misses) and results are spooled to
+    local disk a row group at a time (every 2 rows or more). One file still holds every row once, with its own
+    manifest columns and the run's metadata."""
+    import jobs.output.sink
+    import jobs.output.tonight
+    import jobs.run.plan
+
+    monkeypatch.setattr(jobs.run.plan, "ROW_GROUP", 2)
+    monkeypatch.setattr(jobs.output.tonight, "CACHED_GROUPS", 1)
+    monkeypatch.setattr(jobs.output.sink, "SPOOL_ROWS", 2)
+    model_path, info = tiny_model
+    _, rows, manifest = archive
+    output = tmp_path / "out"
+    spools = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("vit3d-sink-")}
+    report = run(manifest, model_path, str(output), device="cpu", batch_size=3, max_error_rate=0.2, progress=False)
+    assert (report["counts"]["ok"], report["counts"]["error"]) == (8, 1)
+    (name,) = report["output"]["results_files"]
+    parquet = pq.ParquetFile(output / "results" / os.path.basename(name))
+    assert parquet.metadata.num_rows == 8 and parquet.num_row_groups >= 2  # a row group per spooled batch
+    assert parquet.schema_arrow.metadata[b"vit3d.model_sha256"] == info.sha256.encode()
+    table = parquet.read()
+    by_id = {r["scan_id"]: r for r in rows}
+    assert sorted(table.column("scan_id").to_pylist()) == sorted(r["scan_id"] for r in rows[:8])
+    for row in table.select(["scan_id", "site", "age"]).to_pylist():
+        assert (row["site"], row["age"]) == (by_id[row["scan_id"]]["site"], by_id[row["scan_id"]]["age"])
+    assert {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("vit3d-sink-")} <= spools  # removed

@@ -95,18 +95,18 @@ def test_new_done_and_changed_against_the_listing_columns(tmp_path, caplog):
         manifest,
     )
     caplog.set_level("INFO", logger="jobs.run.plan")
-    plan, names = plan_night(str(manifest), store, SHA)
-    assert names == ["scan_id", "path", "size_bytes", "modified_at", "site"]
-    assert plan.pending.column("scan_id").to_pylist() == ["bigger", "touched", "other-model", "new"]
-    assert plan.pending.column("site").to_pylist() == ["s1", "s2", "s5", "s6"]  # every column, manifest order
-    assert plan.changed.tolist() == [True, True, False, False]
-    assert (plan.manifest_rows, plan.skipped_done, plan.rescored_changed, plan.unfingerprinted) == (8, 4, 2, 1)
-    assert plan.changed_examples == ["bigger", "touched"]
-    assert "one stat per file" not in caplog.text  # the listing spared the stats of the unchanged
+    with plan_night(str(manifest), store, SHA) as (plan, names):
+        assert names == ["scan_id", "path", "size_bytes", "modified_at", "site"]
+        assert plan.pending.column("scan_id").to_pylist() == ["bigger", "touched", "other-model", "new"]
+        assert plan.pending.column("site").to_pylist() == ["s1", "s2", "s5", "s6"]  # every column, manifest order
+        assert plan.changed.tolist() == [True, True, False, False]
+        assert (plan.manifest_rows, plan.skipped_done, plan.rescored_changed, plan.unfingerprinted) == (8, 4, 2, 1)
+        assert plan.changed_examples == ["bigger", "touched"]
+        assert "one stat per file" not in caplog.text  # the listing spared the stats of the unchanged
 
-    plan, _ = plan_night(str(manifest), store, SHA, rescore_changed=False)
-    assert plan.pending.column("scan_id").to_pylist() == ["other-model", "new"]
-    assert (plan.skipped_done, plan.rescored_changed) == (6, 0)
+    with plan_night(str(manifest), store, SHA, rescore_changed=False) as (plan, _):
+        assert plan.pending.column("scan_id").to_pylist() == ["other-model", "new"]
+        assert (plan.skipped_done, plan.rescored_changed) == (6, 0)
 
 
 def test_without_listing_columns_done_sources_are_stat_ed(tmp_path):
@@ -141,11 +141,11 @@ def test_without_listing_columns_done_sources_are_stat_ed(tmp_path):
             {"scan_id": "new", "path": "a.nii.gz", "path_1": ""},
         ],
     )
-    plan, _ = plan_night(manifest, store, SHA)
-    assert plan.pending.column("scan_id").to_pylist() == ["b", "c", "new"]
-    assert plan.changed.tolist() == [True, True, False]
-    assert plan.pending.column("path_1").to_pylist() == [None, str(tmp_path / "c1.nii.gz"), None]
-    assert (plan.skipped_done, plan.rescored_changed) == (2, 2)
+    with plan_night(manifest, store, SHA) as (plan, _):
+        assert plan.pending.column("scan_id").to_pylist() == ["b", "c", "new"]
+        assert plan.changed.tolist() == [True, True, False]
+        assert plan.pending.column("path_1").to_pylist() == [None, str(tmp_path / "c1.nii.gz"), None]
+        assert (plan.skipped_done, plan.rescored_changed) == (2, 2)
 
 
 def test_results_files_are_told_apart_by_their_model_metadata(tmp_path):
@@ -158,8 +158,8 @@ def test_results_files_are_told_apart_by_their_model_metadata(tmp_path):
     manifest = write_csv(
         tmp_path / "m.csv", [{"scan_id": s, "path": f"/x/{s}"} for s in ("no-metadata", "ours", "theirs", "new")]
     )
-    plan, _ = plan_night(manifest, store, SHA, rescore_changed=False)
-    assert plan.pending.column("scan_id").to_pylist() == ["theirs", "new"]
+    with plan_night(manifest, store, SHA, rescore_changed=False) as (plan, _):
+        assert plan.pending.column("scan_id").to_pylist() == ["theirs", "new"]
 
 
 @pytest.mark.parametrize(
@@ -176,8 +176,8 @@ def test_results_files_are_told_apart_by_their_model_metadata(tmp_path):
 def test_the_stream_refuses_what_read_manifest_refuses_with_the_same_words(tmp_path, text, fragments):
     manifest = tmp_path / "m.csv"
     manifest.write_text(text)
-    with pytest.raises(ManifestError) as planned:
-        plan_night(str(manifest), output_with(tmp_path, []), SHA)
+    with pytest.raises(ManifestError) as planned, plan_night(str(manifest), output_with(tmp_path, []), SHA):
+        pass
     with pytest.raises(ManifestError) as read:
         read_manifest(str(manifest))
     assert str(planned.value) == str(read.value)
@@ -191,8 +191,9 @@ def test_duplicates_beyond_one_batch_are_found_and_counted(tmp_path):
     ids = [f"scan{i:07d}" for i in range(count)] + ["scan0000003", "scan0140000", "scan0000003"]
     manifest = tmp_path / "m.parquet"
     pq.write_table(pa.table({"scan_id": ids, "path": ["/x.nii.gz"] * len(ids)}), manifest)
-    with pytest.raises(ManifestError, match=r"2 duplicate scan_id\(s\): 'scan0000003' \(x3\), 'scan0140000' \(x2\)"):
-        plan_night(str(manifest), output_with(tmp_path, []), SHA)
+    duplicates = r"2 duplicate scan_id\(s\): 'scan0000003' \(x3\), 'scan0140000' \(x2\)"
+    with pytest.raises(ManifestError, match=duplicates), plan_night(str(manifest), output_with(tmp_path, []), SHA):
+        pass
 
 
 PLAN_ONLY = textwrap.dedent(
@@ -203,9 +204,9 @@ PLAN_ONLY = textwrap.dedent(
 
     folder, done, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     started = time.perf_counter()
-    plan, _ = plan_night(f"{folder}/m.parquet", OutputStore(f"{folder}/out"), "ab" * 32)
-    seconds = time.perf_counter() - started
-    assert plan.pending.num_rows == new and plan.skipped_done == done, plan
+    with plan_night(f"{folder}/m.parquet", OutputStore(f"{folder}/out"), "ab" * 32) as (plan, _):
+        seconds = time.perf_counter() - started
+    assert len(plan.rows) == new and plan.skipped_done == done, plan
     hwm = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")]
     print(json.dumps({"seconds": seconds, "peak_kib": hwm[0]}))  # ru_maxrss would keep the parent's at fork
     """
@@ -255,3 +256,65 @@ def test_planning_memory_grows_little_with_the_archive(tmp_path):
     slope = (peaks[1_000_000]["peak_kib"] - peaks[100_000]["peak_kib"]) * 1024 / 900_000
     assert slope <= 400, (slope, peaks)
     assert peaks[1_000_000]["seconds"] < 120, peaks  # generous: a stray per-row Python loop would show here too
+
+
+def test_tonights_rows_are_looked_up_by_position_in_their_file(tmp_path, monkeypatch):
+    """The sink's lookups in tonight's file give what the same lookups in memory give, in the order asked, across
+    row groups and with a cache smaller than the file (positions out of order, repeated, in far-apart groups)."""
+    import jobs.output.tonight
+    from jobs.output.tonight import TonightRows
+
+    monkeypatch.setattr(jobs.output.tonight, "CACHED_GROUPS", 2)
+    count = 1000
+    table = pa.table(
+        {
+            "scan_id": [f"s{i:04d}" for i in range(count)],
+            "site": pa.array([f"site-{i % 7}" if i % 5 else None for i in range(count)]),
+            "taken_at": pa.array([T0 + dt.timedelta(seconds=i) for i in range(count)], US),
+            "manifest_row": pa.array(range(count), pa.int64()),
+        }
+    )
+    pq.write_table(table, tmp_path / "tonight.parquet", row_group_size=64)
+    on_disk = TonightRows.from_parquet(str(tmp_path / "tonight.parquet"))
+    in_memory = TonightRows.from_table(table.drop_columns(["manifest_row"]))
+    assert on_disk.num_rows == count and on_disk.column_names == ["scan_id", "site", "taken_at"]
+    generator = np.random.default_rng(7)
+    for positions in (generator.integers(0, count, 40), np.array([999, 0, 500, 0, 63, 64]), np.array([], int)):
+        for columns in (["site", "taken_at"], ["scan_id"]):
+            assert on_disk.take(positions, columns).equals(in_memory.take(positions, columns))
+    ids = pa.array(["s0500", "nope", "s0001"])
+    assert on_disk.positions_of(ids).to_pylist() == [500, None, 1]
+
+
+def test_tonights_file_leaves_out_the_known_bad_and_numbers_its_rows(tmp_path):
+    """Plan.write: tonight's rows less the skipped scan_ids, every manifest column, manifest_row 0, 1, … in manifest
+    order; it counts the skipped rows that were rescored for a changed source."""
+    ids = ["a", "bigger", "c", "d"]
+    for name in ids:
+        (tmp_path / name).write_bytes(b"x" * 10)
+    store = output_with(tmp_path, [{"scan_id": "bigger", "size": 9, "mtime": stamp(tmp_path / "bigger")[1]}])
+    listed = [stamp(tmp_path / i) for i in ids]
+    manifest = tmp_path / "m.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "scan_id": ids,
+                "path": [str(tmp_path / i) for i in ids],
+                "size_bytes": pa.array([size for size, _ in listed], pa.int64()),
+                "modified_at": pa.array([mtime for _, mtime in listed], US),
+                "site": [i.upper() for i in ids],
+            }
+        ),
+        manifest,
+    )
+    with plan_night(str(manifest), store, SHA) as (plan, _):
+        assert plan.rescored_changed == 1 and len(plan.rows) == 4
+        assert plan.rows_of(pa.array(["c", "zz", "bigger"])).column("scan_id").to_pylist() == ["bigger", "c"]
+        written, changed = plan.write(str(tmp_path / "tonight.parquet"), skip={"bigger", "d"})
+        tonight = pq.read_table(tmp_path / "tonight.parquet")
+    assert (written, changed) == (2, 1)
+    assert tonight.column_names == ["scan_id", "path", "size_bytes", "modified_at", "site", "manifest_row"]
+    assert tonight.select(["scan_id", "site", "manifest_row"]).to_pylist() == [
+        {"scan_id": "a", "site": "A", "manifest_row": 0},
+        {"scan_id": "c", "site": "C", "manifest_row": 1},
+    ]

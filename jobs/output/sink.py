@@ -30,6 +30,8 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
+import os
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -37,6 +39,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from jobs import stages, storage
 from jobs.errors import JobFailed, LockLost, OutputError
@@ -53,12 +56,16 @@ from jobs.output.schema import (
     result_schema,
 )
 from jobs.output.store import KINDS, OutputStore, part_name
+from jobs.output.tonight import TonightRows
 from jobs.redact import scrub_secrets, secret_values, strip_credentials
 
 if TYPE_CHECKING:
     from vit3d.artifact import ArtifactInfo
 
 logger = logging.getLogger(__name__)
+
+SPOOL_ROWS = 8192  # rows of a file held in memory before they go to its local spool file, as one row group
+COMPACT_TABLES = 64  # batches' tables held before they are joined into one (Arrow's overhead is per array)
 
 
 def _column(values, field):
@@ -158,8 +165,12 @@ class ResultSink:
         self.store = OutputStore(uri, retry_s)
         self.mode, self.run_id, self.model_sha256 = mode, run_id, model.sha256
         metadata = {**schema_metadata(model, mode), b"vit3d.run_id": run_id.encode()}
+        # Rows not yet committed wait in local files (_Buffer), removed on release().
+        self._spool = tempfile.TemporaryDirectory(prefix="vit3d-sink-")
         self._buffers = {
-            kind: _Buffer(self.store, kind, run_id, metadata, rows_per_file, flush_seconds, self._ensure_held)
+            kind: _Buffer(
+                self.store, kind, run_id, metadata, rows_per_file, flush_seconds, self._ensure_held, self._spool.name
+            )
             for kind in KINDS
         }
         self.accept(manifest if manifest is not None else pa.table({"scan_id": pa.array([], pa.string())}))
@@ -173,14 +184,15 @@ class ResultSink:
     def uri(self) -> str:
         return self.store.uri
 
-    def accept(self, rows: pa.Table) -> None:
-        """The rows this run may write: pipeline rows arrive with their position in ``rows`` (``manifest_row``)."""
-        shared = [name for name in rows.column_names if name in MANIFEST_SHARED_COLUMNS | OPTION_COLUMNS]
-        self._manifest_shared = rows.select(shared)  # merged into the formats' provenance columns
-        self._manifest_extra = rows.drop_columns([n for n in ("scan_id", "path", *shared) if n in rows.column_names])
-        self._manifest_ids = rows.column("scan_id").combine_chunks()  # rows arrive with their position in it
-        self._channel_paths = frozenset(channel_columns(rows.column_names, ["path"]))
-        self._seen = np.zeros(rows.num_rows, dtype=bool)  # by row: committed already (1 byte a scan)
+    def accept(self, rows: pa.Table | str) -> None:
+        """The rows this run may write (a table, or the path of a local Parquet file of them: see
+        :mod:`jobs.output.tonight`): pipeline rows arrive with their position among them (``manifest_row``)."""
+        self._rows = TonightRows.from_parquet(rows) if isinstance(rows, str) else TonightRows.from_table(rows)
+        names = self._rows.column_names
+        self._shared_names = [name for name in names if name in MANIFEST_SHARED_COLUMNS | OPTION_COLUMNS]
+        self._extra_names = [n for n in names if n not in ("scan_id", "path", *self._shared_names)]
+        self._channel_paths = frozenset(channel_columns(names, ["path"]))
+        self._seen = np.zeros(self._rows.num_rows, dtype=bool)  # by row: committed already (1 byte a scan)
 
     def claim(self) -> None:
         """Take the output for this run (then plan it: :mod:`jobs.run.plan` reads the done set under the lock).
@@ -196,9 +208,10 @@ class ResultSink:
             self.release()
             raise OutputError(str(e)) from e
 
-    def known_bad(self, pending: pa.Table) -> set[str]:
-        """The scan_ids of ``pending`` (manifest rows not done: scan_id, path, path_1, …) to skip as known bad.
-        Call after :meth:`claim`.
+    def known_bad(self, rows_of: Callable[[pa.Array], pa.Table]) -> set[str]:
+        """The scan_ids of tonight's rows to skip as known bad. Call after :meth:`claim`. ``rows_of`` gives
+        tonight's rows (scan_id, path, path_1, …) among given scan_ids: only scans with a permanent error are
+        looked up, so tonight's rows are never all in memory.
 
         A scan is known bad when its latest error row for this model (by ``failed_at``) is ``permanent``, names
         the same files, and every file's fingerprint (size, mtime) now equals the one recorded. One stat per
@@ -206,16 +219,16 @@ class ResultSink:
         that is missing now) is retried.
         """
         try:
-            latest = self.store.latest_errors(self.model_sha256, pending.column("scan_id").combine_chunks())
+            latest = self.store.latest_errors(self.model_sha256)
         except (OSError, ValueError) as e:  # ValueError: pyarrow's ArrowInvalid
             raise OutputError(f"{self.uri}: cannot read errors/: {e}") from e
         verdicts = {scan_id: row for scan_id, row in latest.items() if row["permanent"]}
         if not verdicts:
             return set()
+        pending = rows_of(pa.array(list(verdicts), pa.string()))
         path_columns = ["path", *channel_columns(pending.column_names, ["path"])]
-        wanted = pc.is_in(pending.column("scan_id"), value_set=pa.array(list(verdicts), pa.string()))
         skip = set()
-        for row in pending.filter(wanted).select(["scan_id", *path_columns]).to_pylist():  # one per verdict
+        for row in pending.select(["scan_id", *path_columns]).to_pylist():  # one per verdict tonight
             paths = named_paths(row)
             verdict = verdicts[row["scan_id"]]
             if verdict["path"] == _kept_path(paths[0]) and _unchanged(verdict, paths):
@@ -254,7 +267,7 @@ class ResultSink:
         if "manifest_row" in batch:
             return np.asarray(batch["manifest_row"], dtype=np.int64)
         ids = pa.array(np.asarray(batch["scan_id"], dtype=object).tolist(), pa.string())
-        found = pc.index_in(ids, value_set=self._manifest_ids)
+        found = self._rows.positions_of(ids)
         if found.null_count:
             raise ValueError("a pipeline row whose scan_id is not in the manifest")
         return found.to_numpy(zero_copy_only=False).astype(np.int64)
@@ -314,13 +327,14 @@ class ResultSink:
         if self._lock is not None:
             self._lock.release()
             self._lock = None
+        self._spool.cleanup()
 
     def _result_table(self, batch, rows):
         count = len(rows)
         width = np.asarray(batch["embedding"]).shape[1] if self.mode == "embed" else 0
-        take = pa.array(self._positions(batch)[rows], pa.int64())
-        extra = self._manifest_extra.take(take)
-        shared = self._manifest_shared.take(take)
+        positions = self._positions(batch)[rows]
+        taken = self._rows.take(positions, [*self._extra_names, *self._shared_names])
+        extra, shared = taken.select(self._extra_names), taken.select(self._shared_names)
         schema = result_schema(self.mode, extra.schema, width)
         constants = {
             "model_sha256": [self.model_sha256] * count,
@@ -437,7 +451,9 @@ def _without_credentials(values):
 
 
 class _Buffer:
-    """Rows waiting to become one Parquet file of a sensible size."""
+    """Rows waiting to become one Parquet file of a sensible size. They are spooled a row group at a time
+    (:data:`SPOOL_ROWS`) into a local file, which becomes the committed file: the driver holds at most a row
+    group's rows, however large the file."""
 
     tables: list[pa.Table]
     files: list[str]
@@ -451,16 +467,38 @@ class _Buffer:
         rows_per_file: int,
         flush_seconds: float,
         before_commit: Callable[[], None],
+        spool_folder: str,
     ) -> None:
         self.store, self.kind, self.run_id, self.metadata = store, kind, run_id, metadata
         self.before_commit = before_commit
         self.rows_per_file, self.flush_seconds = rows_per_file, flush_seconds
         self.tables, self.rows, self.since, self.files = [], 0, time.monotonic(), []
         self.name: str | None = None  # the file name of the rows being committed: kept until a commit succeeds
+        self.spool = os.path.join(spool_folder, f"{kind}.parquet")
+        self._writer: pq.ParquetWriter | None = None
+        self._held = 0  # rows in self.tables, not yet spooled
+        self._complete = False  # the spool file is closed: its commit failed, and is tried again first
 
     def add(self, table: pa.Table) -> None:
+        if self._complete:  # a commit that failed: it is tried again (under its name) before more rows join
+            self.flush()
         self.tables.append(table)
         self.rows += table.num_rows
+        self._held += table.num_rows
+        if self._held >= SPOOL_ROWS:
+            self._spool_held()
+        elif len(self.tables) >= COMPACT_TABLES:  # a batch's table of a few rows costs ~3 KB a row in overhead
+            self.tables = [pa.concat_tables(self.tables).combine_chunks()]
+
+    def _spool_held(self) -> None:
+        if not self.tables:
+            return
+        table = pa.concat_tables(self.tables)
+        if self._writer is None:
+            schema = table.schema.with_metadata({**(table.schema.metadata or {}), **self.metadata})
+            self._writer = pq.ParquetWriter(self.spool, schema, compression="zstd")
+        self._writer.write_table(table.replace_schema_metadata(self._writer.schema.metadata))
+        self.tables, self._held = [], 0
 
     def flush_if_due(self) -> None:
         if self.rows >= self.rows_per_file or (self.rows and time.monotonic() - self.since >= self.flush_seconds):
@@ -468,13 +506,20 @@ class _Buffer:
 
     def flush(self) -> None:
         if self.rows:
-            table = pa.concat_tables(self.tables)
-            table = table.replace_schema_metadata({**(table.schema.metadata or {}), **self.metadata})
+            if not self._complete:
+                self._spool_held()
+                assert self._writer is not None
+                self._writer.close()
+                self._writer, self._complete = None, True
             self.name = self.name or part_name(self.run_id)
             self.before_commit()
-            self.files.append(self.store.commit(self.kind, table, self.name))
+            with open(self.spool, "rb") as f:
+                data = f.read()
+            self.files.append(self.store.commit_bytes(self.kind, data, self.name))
+            os.remove(self.spool)
             logger.debug("committed %d %s rows to %s", self.rows, self.kind, self.files[-1])
         self.tables, self.rows, self.since, self.name = [], 0, time.monotonic(), None
+        self._held, self._complete = 0, False
 
 
 def schema_metadata(info: ArtifactInfo, mode: str) -> dict[bytes, bytes]:

@@ -106,15 +106,16 @@ class OutputStore:
             return None
         return pads.dataset(results, schema=schema, format="parquet", filesystem=self.filesystem)
 
-    def latest_errors(self, model_sha256: str, scan_ids: pa.Array) -> dict[str, dict[str, Any]]:
-        """scan_id -> its latest error row (dict) for this model, for the scans in ``scan_ids``.
+    def latest_errors(self, model_sha256: str, scan_ids: pa.Array | None = None) -> dict[str, dict[str, Any]]:
+        """scan_id -> its latest error row (dict) for this model, for the scans in ``scan_ids`` (None: every scan
+        with an error row).
 
         Files written before a column existed read it as null (the dataset is read with ERROR_SCHEMA);
         ``source_mtime`` (and each ``source_files`` mtime) comes as microseconds since the epoch, as
         :func:`jobs.inputs.formats.fingerprint` gives it.
         """
         errors = f"{self.root}/errors"
-        if not len(scan_ids) or not self._exists(errors):
+        if (scan_ids is not None and not len(scan_ids)) or not self._exists(errors):
             return {}
         dataset = pads.dataset(errors, schema=ERROR_SCHEMA, format="parquet", filesystem=self.filesystem)
         table = dataset.to_table(
@@ -126,14 +127,24 @@ class OutputStore:
         files = table.schema.get_field_index("source_files")
         as_micros = pa.list_(pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime", pa.int64())]))
         table = table.set_column(files, "source_files", table.column(files).cast(as_micros))
-        table = table.filter(pc.is_in(table.column("scan_id"), value_set=scan_ids))  # the scans asked about only
-        return {row["scan_id"]: row for row in table.sort_by("failed_at").to_pylist()}  # the last one wins
+        if scan_ids is not None:  # the scans asked about only
+            table = table.filter(pc.is_in(table.column("scan_id"), value_set=scan_ids))
+        table = table.sort_by([("scan_id", "ascending"), ("failed_at", "ascending")])
+        ids = table.column("scan_id").combine_chunks()
+        if len(ids) > 1:  # each scan's last row: where the next row is another scan's
+            last = pc.not_equal(ids[:-1], ids[1:]).fill_null(True)
+            table = table.filter(pa.concat_arrays([last, pa.array([True])]))
+        return {row["scan_id"]: row for row in table.to_pylist()}
 
     def commit(self, kind: str, table: pa.Table, name: str) -> str:
         """Write ``table`` as one complete Parquet file ``name`` (see :func:`part_name`) under ``kind``."""
         buf = io.BytesIO()
         pq.write_table(table, buf, compression="zstd")
-        storage.write_bytes(self.child(kind, name), buf.getvalue(), self.retry_s)
+        return self.commit_bytes(kind, buf.getvalue(), name)
+
+    def commit_bytes(self, kind: str, data: bytes, name: str) -> str:
+        """Write ``data`` (a complete Parquet file) as file ``name`` under ``kind``; returns its URI."""
+        storage.write_bytes(self.child(kind, name), data, self.retry_s)
         return self.child(kind, name)
 
 

@@ -306,38 +306,47 @@ def build_page(store: OutputStore, report: dict[str, Any], redactor: Redactor | 
     columns = ["scan_id", "path", "scored_at", *outputs, *(f"{s}_s" for s in STAGES)]
     results = read_rows(store, "results", columns, [report["run_id"]], sha)
     errors = read_rows(store, "errors", ["scan_id", "path", "stage", "error", "failed_at"], [report["run_id"]], sha)
-    results, errors = _redacted(results, errors, redactor)
+    if redactor is not None and results is not None:
+        redactor.learn(results.column("scan_id").to_pylist(), results.column("path").to_pylist())
+    (errors,) = _redacted([errors], redactor)
     previous = previous_runs(store, report)
     previous_results = read_rows(store, "results", ["run_id", *outputs], [r["run_id"] for r in previous], sha)
     data = summarize(report, results, errors, previous, previous_results)
+    # The results' scan_ids and paths are cleaned where the page shows them only (a first night has millions).
+    for row in data["slowest"]:
+        row["scan_id"], row["path"] = _shown("scan_id", row["scan_id"], redactor), _shown("path", row["path"], redactor)
+    if data.get("projection"):
+        data["projection"]["scan_ids"] = [_shown("scan_id", v, redactor) for v in data["projection"]["scan_ids"]]
     data["redaction"] = redactor.describe() if redactor is not None else None
     return redact.scrub_secrets(render(report, data, charts(data)))
 
 
-def _redacted(
-    results: pa.Table | None, errors: pa.Table | None, redactor: Redactor | None
-) -> tuple[pa.Table | None, pa.Table | None]:
+def _redacted(tables: list[pa.Table | None], redactor: Redactor | None) -> list[pa.Table | None]:
     """The rows as the page shows them: no credentials in paths and messages (rows written before errors/ dropped
     them); with ``redactor``, scan_ids and paths as tokens, and replaced in the messages."""
-    tables = [results, errors]
     if redactor is not None:
         for table in tables:
             if table is not None:
                 redactor.learn(table.column("scan_id").to_pylist(), table.column("path").to_pylist())
-    for i, table in enumerate(tables):
-        if table is None:
-            continue
-        secrets = redact.secret_values()
-        for name in ("scan_id", "path", "error"):
-            if name not in table.column_names:
-                continue
-            values = [redact.scrub_secrets(redact.strip_credentials(v), "", secrets) for v in table[name].to_pylist()]
-            if redactor is not None:
-                convert = {"scan_id": redactor.scan_id, "path": redactor.path, "error": redactor.text}[name]
-                values = [convert(v) for v in values]
-            table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
-        tables[i] = table
-    return tables[0], tables[1]
+    out, secrets = [], redact.secret_values()
+    for table in tables:
+        if table is not None:
+            for name in ("scan_id", "path", "error"):
+                if name in table.column_names:
+                    values = [_shown(name, v, redactor, secrets) for v in table[name].to_pylist()]
+                    table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+        out.append(table)
+    return out
+
+
+def _shown(name: str, value: str, redactor: Redactor | None, secrets: list[str] | None = None) -> str:
+    """A scan_id, path or error message (``name``) as the page shows it: see :func:`_redacted`. ``secrets``:
+    :func:`jobs.redact.secret_values`, when the caller has them at hand."""
+    secrets = redact.secret_values() if secrets is None else secrets
+    value = redact.scrub_secrets(redact.strip_credentials(value), "", secrets)
+    if redactor is None:
+        return value
+    return {"scan_id": redactor.scan_id, "path": redactor.path, "error": redactor.text}[name](value)
 
 
 def write_page(sink: ResultSink, report: dict[str, Any], redactor: Redactor | None = None) -> str | None:

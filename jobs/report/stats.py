@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from jobs import stages
 
@@ -81,11 +82,15 @@ def group_errors(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     ]
 
 
-def throughput(times: Sequence[dt.datetime], started_at: dt.datetime) -> dict[str, Any] | None:
-    """Scans committed per bin since ``started_at`` (datetimes); bins of 1, 2, 5, 10, … s, ~30 of them."""
-    if not times:
+def throughput(
+    offsets: npt.ArrayLike, started_at: dt.datetime, error_rows: Sequence[dict[str, Any]] = ()
+) -> dict[str, Any] | None:
+    """Scans committed per bin: ``offsets`` (seconds since ``started_at``) and the ``failed_at`` of ``error_rows``;
+    bins of 1, 2, 5, 10, … s, ~30 of them."""
+    failed = [(r["failed_at"] - started_at).total_seconds() for r in error_rows]
+    offsets = np.concatenate([np.asarray(offsets, np.float64), np.asarray(failed, np.float64)])
+    if not len(offsets):
         return None
-    offsets = np.array([(t - started_at).total_seconds() for t in times])
     span = max(float(offsets.max()), 1e-3)
     width = next(w for w in (1, 2, 5, 10, 15, 30, 60, 120, 300, 600, 900, 1800, 3600, 7200) if span / w <= 30)
     if span / width > 30:
@@ -95,6 +100,12 @@ def throughput(times: Sequence[dt.datetime], started_at: dt.datetime) -> dict[st
         edges = np.array([0.0, float(width)])
     counts, _ = np.histogram(np.clip(offsets, 0, None), bins=edges)
     return {"bin_s": width, "edges_s": edges.tolist(), "counts": counts.tolist()}
+
+
+def _seconds_since(stamps: pa.Array | pa.ChunkedArray, started_at: dt.datetime) -> np.ndarray:
+    """Timestamps as seconds since ``started_at``, in NumPy (no datetime object per row)."""
+    micros = stamps.cast(pa.timestamp("us", tz="UTC")).cast(pa.int64()).to_numpy(zero_copy_only=False)
+    return (micros.astype(np.float64) - started_at.timestamp() * 1e6) / 1e6
 
 
 def pca_2d(vectors: npt.ArrayLike) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -141,41 +152,50 @@ def summarize(
         "results_rows": results.num_rows if results is not None else 0,
         "errors_rows": errors.num_rows if errors is not None else 0,
     }
-    rows = results.to_pydict() if results is not None else {}
-    error_rows = errors.to_pylist() if errors is not None else []
+    # Columnar: a first night's run has a row per scan of the archive; only the slowest few become Python objects.
+    table = results if results is not None else pa.table({})
+    names = table.column_names
 
-    data["stages"] = {s: percentiles(rows.get(f"{s}_s", [])) for s in STAGES}
+    def numbers(name: str) -> np.ndarray:
+        if name not in names:
+            return np.zeros(0)
+        return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+
+    error_rows = errors.to_pylist() if errors is not None else []
+    data["stages"] = {s: percentiles(numbers(f"{s}_s")) for s in STAGES}
+    timed = [s for s in STAGES if f"{s}_s" in names]
     totals = np.zeros(data["results_rows"])
-    for s in STAGES:
-        if f"{s}_s" in rows:
-            totals += np.asarray(rows[f"{s}_s"], np.float64)
+    for s in timed:
+        totals += numbers(f"{s}_s")
     order = np.argsort(-totals, kind="stable")[:SLOWEST]
+    slowest = table.take(pa.array(order, pa.int64())).to_pylist()
     data["slowest"] = [
         {
-            "scan_id": rows["scan_id"][i],
-            "path": rows["path"][i],
+            "scan_id": row["scan_id"],
+            "path": row["path"],
             "total_s": float(totals[i]),
-            **{f"{s}_s": float(rows[f"{s}_s"][i]) for s in STAGES if f"{s}_s" in rows},
+            **{f"{s}_s": float(row[f"{s}_s"]) for s in timed},
         }
-        for i in order
+        for i, row in zip(order, slowest, strict=True)
     ]
     data["errors_by_stage"] = {}
     for row in error_rows:
         data["errors_by_stage"][row["stage"]] = data["errors_by_stage"].get(row["stage"], 0) + 1
     data["error_groups"] = group_errors(error_rows)
-    times = list(rows.get("scored_at", [])) + [r["failed_at"] for r in error_rows]
-    data["throughput"] = throughput(times, started_at)
+    scored_at = table.column("scored_at") if "scored_at" in names else pa.array([], pa.timestamp("us", tz="UTC"))
+    data["throughput"] = throughput(_seconds_since(scored_at, started_at), started_at, error_rows)
     data["previous_runs"] = [r["run_id"] for r in previous]
 
     if data["mode"] == "score":
-        scores = np.asarray(rows.get("score", []), np.float64)
+        scores = numbers("score")
         edges = np.linspace(0.0, 1.0, SCORE_BINS + 1)
-        before: dict[str, list[float]] = {}
+        before: dict[str, np.ndarray] = {}
         if previous_results is not None:
-            prev = previous_results.to_pydict()
-            for run_id, score in zip(prev["run_id"], prev["score"], strict=True):
-                before.setdefault(run_id, []).append(score)
-        pooled = np.concatenate([np.asarray(before[r], np.float64) for r in before]) if before else np.array([])
+            run_ids = previous_results.column("run_id")
+            for run_id in pc.unique(run_ids).to_pylist():  # in order of first appearance
+                rows = previous_results.filter(pc.equal(run_ids, run_id))
+                before[run_id] = rows.column("score").to_numpy(zero_copy_only=False).astype(np.float64)
+        pooled = np.concatenate(list(before.values())) if before else np.array([])
         drift = None
         if len(scores) and len(pooled):
             d = ks_distance(scores, pooled)
@@ -191,7 +211,7 @@ def summarize(
         }
         data["drift"] = drift
     else:
-        vectors = np.asarray(rows.get("embedding", []), np.float64)
+        vectors = np.asarray(table.column("embedding").to_pylist() if "embedding" in names else [], np.float64)
         data["projection"] = None
         if len(vectors) >= 2:
             mean, axes, ratios = pca_2d(vectors)
@@ -199,7 +219,7 @@ def summarize(
             data["projection"] = {
                 "method": "PCA (SVD of this run's centred embeddings)",
                 "explained_variance_ratio": ratios.tolist(),
-                "scan_ids": rows["scan_id"],
+                "scan_ids": table.column("scan_id").to_pylist(),
                 "points": points.tolist(),
             }
             if previous_results is not None and previous_results.num_rows:

@@ -22,14 +22,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from jobs import stages
 from jobs.errors import JobError, ScanError
 from jobs.inputs import formats
-from jobs.inputs.channels import channel_options, check_count, named_paths
+from jobs.inputs.channels import channel_columns, channel_options, check_count, named_paths
 from jobs.inputs.load import prepare_channels, source_provenance
 from jobs.observe import metrics
 from jobs.observe.logs import VERBOSE_ENV, adopt_ray_logging, is_verbose
+from jobs.output.tonight import POSITION
 from jobs.run.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.run.scorer import Scorer, node_id
 from jobs.run.watchdog import watch_for_stall
@@ -317,7 +319,7 @@ def plan_workers(
 
 
 def build_dataset(
-    items: pa.Table,
+    items: pa.Table | str,
     config: JobConfig,
     plan: WorkerPlan,
     *,
@@ -328,8 +330,10 @@ def build_dataset(
     channels: int = 1,
     settled_before_us: int | None = None,
 ) -> Dataset:
-    """A lazy Ray Dataset of scored rows for ``items`` (an Arrow table: scan_id, path and the columns the formats
-    read; it reaches Ray as Arrow blocks, never as a Python object per scan).
+    """A lazy Ray Dataset of scored rows for ``items``: a local Parquet file on the driver's node (tonight's rows:
+    :meth:`jobs.run.plan.Plan.write`; read by a task pinned there, so the rows never pass through the driver's
+    memory), or an Arrow table (scan_id, path, manifest_row and the columns the formats read; handed over as Arrow
+    blocks). Never a Python object per scan.
 
     ``config`` is the run's :class:`jobs.config.JobConfig`, ``plan`` its :class:`WorkerPlan`, ``spec`` the
     model's preprocessing spec, ``model_sha256`` the verified artifact's hash (workers load exactly it),
@@ -340,13 +344,29 @@ def build_dataset(
     hooks = hooks or AttemptHooks()
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Small blocks keep every decode slot busy; capped so huge manifests stay cheap to schedule.
-    rows_per_block = max(1, min(8, math.ceil(items.num_rows / (4 * total_cpus))))
+    count = pq.read_metadata(items).num_rows if isinstance(items, str) else items.num_rows
+    rows_per_block = max(1, min(8, math.ceil(count / (4 * total_cpus))))
     if config.windows:  # a scan at the model's spacing is large (a CT at 1 mm: ~200 MiB): one per decode task
         rows_per_block = 1
-    # Handed to Ray in large blocks, split into decode-sized ones as they stream: a block handed over costs the
-    # driver about 50 KB for the whole run, so one per 8 scans grew a first night by ~6 KB a scan (bench.nightly).
-    blocks = [items.slice(start, HANDOVER_ROWS) for start in range(0, items.num_rows, HANDOVER_ROWS)]
-    ds: Dataset = ray.data.from_arrow(blocks).repartition(target_num_rows_per_block=rows_per_block)
+    # Read (or handed over) in large blocks, split into decode-sized ones as they stream: a block handed over costs
+    # the driver about 50 KB for the whole run, so one per 8 scans grew a first night by ~6 KB a scan
+    # (bench.nightly), and blocks the driver puts in the object store count in its resident set.
+    if isinstance(items, str):
+        names = pq.read_schema(items).names
+        carried = [name for name in formats.option_columns() if name in names]
+        carried += channel_columns(names, ["path", *formats.option_columns()])
+        from jobs.run.source import TonightSource  # imports ray.data
+
+        # Read on the driver's node, which has the file (jobs.run.source); no CPU asked: a head node may have none.
+        ds: Dataset = ray.data.read_datasource(
+            TonightSource(items, ["scan_id", "path", *carried, POSITION]),
+            num_cpus=0,
+            label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()},
+        )
+    else:
+        blocks = [items.slice(start, HANDOVER_ROWS) for start in range(0, items.num_rows, HANDOVER_ROWS)]
+        ds = ray.data.from_arrow(blocks)
+    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
     worker_env = {VERBOSE_ENV: "1"} if is_verbose() else {}  # -v reaches the workers' TensorFlow start-up too
     with warnings.catch_warnings():
         # max_retries has no named parameter in Ray 2.60: only **ray_remote_args, which warns that it goes away in
@@ -408,7 +428,7 @@ def build_dataset(
 
 @contextlib.contextmanager
 def scoring_pipeline(
-    items: pa.Table,
+    items: pa.Table | str,
     config: JobConfig,
     *,
     spec: dict[str, Any],

@@ -5,8 +5,9 @@ copy on local disk, in a temporary folder, each row with its position and the li
 modified_at. The done set is copied from ``results/`` beside it (:func:`copy_done_set`). DuckDB, its memory capped
 (:data:`MEMORY_LIMIT`: joins and aggregates beyond it spill to disk), reads both: the duplicate scan_ids, the join
 against what is done and the comparison of each done scan's source with the fingerprint its latest result row
-recorded are SQL; only the rows to score come back, read from the copy. So the driver's memory grows with what is
-scored tonight, not with the archive.
+recorded are SQL; only the positions of the rows to score come back (8 bytes a row). Tonight's rows themselves stay on
+local disk (:meth:`Plan.write` copies them to a file of their own, which Ray Data reads and the sink looks rows up
+in), so the driver's memory grows neither with the archive nor with the night.
 
 A done scan is scored again (``rescored_changed``) when its source changed since the result row that marks it
 done: the manifest's ``size_bytes`` and ``modified_at`` (as ``jobs.manifest`` lists them: for several files, the
@@ -18,10 +19,12 @@ taken for changed.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import os
 import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -35,6 +38,7 @@ from jobs.inputs import formats
 from jobs.inputs.channels import channel_columns, named_paths
 from jobs.inputs.manifest import ManifestStream, duplicate_ids_error
 from jobs.output.store import OutputStore
+from jobs.output.tonight import POSITION
 
 logger = logging.getLogger("jobs.run.plan")
 
@@ -43,6 +47,7 @@ MEMORY_LIMIT = os.environ.get("VIT3D_PLAN_MEMORY", "512MB")
 STAT_THREADS = 32  # a manifest without size_bytes/modified_at: done scans' files stat'ed at once
 ROW, SIZE, MTIME = "__manifest_row", "__listed_size", "__listed_mtime"  # planning's own columns of the copy
 US = pa.timestamp("us", tz="UTC")
+ROW_GROUP = 4096  # rows per row group of tonight's file: what the sink decodes to look one row up
 _TO_US = {"s": 1_000_000, "ms": 1000}
 _FILE = pa.struct([("path", pa.string()), ("size", pa.int64()), ("mtime", US)])
 # What planning reads of results/ (files written before a column existed read it as null).
@@ -60,25 +65,102 @@ RESULT_FINGERPRINT = pa.schema(
 
 @dataclasses.dataclass
 class Plan:
-    """What tonight scores, and why the rest is left.
+    """What tonight scores, and why the rest is left. Tonight's rows stay in the manifest's local copy (valid while
+    its :class:`NightPlanner` is open): the driver holds their positions, and :meth:`write` puts them in a file
+    of their own for the pipeline and the sink.
 
     Attributes:
-        pending: pyarrow.Table. The rows to score (new, and done but changed), every manifest column, manifest order.
+        rows: numpy.ndarray. The manifest positions of the rows to score (new, and done but changed), ascending.
+        copy: str. The manifest's local Parquet copy.
         manifest_rows: int. Rows in the manifest.
         skipped_done: int. Done scans not scored again.
-        rescored_changed: int. Done scans in ``pending`` because their source changed.
-        changed: numpy.ndarray. Per row of ``pending``: whether it is one of those.
+        rescored_changed: int. Done scans among ``rows`` because their source changed.
+        changed: numpy.ndarray. Per entry of ``rows``: whether it is one of those.
         changed_examples: list[str]. The first few of those scan_ids, for the log.
         unfingerprinted: int. Done scans whose result row recorded no fingerprint (never taken for changed).
     """
 
-    pending: pa.Table
+    rows: np.ndarray
+    copy: str
     manifest_rows: int
     skipped_done: int
     rescored_changed: int
     changed: np.ndarray
     changed_examples: list[str]
     unfingerprinted: int
+
+    @property
+    def column_names(self) -> list[str]:
+        """The manifest's columns."""
+        return [n for n in pq.read_schema(self.copy).names if n not in (ROW, SIZE, MTIME)]
+
+    @property
+    def pending(self) -> pa.Table:
+        """Tonight's rows, every manifest column, in manifest order, in memory (for small nights and tests)."""
+        return pa.concat_tables(list(self.batches())) if len(self.rows) else self._empty()
+
+    def _empty(self) -> pa.Table:
+        return pq.read_schema(self.copy).empty_table().drop_columns([ROW, SIZE, MTIME])
+
+    def batches(self, columns: list[str] | None = None, skip: set[str] | None = None) -> Iterator[pa.Table]:
+        """Tonight's rows (``columns``, default every manifest column) a row group of the copy at a time, in
+        manifest order, less the scan_ids in ``skip``."""
+        parquet = pq.ParquetFile(self.copy)
+        column = parquet.schema_arrow.get_field_index(ROW)
+        wanted = columns or self.column_names
+        excluded = pa.array(sorted(skip or ()), pa.string())
+        for group in range(parquet.num_row_groups):
+            # The copy's rows are numbered in order: a row group holds positions start … start + num_rows - 1.
+            start = parquet.metadata.row_group(group).column(column).statistics.min
+            end = start + parquet.metadata.row_group(group).num_rows
+            first, last = np.searchsorted(self.rows, [start, end])
+            if first == last:
+                continue
+            table = parquet.read_row_group(group, columns=[*wanted, "scan_id"] if skip else wanted)
+            table = table.take(pa.array(self.rows[first:last] - start))
+            if skip:
+                table = table.filter(pc.invert(pc.is_in(table.column("scan_id"), value_set=excluded)))
+            yield table.select(wanted)
+
+    def rows_of(self, scan_ids: pa.Array) -> pa.Table:
+        """Tonight's rows whose scan_id is in ``scan_ids`` (every manifest column)."""
+        dataset = pads.dataset(self.copy, format="parquet")
+        table = dataset.to_table(
+            columns=[ROW, *self.column_names], filter=pads.field("scan_id").isin(scan_ids.to_pylist())
+        )
+        table = table.filter(pa.array(self._tonight(table.column(ROW).to_numpy())))
+        return table.sort_by(ROW).drop_columns([ROW])
+
+    def _tonight(self, positions: np.ndarray) -> np.ndarray:
+        """Which of ``positions`` (manifest rows) are among tonight's: a binary search in the sorted ``rows``."""
+        at = np.minimum(np.searchsorted(self.rows, positions), max(len(self.rows) - 1, 0))
+        return (self.rows[at] == positions) if len(self.rows) else np.zeros(len(positions), bool)
+
+    def write(self, path: str, *, skip: set[str]) -> tuple[int, int]:
+        """Write tonight's rows less the scan_ids in ``skip`` to the local Parquet file ``path``, every manifest
+        column and ``manifest_row`` (each row's position in the file: :mod:`jobs.output.tonight`), in row groups of
+        :data:`ROW_GROUP` rows. Returns the rows written and how many of the skipped ones had changed."""
+        written = 0
+        with pq.ParquetWriter(path, self._schema(), compression="lz4", use_dictionary=False) as writer:
+            for table in self.batches(skip=skip):
+                positions = pa.array(np.arange(written, written + table.num_rows, dtype=np.int64))
+                writer.write_table(table.append_column(POSITION, positions), row_group_size=ROW_GROUP)
+                written += table.num_rows
+        return written, self._changed_among(skip)
+
+    def _schema(self) -> pa.Schema:
+        return self._empty().schema.append(pa.field(POSITION, pa.int64()))
+
+    def _changed_among(self, scan_ids: set[str]) -> int:
+        """How many of tonight's changed rows have a scan_id in ``scan_ids``."""
+        if not scan_ids or not self.changed.any():
+            return 0
+        dataset = pads.dataset(self.copy, format="parquet")
+        found = dataset.to_table(columns=[ROW], filter=pads.field("scan_id").isin(sorted(scan_ids))).column(ROW)
+        found = found.to_numpy()
+        tonight = self._tonight(found)
+        at = np.searchsorted(self.rows, found[tonight])
+        return int(self.changed[at].sum())
 
 
 def _fingerprint_columns(table: pa.Table) -> tuple[pa.Array, pa.Array]:
@@ -180,13 +262,15 @@ class NightPlanner:
         return _decide(self._con, self._copy, self.stream, rescore_changed)
 
 
+@contextlib.contextmanager
 def plan_night(
     manifest_uri: str, store: OutputStore, model_sha256: str, *, rescore_changed: bool = True
-) -> tuple[Plan, list[str]]:
-    """Both steps of :class:`NightPlanner` at once: the plan and the manifest's column names."""
+) -> Iterator[tuple[Plan, list[str]]]:
+    """Both steps of :class:`NightPlanner` at once: the plan and the manifest's column names, while the
+    planner's folder (and so the plan's rows) lasts."""
     with NightPlanner(manifest_uri) as planner:
         names = planner.read_manifest()
-        return planner.plan(store, model_sha256, rescore_changed=rescore_changed), names
+        yield planner.plan(store, model_sha256, rescore_changed=rescore_changed), names
 
 
 def _still_ascending(ids: pa.ChunkedArray, last: str | None) -> tuple[bool, str | None]:
@@ -357,9 +441,9 @@ def _decide(con: Any, copy: str, stream: ManifestStream, rescore_changed: bool) 
             {"rows": changed_rows[: ManifestStream.EXAMPLES].tolist()},
         ).fetchall()
     ]
-    pending = _rows_of(copy, rows).drop_columns([ROW, SIZE, MTIME])
     return Plan(
-        pending=pending,
+        rows=rows.astype(np.int64),
+        copy=copy,
         manifest_rows=stream.rows,
         skipped_done=stream.rows - len(new) - changed,
         rescored_changed=changed,
@@ -367,19 +451,6 @@ def _decide(con: Any, copy: str, stream: ManifestStream, rescore_changed: bool) 
         changed_examples=examples,
         unfingerprinted=int(counts.get("unrecorded", 0)),
     )
-
-
-def _rows_of(copy: str, rows: np.ndarray) -> pa.Table:
-    """The rows of the manifest's Parquet copy at positions ``rows`` (sorted), in that order; only the row groups
-    that hold them are read (each row group's first row is in its statistics)."""
-    parquet = pq.ParquetFile(copy)
-    if not len(rows):
-        return parquet.schema_arrow.empty_table()
-    column = parquet.schema_arrow.get_field_index(ROW)
-    starts = [parquet.metadata.row_group(i).column(column).statistics.min for i in range(parquet.num_row_groups)]
-    groups = np.unique(np.searchsorted(np.asarray(starts), rows, side="right") - 1)
-    table = parquet.read_row_groups(groups.tolist())
-    return table.filter(pc.is_in(table.column(ROW), value_set=pa.array(rows))).sort_by(ROW)
 
 
 def _changed_by_stat(con: Any, copy: str) -> np.ndarray:
