@@ -193,3 +193,12 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto`` (pyproject.toml): two test processes, one on a single core, ``VIT3D_TEST_WORKERS`` if set. Each
+    has its own Ray instance and S3 server; more than two would multiply them without making the timers shorter."""
+    if os.environ.get("VIT3D_TEST_WORKERS"):
+        return int(os.environ["VIT3D_TEST_WORKERS"])
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(2, cores)

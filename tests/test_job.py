@@ -461,7 +461,9 @@ def test_rows_wait_on_local_disk_and_manifest_columns_come_back_by_position(
     model_path, info = tiny_model
     _, rows, manifest = archive
     output = tmp_path / "out"
-    spools = {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("vit3d-sink-")}
+    scratch = tmp_path / "scratch"  # the driver's temporary folders (planning, spooling), to see them go
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     report = run(manifest, model_path, str(output), device="cpu", batch_size=3, max_error_rate=0.2, progress=False)
     assert (report["counts"]["ok"], report["counts"]["error"]) == (8, 1)
     (name,) = report["output"]["results_files"]
@@ -473,4 +475,4 @@ def test_rows_wait_on_local_disk_and_manifest_columns_come_back_by_position(
     assert sorted(table.column("scan_id").to_pylist()) == sorted(r["scan_id"] for r in rows[:8])
     for row in table.select(["scan_id", "site", "age"]).to_pylist():
         assert (row["site"], row["age"]) == (by_id[row["scan_id"]]["site"], by_id[row["scan_id"]]["age"])
-    assert {n for n in os.listdir(tempfile.gettempdir()) if n.startswith("vit3d-sink-")} <= spools  # removed
+    assert not os.listdir(scratch)  # removed at the end of the run

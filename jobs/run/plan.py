@@ -235,7 +235,7 @@ class NightPlanner:
                 table = table.append_column(ROW, rows).append_column(SIZE, size).append_column(MTIME, mtime)
                 if writer is None:
                     writer = pq.ParquetWriter(
-                        self._copy, table.schema, compression="lz4", use_dictionary=False, write_statistics=[ROW]
+                        self._copy, table.schema, compression="none", use_dictionary=False, write_statistics=[ROW]
                     )
                 writer.write_table(table.cast(writer.schema) if table.schema != writer.schema else table)
         except (pa.ArrowException, ValueError) as e:  # a later batch whose types differ from the first's
@@ -340,7 +340,7 @@ def copy_done_set(store: OutputStore, model_sha256: str, path: str) -> int:
     rows and planning's columns only. Returns the rows written: the done-set read every night starts with."""
     results = store.results_dataset(RESULT_FINGERPRINT)
     rows = 0
-    with pq.ParquetWriter(path, DONE_SCHEMA, compression="lz4", use_dictionary=False) as writer:
+    with pq.ParquetWriter(path, DONE_SCHEMA, compression="none", use_dictionary=False) as writer:
         if results is None:
             return 0
         # A file whose metadata names the model (every file a run or jobs.compact writes) is read without its
@@ -432,7 +432,7 @@ def _decide(con: Any, copy: str, stream: ManifestStream, rescore_changed: bool) 
     # coarser than a stat (seconds), or name fewer files than the scan reads (a detached NRRD header's data file).
     changed_rows = _changed_by_stat(con, copy) if counts.get("stat") or counts.get("confirm") else np.array([], int)
     new = con.sql("SELECT row FROM verdict WHERE verdict = 'new'").to_arrow_table().column("row").to_numpy()
-    rows = np.union1d(new, changed_rows)
+    rows = np.sort(np.concatenate([new, changed_rows]))  # disjoint verdicts; a sort, not a hash set (3 s at 2M rows)
     changed = len(changed_rows)
     examples = [
         r[0]
