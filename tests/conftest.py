@@ -188,47 +188,8 @@ SLOW_MODULES = {
 }
 
 
-# Modules by their share of the suite's time, heaviest first (measured on 2 cores). Under two xdist workers
-# (--dist loadfile hands out modules in collection order) they start first, and the many short modules fill in
-# after them: in alphabetical order, heavy modules near the end left one worker running alone for minutes.
-HEAVY_FIRST = [
-    "test_faults",
-    "test_storage_outage",
-    "test_output_lock",
-    "test_job",
-    "test_redact",
-    "test_node_loss",
-    "test_known_bad",
-    "test_demo",
-    "test_rescore",
-    "test_ray_job_submit",
-    "test_kuberay",
-    "test_windows_job",
-    "test_report",
-    "test_channels",
-    "test_metrics",
-    "test_vit3d_artifact",
-    "test_dicom",
-    "test_nrrd",
-    "test_convert",
-    "test_settle",
-    "test_dicom_tilt",
-]
-
-
 def pytest_collection_modifyitems(config, items):
-    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1] if item.module else "", len(rank)))
     for item in items:
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-
-
-def pytest_xdist_auto_num_workers(config):
-    """``-n auto`` (pyproject.toml): two test processes, one on a single core, ``VIT3D_TEST_WORKERS`` if set. Each
-    has its own Ray instance and S3 server; more than two would multiply them without making the timers shorter."""
-    if os.environ.get("VIT3D_TEST_WORKERS"):
-        return int(os.environ["VIT3D_TEST_WORKERS"])
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return min(2, cores)
