@@ -2,7 +2,7 @@
 
 python -m bench.channels [--shape 256 256 160] [--repeat 5] [--max-ratio 10]
 
-Multi-sequence MRI (issue 23): channels 1..C-1 of a scan are resampled onto channel 0's voxel grid in RAS world
+Multi-sequence MRI: channels 1..C-1 of a scan are resampled onto channel 0's voxel grid in RAS world
 coordinates (``jobs.inputs.align``: a ``field_overlap`` check, then ``resample_onto``, trilinear, ITK's conventions).
 Channel 0 is a T1 at 1 mm, ``--shape`` voxels, int16, stored LPS (as DICOM-derived NIfTI often is); each moving
 channel is an MR sequence on another grid, written as .nii.gz (gzip level 1, as nibabel writes):

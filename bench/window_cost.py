@@ -1,4 +1,4 @@
-"""Window scoring against whole-volume scoring, same model, same scans, side by side in one run (issue 22's cost).
+"""Window scoring against whole-volume scoring, same model, same scans, side by side in one run (the cost of windows).
 
 python -m bench.window_cost [--scans 6] [--shape 160 160 96] [--zooms 0.7 0.7 1.5] [--spacing 1.5 1.5 1.5]
                             [--roi 48] [--patch 8] [--hidden 192] [--layers 4] [--batch 8] [--repeat 3]

@@ -1,4 +1,4 @@
-"""Multi-channel scans (issue 23): channel files named by the manifest (or one 4-D NIfTI), aligned onto channel 0's
+"""Multi-channel scans: channel files named by the manifest (or one 4-D NIfTI), aligned onto channel 0's
 grid as SimpleITK resamples them, normalised per channel, refused with the row, file and channel named, and scored
 end to end by a two-channel model that sees its lesion only in channel 1."""
 

@@ -3,7 +3,7 @@
 Multi-sequence MRI (T1, T2, FLAIR; T2, DWI, ADC) is read as several channels of one scan, and the sequences of one
 exam rarely share a voxel grid: spacing, field of view and often orientation differ. Stacking their voxels would
 pair different anatomy; this module pairs the same RAS positions instead. Channel k is resampled onto channel 0's
-grid (issue 23): for every voxel of the reference, its world position, the moving channel's continuous voxel index
+grid: for every voxel of the reference, its world position, the moving channel's continuous voxel index
 there, and a trilinear sample. The conventions are ITK's (``ResampleImageFilter`` with the identity transform and
 ``LinearInterpolateImageFunction``), so SimpleITK is the oracle (``tests/test_align.py``):
 
@@ -25,7 +25,7 @@ import numba
 import numpy as np
 
 # The least fraction of channel 0's voxels that another channel must cover (its field of view): below it the
-# channels are not views of the same anatomy, or their geometry is wrong, and the scan is refused (issue 23).
+# channels are not views of the same anatomy, or their geometry is wrong, and the scan is refused.
 MIN_CHANNEL_OVERLAP = 0.5
 
 

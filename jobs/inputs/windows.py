@@ -1,6 +1,6 @@
 """Sliding windows over a preprocessed volume, placed exactly as MONAI's ``sliding_window_inference`` places them.
 
-Window scoring (issue 22) must put its windows where MONAI's ``SlidingWindowInferer`` would, so that a model trained
+Window scoring must put its windows where MONAI's ``SlidingWindowInferer`` would, so that a model trained
 and validated with MONAI sees the same crops here. This module replicates MONAI 1.6.1 (``monai.inferers.utils``:
 ``sliding_window_inference`` and ``_get_scan_interval``; ``monai.data.utils.dense_patch_slices``) in plain numpy,
 without importing torch or MONAI; ``tests/test_windows.py`` checks it against MONAI itself. MONAI's rules:

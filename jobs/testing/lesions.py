@@ -1,5 +1,5 @@
 """Synthetic scans with a lesion at a known world position, and a tiny window detector trained on them: what the demo
-and the sliding-window tests (issue 22) share.
+and the sliding-window tests share.
 
 A scan here is a textured ellipsoid 'body' (~40 HU) in air (-1000 HU), sized in mm and sampled at a given voxel
 spacing; a lesion is a bright ball (+700 HU) inside the body. :func:`write_lesion_scan` stores it as NIfTI in any

@@ -1,5 +1,5 @@
 """Two-sequence synthetic MR cases: one body seen by two channels on different voxel grids, and a lesion that only
-channel 1 shows (issue 23). What the multi-channel tests build an archive and a two-channel model from.
+channel 1 shows. What the multi-channel tests build an archive and a two-channel model from.
 
 Each case is a function of world (RAS mm) position: an ellipsoid body with a smooth texture, and for lesion cases
 a bright ball. Channel 0 (a T1) samples the body alone on a 2 mm grid stored LPS; channel 1 (a T2) samples the body
