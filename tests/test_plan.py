@@ -53,6 +53,25 @@ def stamp(path):
     return st.st_size, dt.datetime.fromtimestamp(st.st_mtime_ns // 1000 / 1e6, dt.timezone.utc)
 
 
+def write_listing(folder, ids, listed, sites, stamp_type):
+    """``folder``/m.parquet: a manifest of the files ``folder``/<id> as jobs.manifest lists them (``listed``: each
+    one's size and mtime), with a pass-through ``site`` column."""
+    manifest = folder / "m.parquet"
+    pq.write_table(
+        pa.table(
+            {
+                "scan_id": ids,
+                "path": [str(folder / i) for i in ids],
+                "size_bytes": pa.array([size for size, _ in listed], pa.int64()),
+                "modified_at": pa.array([mtime for _, mtime in listed], stamp_type),
+                "site": sites,
+            }
+        ),
+        manifest,
+    )
+    return manifest
+
+
 def test_new_done_and_changed_against_the_listing_columns(tmp_path, caplog):
     """size_bytes/modified_at in the manifest (as jobs.manifest lists them) decide which done scans need a look:
     those that match their row are done without a stat; a stat confirms the others (a listing can be stale, or
@@ -81,19 +100,8 @@ def test_new_done_and_changed_against_the_listing_columns(tmp_path, caplog):
     ids = ["same", "bigger", "touched", "unrecorded", "rescored", "other-model", "new", "stale"]
     listed = [stamp(tmp_path / i) for i in ids]
     listed[ids.index("stale")] = (12, old)
-    manifest = tmp_path / "m.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "scan_id": ids,
-                "path": [str(tmp_path / i) for i in ids],
-                "size_bytes": pa.array([size for size, _ in listed], pa.int64()),
-                "modified_at": pa.array([mtime for _, mtime in listed], pa.timestamp("ns", tz="UTC")),  # ns: pandas'
-                "site": [f"s{i}" for i in range(len(ids))],
-            }
-        ),
-        manifest,
-    )
+    sites = [f"s{i}" for i in range(len(ids))]
+    manifest = write_listing(tmp_path, ids, listed, sites, pa.timestamp("ns", tz="UTC"))  # ns: pandas'
     caplog.set_level("INFO", logger="jobs.run.plan")
     with plan_night(str(manifest), store, SHA) as (plan, names):
         assert names == ["scan_id", "path", "size_bytes", "modified_at", "site"]
@@ -294,19 +302,7 @@ def test_tonights_file_leaves_out_the_known_bad_and_numbers_its_rows(tmp_path):
         (tmp_path / name).write_bytes(b"x" * 10)
     store = output_with(tmp_path, [{"scan_id": "bigger", "size": 9, "mtime": stamp(tmp_path / "bigger")[1]}])
     listed = [stamp(tmp_path / i) for i in ids]
-    manifest = tmp_path / "m.parquet"
-    pq.write_table(
-        pa.table(
-            {
-                "scan_id": ids,
-                "path": [str(tmp_path / i) for i in ids],
-                "size_bytes": pa.array([size for size, _ in listed], pa.int64()),
-                "modified_at": pa.array([mtime for _, mtime in listed], US),
-                "site": [i.upper() for i in ids],
-            }
-        ),
-        manifest,
-    )
+    manifest = write_listing(tmp_path, ids, listed, [i.upper() for i in ids], US)
     with plan_night(str(manifest), store, SHA) as (plan, _):
         assert plan.rescored_changed == 1 and len(plan.rows) == 4
         assert plan.rows_of(pa.array(["c", "zz", "bigger"])).column("scan_id").to_pylist() == ["bigger", "c"]
