@@ -25,7 +25,7 @@ class TonightRows:
     """The rows a run may write, by position: ``from_table`` (in memory) or ``from_parquet`` (local file)."""
 
     def __init__(self, table: pa.Table | None, path: str | None) -> None:
-        self._table, self._path = table, path
+        self._table = table
         self._groups: collections.OrderedDict[int, pa.Table] = collections.OrderedDict()
         if path is not None:
             parquet = pq.ParquetFile(path)

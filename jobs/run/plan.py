@@ -116,7 +116,8 @@ class Plan:
             first, last = np.searchsorted(self.rows, [start, end])
             if first == last:
                 continue
-            table = parquet.read_row_group(group, columns=[*wanted, "scan_id"] if skip else wanted)
+            read = [*wanted, "scan_id"] if skip and "scan_id" not in wanted else wanted
+            table = parquet.read_row_group(group, columns=read)
             table = table.take(pa.array(self.rows[first:last] - start))
             if skip:
                 table = table.filter(pc.invert(pc.is_in(table.column("scan_id"), value_set=excluded)))
