@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -308,6 +309,9 @@ def test_driver_killed_during_a_slow_commit_upload(ray_cluster, tiny_model, s3_b
                 committed_ids(client, bucket, "out/results/")
             except Exception as e:
                 bad.append(repr(e))
+            # A pause between looks: without it this thread holds the GIL of the process that also serves S3 (moto)
+            # and starves the uploads it watches.
+            time.sleep(0.02)
 
     watcher = threading.Thread(target=watch)
     log_path = tmp_path / "driver.log"
