@@ -6,6 +6,7 @@ The rows of results/ are written as a run writes them (OutputStore.commit), with
 
 import datetime as dt
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -314,3 +315,19 @@ def test_tonights_file_leaves_out_the_known_bad_and_numbers_its_rows(tmp_path):
         {"scan_id": "a", "site": "A", "manifest_row": 0},
         {"scan_id": "c", "site": "C", "manifest_row": 1},
     ]
+
+
+def test_ray_datas_block_statistics_stay_bounded_on_the_driver(ray_cluster, monkeypatch):
+    """Ray Data keeps a statistics object per block each map operator hands on; with the bound installed only the
+    newest KEEP stay (Dataset.stats() counts what it still has), so a night's driver does not grow by them."""
+    import ray.data
+
+    from jobs.run import block_stats
+
+    monkeypatch.setattr(block_stats, "KEEP", 5)
+    assert block_stats.bound_block_stats(), "this Ray Data has no per-block statistics list to bound"
+    assert block_stats.bound_block_stats(), "installed once, idempotent"
+    ds = ray.data.range(40, override_num_blocks=40).map_batches(lambda b: b, batch_size=1)
+    assert sum(len(b["id"]) for b in ds.iter_batches(batch_size=None)) == 40
+    produced = [int(n) for n in re.findall(r"(\d+) blocks produced", ds.stats())]
+    assert produced and max(produced) <= 2 * block_stats.KEEP, ds.stats()

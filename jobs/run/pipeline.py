@@ -32,6 +32,7 @@ from jobs.inputs.load import prepare_channels, source_provenance
 from jobs.observe import metrics
 from jobs.observe.logs import VERBOSE_ENV, adopt_ray_logging, is_verbose
 from jobs.output.tonight import POSITION
+from jobs.run.block_stats import bound_block_stats
 from jobs.run.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.run.scorer import Scorer, node_id
 from jobs.run.watchdog import watch_for_stall
@@ -341,6 +342,7 @@ def build_dataset(
     """
     import ray
 
+    bound_block_stats()  # the driver's memory a scan (jobs.run.block_stats)
     hooks = hooks or AttemptHooks()
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Small blocks keep every decode slot busy; capped so huge manifests stay cheap to schedule.
@@ -404,6 +406,7 @@ def build_dataset(
             "threads": plan.threads,
             "ledger_name": ledger_name,
             "precision": config.precision,
+            "xla": config.xla,
             "before_attempt": hooks.scoring,
             "windows": {"overlap": config.window_overlap, "aggregate": config.window_aggregate}
             if config.windows
