@@ -15,12 +15,12 @@ from typing import Any
 from jobs.errors import JobError, JobFailed
 from jobs.inputs.formats.base import MAX_SCAN_BYTES
 from jobs.inputs.windows import AGGREGATES
+from jobs.run.precision import PRECISIONS
 
 __all__ = ["JobConfig", "JobError", "JobFailed", "build_parser", "parser"]
 
 MODES = ("score", "embed")
 DEVICES = ("auto", "gpu", "cpu")
-PRECISIONS = ("float32", "mixed_bfloat16")
 LOG_FORMATS = ("text", "json")
 DICOM_TILT = ("correct", "refuse")
 RUN_ID = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
@@ -72,7 +72,10 @@ class JobConfig:
             this many seconds; 0 waits forever. Defaults to ``1800.0``.
         settle_s: float. Defer (neither score nor fail) a scan any of whose files was modified less than this many
             seconds before the run started: a series still arriving. 0 is off. Defaults to ``0.0``.
-        precision: str. ``"float32"`` or ``"mixed_bfloat16"`` (GPUs). Defaults to ``"float32"``.
+        precision: str. ``"auto"`` (each scoring actor: ``"mixed_bfloat16"`` where its CPU or GPU computes
+            bfloat16 natively, else ``"float32"``; :mod:`jobs.run.precision`), ``"float32"`` or
+            ``"mixed_bfloat16"``. Defaults to ``"auto"``.
+        xla: bool. Compile the scoring function with XLA (``jit_compile=True``). Defaults to ``False``.
         windows: bool. Score each scan as overlapping windows of the model's input size at the spacing its
             preprocessing spec names (MONAI's sliding-window placement), one result row per scan. Defaults to
             ``False``.
@@ -187,10 +190,19 @@ class JobConfig:
         "scored nor an error); 0 is off (default %(default)s)",
     )
     precision: str = option(
-        "float32",
+        "auto",
         choices=PRECISIONS,
-        help="mixed_bfloat16: compute in bfloat16 (for GPUs; applied after the model's float32 verification; "
-        "slower on CPU)",
+        help="the scoring actors' compute precision: auto takes mixed_bfloat16 where the actor's CPU (avx512_bf16 "
+        "or AMX) or GPU (compute capability 8.0 or later) computes bfloat16 natively, float32 elsewhere; the "
+        "model is verified in float32 first either way. Each row records what scored it (precision) "
+        "(default %(default)s)",
+    )
+    xla: bool = option(
+        False,
+        action="store_true",
+        help="compile the scoring function with XLA (jit_compile). Off by default: on CPUs it measured no faster in "
+        "float32 and slower in bfloat16 (docs/explanation/performance.md); its compile time adds to each actor's "
+        "start-up. Unmeasured on GPUs",
     )
     windows: bool = option(
         False,

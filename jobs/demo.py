@@ -61,6 +61,31 @@ def make_archive(folder: str, count: int, rng: np.random.Generator) -> tuple[lis
     return rows, scans
 
 
+def demo_spec() -> dict[str, Any]:
+    """The demo model's preprocessing: 2 mm voxels in RAS, and a CT window above soft tissue (~40 HU) and air.
+
+    What is brighter, the planted lesion, stands out on an empty background. With a soft-tissue window
+    ([-200, 1000]) this tiny model needs several times the training to find a 6-10 mm ball in a 64 mm window, and
+    whether it does within a few epochs depends on the seed. The window, the model's input, is 32^3 voxels (64 mm a
+    side)."""
+    from vit3d.preprocessing import normalize_spec
+
+    return normalize_spec(
+        {"orientation": "RAS", "spacing": [SPACING] * 3, "intensity": {"kind": "clip", "window": [100, 1000]}},
+        size=(IMG, IMG, IMG),
+    )
+
+
+def train_demo_model(folder: str, rng: np.random.Generator, scans: int, crops: int, epochs: int, seed: int) -> Any:
+    """The demo's detector, trained on window-sized crops of ``scans`` separate synthetic scans written to
+    ``folder`` (``rng`` continues from the archive's, so the same seed gives the same model)."""
+    os.makedirs(folder, exist_ok=True)
+    training = write_lesion_scans(folder, scans, rng, prefix="train_")
+    return train_window_detector(
+        training, demo_spec(), patch_size=8, crops_per_scan=crops, epochs=epochs, seed=seed, batch_size=8
+    )
+
+
 def roc_auc(scores: Any, truth: Any) -> float:
     """Probability that a random positive outscores a random negative (ties count half)."""
     scores, truth = np.asarray(scores, float), np.asarray(truth, bool)
@@ -107,20 +132,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from vit3d.preprocessing import normalize_spec
-
     root = os.path.abspath(os.path.join(args.out, dt.datetime.now().strftime("%Y%m%d-%H%M%S")))
     for sub in ("archive", "train"):
         os.makedirs(os.path.join(root, sub))
     rng = np.random.default_rng(args.seed)
-    # 2 mm voxels in RAS, and a CT window above soft tissue (~40 HU) and air: what is brighter, the planted lesion,
-    # stands out on an empty background. With a soft-tissue window ([-200, 1000]) this tiny model needs several
-    # times the training to find a 6-10 mm ball in a 64 mm window, and whether it does within a few epochs depends
-    # on the seed. The window, the model's input, is 32^3 voxels (64 mm a side).
-    spec = normalize_spec(
-        {"orientation": "RAS", "spacing": [SPACING] * 3, "intensity": {"kind": "clip", "window": [100, 1000]}},
-        size=(IMG, IMG, IMG),
-    )
+    spec = demo_spec()
 
     print(f"[demo] writing {args.scans} synthetic scans (+1 truncated) under {root}/archive")
     rows, scans = make_archive(os.path.join(root, "archive"), args.scans, rng)
@@ -130,13 +146,10 @@ def _demo(args: argparse.Namespace) -> int:
         f"[demo] training a tiny ViT3D on {args.crops} window-sized crops of each of {args.train} separate "
         "synthetic scans"
     )
-    training = write_lesion_scans(os.path.join(root, "train"), args.train, rng, prefix="train_")
     import vit3d
 
     started = time.perf_counter()
-    model = train_window_detector(
-        training, spec, patch_size=8, crops_per_scan=args.crops, epochs=args.epochs, seed=args.seed, batch_size=8
-    )
+    model = train_demo_model(os.path.join(root, "train"), rng, args.train, args.crops, args.epochs, args.seed)
     print(f"[demo] trained {args.epochs} epochs in {time.perf_counter() - started:.1f} s")
     info = vit3d.save(model, os.path.join(root, "model.keras"), preprocessing=spec)
     print(f"[demo] saved {info.path} (sha256 {info.sha256[:12]}...)")

@@ -272,6 +272,7 @@ def _run_planned(
         )
         scored: dict[str, Any] = {
             "loads": {},
+            "precisions": {},
             "plan": {"device": config.device, "workers": config.workers},
             "first_result_at": None,
             "cluster": {"nodes": {}, "crash_ledger_node": None, "scoring_actors": [], "actor_restarts": 0},
@@ -394,6 +395,7 @@ def _score(tonight, count, config, spec, info, sink, hooks, started_at):
     # --settle-s: files modified after this (µs since the epoch) mark a scan as still arriving.
     settled_before_us = int((started_at.timestamp() - config.settle_s) * 1e6) if config.settle_s > 0 else None
     loads, nodes, first_result_at, stage_seconds, left_out = {}, {}, None, {}, {}
+    precisions: dict[str, int] = {}  # scans scored in each precision (--precision auto: each actor's choice)
     review = ReviewPicks(config.review if config.mode == "score" else 0)
     with (
         scoring_pipeline(
@@ -422,6 +424,9 @@ def _score(tonight, count, config, spec, info, sink, hooks, started_at):
                 metrics.committed(batch, fresh, config.mode, info.sha256)  # Ray metrics (jobs.observe.metrics)
                 for pid, n in zip(batch["worker_pid"].tolist(), batch["model_loads"].tolist(), strict=True):
                     loads[str(pid)] = max(loads.get(str(pid), 0), n)
+                for used, error in zip(batch["precision"][fresh].tolist(), batch["error"][fresh].tolist(), strict=True):
+                    if not error:  # scored (error rows carry the actor's precision too, when it saw them)
+                        precisions[used] = precisions.get(used, 0) + 1
                 for column, key in (("decode_node", "decoded"), ("scoring_node", "scored")):
                     for node in batch[column][fresh].tolist():
                         counts = nodes.setdefault(node, {"decoded": 0, "scored": 0})
@@ -439,6 +444,7 @@ def _score(tonight, count, config, spec, info, sink, hooks, started_at):
             except JobFailed as failed:  # what the failed night's report can still say
                 failed.partial = {
                     "loads": loads,
+                    "precisions": precisions,
                     "plan": dataclasses.asdict(run.plan),
                     "first_result_at": first_result_at,
                     "cluster": _cluster_figures(run, nodes),
@@ -452,6 +458,7 @@ def _score(tonight, count, config, spec, info, sink, hooks, started_at):
         cluster = _cluster_figures(run, nodes)
     return {
         "loads": loads,
+        "precisions": precisions,
         "plan": dataclasses.asdict(run.plan),
         "first_result_at": first_result_at,
         "cluster": cluster,
@@ -532,7 +539,21 @@ class ReviewPicks:
 
 
 def _report(
-    config, spec, info, uri, counts, files, started, started_at, *, loads, plan, first_result_at, cluster, progress
+    config,
+    spec,
+    info,
+    uri,
+    counts,
+    files,
+    started,
+    started_at,
+    *,
+    loads,
+    precisions,
+    plan,
+    first_result_at,
+    cluster,
+    progress,
 ):
     """The run report (runs/<run_id>.json)."""
     wall_s = time.monotonic() - started
@@ -552,7 +573,14 @@ def _report(
         "throughput_scans_per_s": round(attempted / wall_s, 3) if wall_s > 0 else None,
         # Fixed cost before the first result: model verification, Ray start, actor model loads and compiles.
         "startup_s": round(first_result_at - started, 3) if first_result_at else None,
-        "model": {"uri": config.model, "sha256": info.sha256, "class": info.class_name, "loads_per_worker": loads},
+        "model": {
+            "uri": config.model,
+            "sha256": info.sha256,
+            "class": info.class_name,
+            "loads_per_worker": loads,
+            # --precision as asked, and the scans scored in each precision the actors used (auto: per actor).
+            "precision": {"requested": config.precision, "scored": dict(sorted(precisions.items()))},
+        },
         "output": {"uri": uri, **files},
         # Which Ray nodes decoded and scored how many scans, and how often a scoring actor had to restart.
         "cluster": cluster,
@@ -579,7 +607,8 @@ def summary(report: dict[str, Any]) -> str:
                 else ""
             ),
             f"  {report['wall_s']:.1f} s, {report['throughput_scans_per_s'] or 0:.2f} scans/s, "
-            f"model {report['model']['sha256'][:12]}, loads per worker {report['model']['loads_per_worker']}",
+            f"model {report['model']['sha256'][:12]} ({_precision_words(report['model'].get('precision'))}), "
+            f"loads per worker {report['model']['loads_per_worker']}",
             f"  {len(report['cluster']['nodes'])} node(s), {report['cluster']['actor_restarts']} scoring actor "
             "restart(s)",
             _cost_line(report.get("cost_per_1k_scans") or {}),
@@ -590,6 +619,14 @@ def summary(report: dict[str, Any]) -> str:
             *([f"  failed: {report['failure']}"] if report.get("failure") else []),
         ]
     )
+
+
+def _precision_words(precision: dict[str, Any] | None) -> str:
+    """The precisions the actors used ("float32 and mixed_bfloat16" on a mixed cluster), else the request."""
+    if not precision:
+        return "precision unknown"
+    used = list(precision.get("scored") or {})
+    return " and ".join(used) if used else f"--precision {precision.get('requested')}"
 
 
 def _series_notes(batch, fresh):

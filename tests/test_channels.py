@@ -224,7 +224,9 @@ def test_a_two_channel_model_scores_the_lesion_only_channel_1_shows(ray_cluster,
     manifest = write_csv(tmp_path / "manifest.csv", rows)
     output = str(tmp_path / "out")
 
-    report = run(manifest, info.path, output, device="cpu", batch_size=8, max_error_rate=0.2, progress=False)
+    report = run(
+        manifest, info.path, output, device="cpu", precision="float32", batch_size=8, max_error_rate=0.2, progress=False
+    )
     assert report["exit_code"] == 0 and report["counts"]["ok"] == 16 and report["counts"]["error"] == 2
     results = read_table(output).to_pylist()
     assert sorted(r["scan_id"] for r in results) == sorted(c.scan_id for c in cases), "one row per scan"
@@ -280,13 +282,15 @@ def test_a_two_channel_model_passes_the_start_up_check_and_scores_and_embeds(tmp
 
     volumes = [rng.normal(size=(8, 8, 8, 2)).astype(np.float32) for _ in range(3)]
     x = np.stack(volumes)
-    scored = Scorer(info.path, info.sha256, "score", 4)(decode_batch_of(volumes))
+    scored = Scorer(info.path, info.sha256, "score", 4, precision="float32")(decode_batch_of(volumes))
     np.testing.assert_allclose(scored["score"], scores_from_logits(np.asarray(model(x)))[0], atol=1e-5)
-    embedded = Scorer(info.path, info.sha256, "embed", 4)(decode_batch_of(volumes))
+    embedded = Scorer(info.path, info.sha256, "embed", 4, precision="float32")(decode_batch_of(volumes))
     np.testing.assert_allclose(np.stack(embedded["embedding"]), np.asarray(model.embed(x)), atol=1e-5)
 
     big = rng.normal(size=(12, 8, 14, 2)).astype(np.float32)  # windows cut across both channels
-    windowed = Scorer(info.path, info.sha256, "score", 4, windows={"overlap": 0.25, "aggregate": "max"})
+    windowed = Scorer(
+        info.path, info.sha256, "score", 4, precision="float32", windows={"overlap": 0.25, "aggregate": "max"}
+    )
     out = windowed(decode_batch_of([big]))
     grid = window_grid(big.shape[:3], (8, 8, 8), 0.25)
     crops = np.stack([np.ascontiguousarray(c) for c in iter_windows(big, grid)])

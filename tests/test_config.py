@@ -160,3 +160,33 @@ def test_max_scan_bytes_parses_units_and_reaches_every_format_check():
     assert JobConfig("m", "x", "o").max_scan_bytes == 4 * 2**30
     with pytest.raises(JobError, match="--max-scan-bytes must be at least 1MiB"):
         JobConfig("m", "x", "o", max_scan_bytes=1000)
+
+
+# Real /proc/cpuinfo excerpts: an AMD EPYC (Genoa) with avx512_bf16, a Sapphire Rapids Xeon with AMX, an AVX2-only
+# AMD EPYC (Rome), and an Arm server (Graviton 3, whose bf16 is not one of the flags auto reads).
+CPUINFO = {
+    "epyc-genoa": "flags\t\t: fpu sse4_2 avx avx2 fma avx512f avx512bw avx512vl avx512_vnni avx512_bf16\n",
+    "xeon-spr": "flags\t\t: fpu avx2 avx512f avx512_vnni amx_bf16 amx_tile amx_int8\n",
+    "epyc-rome": "flags\t\t: fpu sse4_2 avx avx2 fma\n",
+    "graviton3": "Features\t: fp asimd evtstrm aes sve bf16 i8mm\n",
+}
+
+
+@pytest.mark.parametrize(
+    ("cpu", "expected"),
+    [("epyc-genoa", "mixed_bfloat16"), ("xeon-spr", "mixed_bfloat16"), ("epyc-rome", "float32"),
+     ("graviton3", "float32")],
+)  # fmt: skip
+def test_precision_auto_takes_bfloat16_only_where_the_cpu_computes_it(tmp_path, cpu, expected):
+    import tensorflow as tf
+
+    from jobs.run.precision import resolve_precision
+
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\n" + CPUINFO[cpu])
+    assert resolve_precision("auto", tf, "cpu", str(cpuinfo)) == expected
+    for explicit in ("float32", "mixed_bfloat16"):  # an explicit choice is never second-guessed
+        assert resolve_precision(explicit, tf, "cpu", str(cpuinfo)) == explicit
+    with pytest.raises(ValueError, match="precision 'bfloat16'"):
+        resolve_precision("bfloat16", tf, "cpu", str(cpuinfo))
+    assert JobConfig("m.csv", "m.keras", "out").precision == "auto"

@@ -53,7 +53,16 @@ def test_score_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
     model_path, info = tiny_model
     folder, rows, manifest = archive
     output = tmp_path / "out"
-    report = run(manifest, model_path, str(output), device="cpu", batch_size=3, max_error_rate=0.2, progress=False)
+    report = run(
+        manifest,
+        model_path,
+        str(output),
+        device="cpu",
+        precision="float32",
+        batch_size=3,
+        max_error_rate=0.2,
+        progress=False,
+    )
 
     assert report["counts"] == {
         "manifest": 9,
@@ -131,7 +140,14 @@ def test_embed_end_to_end(ray_cluster, tiny_model, archive, tmp_path):
     model_path, _ = tiny_model
     folder, rows, manifest = archive
     report = run(
-        manifest, model_path, str(tmp_path / "emb"), mode="embed", device="cpu", max_error_rate=0.2, progress=False
+        manifest,
+        model_path,
+        str(tmp_path / "emb"),
+        mode="embed",
+        device="cpu",
+        precision="float32",
+        max_error_rate=0.2,
+        progress=False,
     )
     assert report["counts"]["ok"] == 8
     table = read_table(str(tmp_path / "emb"))
@@ -369,23 +385,36 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
     assert all(p.startswith(f"s3://{bucket}/nightly/archive/") for p in table["path"].to_pylist())
 
 
-def test_mixed_bfloat16_precision_scores_close_to_float32(ray_cluster, tiny_model, archive, tmp_path):
+def native_bfloat16_here():
+    """The oracle for --precision auto on this machine: the kernel's CPU flags, read here independently."""
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def test_precision_auto_and_mixed_bfloat16_score_close_to_float32(ray_cluster, tiny_model, archive, tmp_path):
+    """--precision mixed_bfloat16 scores within the bound of float32; the default (auto) takes bfloat16 exactly
+    where this CPU computes it natively; every row, the report and the page say which (--xla:
+    tests/test_windows_job.py)."""
     model_path, _ = tiny_model
     folder, rows, manifest = archive
-    report = run(
-        manifest,
-        model_path,
-        str(tmp_path / "bf16"),
-        device="cpu",
-        precision="mixed_bfloat16",
-        max_error_rate=0.2,
-        progress=False,
-    )
-    assert report["counts"]["ok"] == 8 and report["config"]["precision"] == "mixed_bfloat16"
-    table = read_table(str(tmp_path / "bf16"), columns=["scan_id", "score"])
     expected = expected_outputs(model_path, folder, rows[:8], "score")
-    for scan_id, score in zip(table["scan_id"].to_pylist(), table["score"].to_pylist(), strict=True):
-        assert score == pytest.approx(float(expected[scan_id][0]), abs=0.05)
+    auto_precision = "mixed_bfloat16" if native_bfloat16_here() else "float32"
+    for asked, used in (("mixed_bfloat16", "mixed_bfloat16"), ("auto", auto_precision)):
+        output = str(tmp_path / asked)
+        options = {} if asked == "auto" else {"precision": asked}  # auto is the default
+        report = run(manifest, model_path, output, device="cpu", max_error_rate=0.2, progress=False, **options)
+        assert report["counts"]["ok"] == 8 and report["config"]["precision"] == asked
+        assert report["config"]["xla"] is False
+        assert report["model"]["precision"] == {"requested": asked, "scored": {used: 8}}
+        table = read_table(output, columns=["scan_id", "score", "precision"])
+        assert set(table["precision"].to_pylist()) == {used}
+        for scan_id, score in zip(table["scan_id"].to_pylist(), table["score"].to_pylist(), strict=True):
+            assert score == pytest.approx(float(expected[scan_id][0]), abs=0.05 if used != "float32" else 1e-5)
+        with open(report["report_page"]) as f:
+            page = f.read()
+        shown = used if asked == used else f"{used} (--precision auto)"
+        assert f'<span id="precision">{shown}</span>' in page
 
 
 def test_any_keras_classifier_scores_not_only_vit3d(ray_cluster, archive, tmp_path):
@@ -398,7 +427,14 @@ def test_any_keras_classifier_scores_not_only_vit3d(ray_cluster, archive, tmp_pa
     info = vit3d.save(keras.Model(inputs, outputs), tmp_path / "functional.keras")
     folder, rows, manifest = archive
     report = run(
-        manifest, info.path, str(tmp_path / "f"), device="cpu", batch_size=3, max_error_rate=0.2, progress=False
+        manifest,
+        info.path,
+        str(tmp_path / "f"),
+        device="cpu",
+        precision="float32",
+        batch_size=3,
+        max_error_rate=0.2,
+        progress=False,
     )
     assert report["counts"]["ok"] == 8 and report["counts"]["error"] == 1
     table = read_table(str(tmp_path / "f")).to_pylist()

@@ -86,7 +86,9 @@ def test_window_scores_equal_the_model_on_each_crop_and_locate_in_the_file(
 
     model_path, info = window_model
     manifest = write_csv(tmp_path / "m.csv", [{"scan_id": s, "path": p} for s, p in window_archive.items()])
-    report = run(manifest, model_path, str(tmp_path / "out"), device="cpu", windows=True, batch_size=4)
+    report = run(
+        manifest, model_path, str(tmp_path / "out"), device="cpu", precision="float32", windows=True, batch_size=4
+    )
     assert report["exit_code"] == 0 and report["counts"]["ok"] == len(window_archive)
     model = vit3d.load(model_path)
     rows = {r["scan_id"]: r for r in read_table(str(tmp_path / "out")).to_pylist()}
@@ -148,7 +150,16 @@ def test_embed_with_windows_is_the_mean_of_the_window_embeddings(ray_cluster, wi
     model_path, info = window_model
     subset = {s: window_archive[s] for s in ("oblique", "thin")}
     manifest = write_csv(tmp_path / "m.csv", [{"scan_id": s, "path": p} for s, p in subset.items()])
-    report = run(manifest, model_path, str(tmp_path / "out"), device="cpu", mode="embed", windows=True, batch_size=3)
+    report = run(
+        manifest,
+        model_path,
+        str(tmp_path / "out"),
+        device="cpu",
+        precision="float32",
+        mode="embed",
+        windows=True,
+        batch_size=3,
+    )
     assert report["exit_code"] == 0
     model = vit3d.load(model_path)
     for row in read_table(str(tmp_path / "out")).to_pylist():
@@ -176,11 +187,33 @@ def test_windows_refuse_a_model_without_a_spacing(tiny_model, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_xla_compiles_the_same_scores_in_both_modes(window_model):
+    """--xla: the scoring function compiled with XLA gives the model's float32 scores, whole-volume and windowed,
+    and bfloat16 stays within the precision bound of them."""
+    model_path, info = window_model
+    rng = np.random.default_rng(4)
+    whole = [rng.normal(size=(ROI,) * 3).astype(np.float32) for _ in range(5)]
+    windowed = [rng.normal(size=(16, 24, 30)).astype(np.float32)]
+    for volumes, windows in ((whole, None), (windowed, {"overlap": 0.25, "aggregate": "max"})):
+        out = {
+            (precision, xla): Scorer(
+                model_path, info.sha256, "score", 4, precision=precision, xla=xla, windows=windows
+            )(decode_batch_of(volumes))
+            for precision, xla in (("float32", False), ("float32", True), ("mixed_bfloat16", True))
+        }
+        reference = np.asarray(out["float32", False]["score"], np.float64)
+        np.testing.assert_allclose(np.asarray(out["float32", True]["score"], np.float64), reference, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(out["mixed_bfloat16", True]["score"], np.float64), reference, atol=0.02)
+        assert set(out["mixed_bfloat16", True]["precision"]) == {"mixed_bfloat16"}
+
+
 def test_windows_of_several_scans_share_the_compiled_batches(window_model):
     """3 + 4 + 6 windows in batches of 4: four model calls, only the last one padded; each scan's scores equal
     its windows scored alone; and a scan's windows are never all in memory at once."""
     model_path, info = window_model
-    scorer = Scorer(model_path, info.sha256, "score", 4, windows={"overlap": 0.25, "aggregate": "top3"})
+    scorer = Scorer(
+        model_path, info.sha256, "score", 4, precision="float32", windows={"overlap": 0.25, "aggregate": "top3"}
+    )
     calls = []
     infer = scorer._infer
     scorer._infer = lambda x: calls.append(x.shape[0]) or infer(x)
@@ -218,7 +251,9 @@ def test_a_window_that_fails_inference_fails_its_scan_only(window_model):
     """A NaN voxel reaches one scan's windows (as a bad model input would): that scan gets one infer error, the
     batch's other scans are scored."""
     model_path, info = window_model
-    scorer = Scorer(model_path, info.sha256, "score", 4, windows={"overlap": 0.25, "aggregate": "max"})
+    scorer = Scorer(
+        model_path, info.sha256, "score", 4, precision="float32", windows={"overlap": 0.25, "aggregate": "max"}
+    )
     rng = np.random.default_rng(1)
     good, bad = rng.normal(size=(16, 16, 30)), rng.normal(size=(20, 16, 20))
     bad[3, 4, 5] = np.nan

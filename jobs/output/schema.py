@@ -113,6 +113,12 @@ SCORING_PROVENANCE = pa.schema(
     [
         column("infer_s", pa.float32(), "seconds of this scan's share of its inference batch"),
         column("device", pa.string(), "where it was scored: gpu or cpu"),
+        column(
+            "precision",
+            pa.string(),
+            "the scoring actor's compute precision: float32 or mixed_bfloat16 (--precision; auto is resolved per "
+            "actor)",
+        ),
         column("worker_pid", pa.int64(), "process id of the scoring actor"),
     ]
 )

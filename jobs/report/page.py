@@ -78,6 +78,18 @@ def _e(value: object) -> str:
     return html.escape(str(value))
 
 
+def _precision(precision: dict[str, Any] | None) -> str:
+    """What the scoring actors computed in: "float32", "mixed_bfloat16 (--precision auto)", or per precision."""
+    if not precision:
+        return "precision not recorded"
+    scored = precision.get("scored") or {}
+    used = next(iter(scored)) if len(scored) == 1 else ", ".join(f"{k}: {v}" for k, v in scored.items())
+    asked = precision.get("requested")
+    if not used:
+        return f"--precision {asked}"
+    return used if asked == used else f"{used} (--precision {asked})"
+
+
 def _when(iso: str) -> str:
     """An ISO 8601 time as 'YYYY-MM-DD HH:MM:SS UTC'."""
     try:
@@ -106,7 +118,8 @@ def render(report: dict[str, Any], data: dict[str, Any], svgs: Mapping[str, str]
         f'<span class="status {"ok" if ok else "bad"}">{_e(data["status"])} (exit {data["exit_code"]})</span></h1>',
         f'<p class="muted">{_e(_when(report["started_at"]))} → {_e(_when(report["finished_at"]))} · '
         f"{data['mode']} mode · model "
-        f"<code>{_e(data['model_sha256'][:12])}</code> ({_e(report['model']['uri'])}) · output "
+        f"<code>{_e(data['model_sha256'][:12])}</code> ({_e(report['model']['uri'])}) · "
+        f'<span id="precision">{_e(_precision(report["model"].get("precision")))}</span> · output '
         f"<code>{_e(report['output']['uri'])}</code></p>",
     ]
     if data.get("failure"):

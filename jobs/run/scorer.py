@@ -25,6 +25,7 @@ from jobs.inputs import windows as sliding
 from jobs.observe import metrics
 from jobs.observe.logs import hide_native_stderr_lines, is_verbose, tensorflow_startup_noise
 from jobs.run.ledger import process_guarded
+from jobs.run.precision import resolve_precision
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -75,7 +76,8 @@ class Scorer:
     """Ray Data callable class: ``batch`` of preprocessed scans in, result/error rows out.
 
     Adds the outputs (``score`` and ``probabilities``, or ``embedding``) and the scoring-stage provenance
-    (``jobs.output.sink.SCORING_PROVENANCE``: ``infer_s``, ``device``, ``worker_pid``) to each batch.
+    (``jobs.output.sink.SCORING_PROVENANCE``: ``infer_s``, ``device``, ``precision``, ``worker_pid``) to each
+    batch.
 
     Args:
         model_uri: str. The artifact to load (local path or URI).
@@ -84,7 +86,9 @@ class Scorer:
         batch_size: int. The compiled batch size; shorter batches are padded.
         threads: int or None. TensorFlow's thread budget. Defaults to ``None`` (TensorFlow decides).
         ledger_name: str or None. The crash ledger actor's name. Defaults to ``None`` (no crash accounting).
-        precision: str. ``"float32"`` or ``"mixed_bfloat16"``. Defaults to ``"float32"``.
+        precision: str. ``"auto"``, ``"float32"`` or ``"mixed_bfloat16"``; "auto" is resolved for this actor's
+            device (:func:`jobs.run.precision.resolve_precision`). Defaults to ``"auto"``.
+        xla: bool. Compile the scoring function with XLA (``jit_compile``). Defaults to ``False``.
         before_attempt: callable or None. Given each attempt's scan_ids (tests plant faults with it).
             Defaults to ``None``.
         windows: dict or None. ``{"overlap": float, "aggregate": str}``: each scan arrives whole at the model's
@@ -103,7 +107,8 @@ class Scorer:
         batch_size: int,
         threads: int | None = None,
         ledger_name: str | None = None,
-        precision: str = "float32",
+        precision: str = "auto",
+        xla: bool = False,
         before_attempt: Callable[[list[str]], None] | None = None,
         windows: dict[str, Any] | None = None,
         review: int = 0,
@@ -111,8 +116,12 @@ class Scorer:
         tf = configure_tensorflow(threads)
         import vit3d
 
+        self.device = "gpu:" + os.environ["CUDA_VISIBLE_DEVICES"] if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
+        self.precision = resolve_precision(precision, tf, self.device)
         started = time.perf_counter()
-        self.model, self.info = vit3d.load_with_info(model_uri, expected_sha256=model_sha256, dtype_policy=precision)
+        self.model, self.info = vit3d.load_with_info(
+            model_uri, expected_sha256=model_sha256, dtype_policy=self.precision
+        )
         LOADS_PER_PROCESS["count"] += 1
         self.load_s = time.perf_counter() - started
         self.node_id = node_id()
@@ -120,13 +129,12 @@ class Scorer:
             import ray
 
             ray.get(ray.get_actor(ledger_name).scoring_started.remote(self.node_id, os.getpid()))
-        logger.info("loaded and verified %s in %.1f s", model_uri, self.load_s)
+        logger.info("loaded and verified %s in %.1f s (%s on %s)", model_uri, self.load_s, self.precision, self.device)
         self.mode = mode
         self.ledger_name = ledger_name
         self.before_attempt = before_attempt
         self.batch_size = int(batch_size)
         self.input_shape = tuple(self.info.input_shape[1:])
-        self.device = "gpu:" + os.environ["CUDA_VISIBLE_DEVICES"] if os.environ.get("CUDA_VISIBLE_DEVICES") else "cpu"
         metrics.model_loaded(self.device, self.info.sha256)  # Ray metrics (jobs.observe.metrics)
         model_fn = self.model.embed if mode == "embed" else (lambda x: self.model(x, training=False))
 
@@ -134,8 +142,11 @@ class Scorer:
             return tf.cast(model_fn(x), tf.float32)  # bfloat16 models too: float32 out
 
         spec = tf.TensorSpec((self.batch_size, *self.input_shape), tf.float32)
-        self._infer = tf.function(forward, input_signature=[spec], reduce_retracing=True)
+        self._infer = tf.function(forward, input_signature=[spec], reduce_retracing=True, jit_compile=bool(xla))
+        started = time.perf_counter()
         warmup = self._infer(np.zeros((self.batch_size, *self.input_shape), np.float32))  # compile once, up front
+        self.compile_s = time.perf_counter() - started
+        logger.info("compiled the scoring function in %.1f s (XLA %s)", self.compile_s, "on" if xla else "off")
         self.width = int(warmup.shape[-1])  # classes (score) or hidden size (embed)
         self.windows = dict(windows) if windows else None
         self.review = int(review) if mode == "score" else 0
@@ -356,6 +367,7 @@ class Scorer:
         out["infer_s"] = np.full(count, infer_s, np.float32)
         out["worker_pid"] = np.full(count, os.getpid(), np.int64)
         out["device"] = np.full(count, self.device, dtype=object)
+        out["precision"] = np.full(count, self.precision, dtype=object)
         out["model_loads"] = np.full(count, LOADS_PER_PROCESS["count"], np.int64)
         out["scoring_node"] = np.full(count, self.node_id, dtype=object)  # for the report, not a result column
         metrics.observe_stages(out, ("infer",))  # Ray metrics (jobs.observe.metrics)
