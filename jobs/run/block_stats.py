@@ -7,7 +7,7 @@ driver's memory a scan (10k against 40k rows through the job's operators, measur
 whole budget. Only the newest :data:`KEEP` of each operator stay.
 
 The list is Ray's private state: :func:`bound_block_stats` changes nothing where it is missing (another Ray Data),
-and ``tests/test_plan.py`` holds the driver's memory a scan to its bound either way.
+and ``tests/test_plan.py`` checks, against the pinned Ray, that the bound is in place.
 """
 
 from __future__ import annotations
