@@ -465,7 +465,16 @@ def test_score_dicom_beside_nifti_end_to_end(ray_cluster, tiny_model, tmp_path):
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     output = str(tmp_path / "out")
-    report = run(str(manifest), model_path, output, device="cpu", batch_size=8, max_error_rate=0.5, progress=False)
+    report = run(
+        str(manifest),
+        model_path,
+        output,
+        device="cpu",
+        precision="float32",
+        batch_size=8,
+        max_error_rate=0.5,
+        progress=False,
+    )  # float32: the twins are compared to 1e-5
     results, errors = read_output(output)
     bad = {f"zoo-{n}" for n in ZOO} | {"real-ct2"}
     assert set(errors) == bad and report["counts"]["error"] == len(bad)
@@ -534,7 +543,16 @@ def test_dicom_archive_on_s3_listed_then_scored(ray_cluster, tiny_model, tmp_pat
     assert by_folder["good/rle"][0]["modality"] == "CT" and by_folder["good/rle"][0]["series_description"]
 
     output = f"s3://{bucket}/results"
-    report = run(manifest_uri, model_path, output, device="cpu", batch_size=4, max_error_rate=0.9, progress=False)
+    report = run(  # float32: compared with the model's own scores to 1e-5
+        manifest_uri,
+        model_path,
+        output,
+        device="cpu",
+        precision="float32",
+        batch_size=4,
+        max_error_rate=0.9,
+        progress=False,
+    )
     results, errors = read_output(output)
     path_of = {r["scan_id"]: r["path"] for r in listing.to_pylist()}
     failed = {path_of[s].rstrip("/").rsplit("/", 1)[-1] for s in errors}

@@ -486,7 +486,16 @@ def test_score_nrrd_beside_nifti_twins_end_to_end(ray_cluster, tiny_model, tmp_p
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
     output = str(tmp_path / "out")
-    report = run(str(manifest), model_path, output, device="cpu", batch_size=4, max_error_rate=0.6, progress=False)
+    report = run(  # float32: the twins and the model called directly are compared to 1e-5
+        str(manifest),
+        model_path,
+        output,
+        device="cpu",
+        precision="float32",
+        batch_size=4,
+        max_error_rate=0.6,
+        progress=False,
+    )
     results = {r["scan_id"]: r for r in pads.dataset(output + "/results", format="parquet").to_table().to_pylist()}
     errors = {r["scan_id"]: r for r in pads.dataset(output + "/errors", format="parquet").to_table().to_pylist()}
     assert set(errors) == {f"bad-{name}" for name in chosen} and report["counts"]["error"] == len(chosen)

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -153,17 +153,33 @@ class Scorer:
         self._review_heap: list[float] = []  # this actor's highest scores so far (a min-heap of at most `review`)
         self._review_failed = False
 
-    def _run(self, volumes):
-        """Model outputs for up to batch_size volumes, padding to the compiled batch size."""
-        count = len(volumes)
-        padded = np.zeros((self.batch_size, *self.input_shape), np.float32)
-        padded[:count] = volumes
-        return np.asarray(self._infer(padded))[:count]
+    def _launched(self, batches: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+        """Model outputs of each compiled-size batch in ``batches``, in order, each batch launched before the
+        previous one's output is read back. On a GPU, where TensorFlow returns from a call before the work is done,
+        preparing and copying the next batch overlaps the current one's compute; on a CPU a call returns when it is
+        done (same results, nothing to overlap). Each batch must be an array of its own: it may still be in use."""
+        pending = None
+        for batch in batches:
+            launched = self._infer(batch)
+            if pending is not None:
+                yield np.asarray(pending)
+            pending = launched
+        if pending is not None:
+            yield np.asarray(pending)
 
     def outputs(self, volumes: np.ndarray) -> dict[str, np.ndarray]:
         """Mode-specific output columns for a stack of volumes; raises on non-finite output."""
+        starts = range(0, len(volumes), self.batch_size)
+
+        def padded():
+            for i in starts:
+                batch = np.zeros((self.batch_size, *self.input_shape), np.float32)
+                batch[: len(volumes[i : i + self.batch_size])] = volumes[i : i + self.batch_size]
+                yield batch
+
+        outs = list(self._launched(padded()))
         raw = np.concatenate(
-            [self._run(volumes[i : i + self.batch_size]) for i in range(0, len(volumes), self.batch_size)]
+            [out[: len(volumes[i : i + self.batch_size])] for i, out in zip(starts, outs, strict=True)]
         )
         if not np.all(np.isfinite(raw)):
             raise FloatingPointError("the model produced NaN or Inf")
@@ -193,25 +209,26 @@ class Scorer:
         """Raw model outputs (windows, width) of each scan in ``scans`` [(volume, grid)], their windows packed into
         the compiled batch size across scans (only the last batch is padded). Windows are copied into the batch
         buffer one at a time: a scan's windows never exist all at once."""
-        buffer = np.zeros((self.batch_size, *self.input_shape), np.float32)
         raw = [np.empty((grid.count, self.width), np.float32) for _, grid in scans]
-        owners: list[tuple[int, int]] = []  # (scan, window) of each filled buffer slot
+        owners: list[list[tuple[int, int]]] = []  # (scan, window) of each slot of each launched batch
 
-        def run():
-            out = np.asarray(self._infer(buffer))
-            for slot, (scan, window) in enumerate(owners):
+        def batches():  # a new buffer per batch: the launched one may still be in use (jobs.run.scorer._launched)
+            buffer, slots = np.zeros((self.batch_size, *self.input_shape), np.float32), []
+            for scan, (volume, grid) in enumerate(scans):
+                for window, crop in enumerate(sliding.iter_windows(volume, grid)):
+                    buffer[len(slots)] = crop
+                    slots.append((scan, window))
+                    if len(slots) == self.batch_size:
+                        owners.append(slots)
+                        yield buffer
+                        buffer, slots = np.zeros((self.batch_size, *self.input_shape), np.float32), []
+            if slots:  # the last batch, padded with zeros
+                owners.append(slots)
+                yield buffer
+
+        for k, out in enumerate(self._launched(batches())):
+            for slot, (scan, window) in enumerate(owners[k]):
                 raw[scan][window] = out[slot]
-            owners.clear()
-
-        for scan, (volume, grid) in enumerate(scans):
-            for window, crop in enumerate(sliding.iter_windows(volume, grid)):
-                buffer[len(owners)] = crop
-                owners.append((scan, window))
-                if len(owners) == self.batch_size:
-                    run()
-        if owners:
-            buffer[len(owners) :] = 0.0
-            run()
         for values in raw:
             if not np.all(np.isfinite(values)):
                 raise FloatingPointError("the model produced NaN or Inf")
