@@ -1,7 +1,7 @@
 """Keep the accelerator fed: the job vs a careful user's loop, measured side by side in one run.
 
 python -m bench.pipeline [--scans 48] [--shape 256 256 160] [--img 96] [--device cpu|gpu]
-                         [--precision float32|mixed_bfloat16]
+                         [--precision auto|float32|mixed_bfloat16]
 
 Same archive (CT-like int16 .nii.gz: smooth structure + noise), same model (ViT3D img^3, patch 16, hidden 192,
 6 layers, 3 heads, random weights):
@@ -33,6 +33,7 @@ from scipy import ndimage
 
 from bench.scale import run_job
 from jobs.inputs.load import load_scan
+from jobs.run.precision import PRECISIONS
 from jobs.testing.cpu import header
 from jobs.testing.nifti import write_nifti
 from jobs.testing.volumes import ct_like
@@ -61,9 +62,9 @@ def main():
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
     parser.add_argument(
         "--precision",
-        choices=("float32", "mixed_bfloat16"),
-        default="float32",
-        help="the job's --precision (the model-alone figure (d) uses the same)",
+        choices=PRECISIONS,
+        default="auto",
+        help="the job's --precision, default as the job's (the model-alone figure (d) uses the same)",
     )
     args = parser.parse_args()
     print(header("bench/pipeline.py: the job vs a careful user's loop"))
