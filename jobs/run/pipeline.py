@@ -450,6 +450,7 @@ def scoring_pipeline(
 
     local_cores = connect_ray(config.ray_address, config.workers or 1)
     ledger = None
+    batches: Any = None  # Ray Data's batch generator (typed Iterable there)
     try:
         plan = plan_workers(config.device, config.workers, config.wait_for_gpus, local_cores)
         logger.debug("worker plan: %s", plan)
@@ -474,6 +475,9 @@ def scoring_pipeline(
         batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
         yield PipelineRun(plan, watch_for_stall(batches, config.stall_timeout_s), ledger)
     finally:
+        if batches is not None:  # a run that broke off: stop Ray Data's executor now, not in interpreter shutdown
+            with contextlib.suppress(Exception):
+                batches.close()
         if ledger is not None:
             ray.kill(ledger)
         if config.wait_for_gpus > 0:
