@@ -7,6 +7,7 @@ import re
 from conftest import fresh_python
 
 import vit3d
+from jobs.testing.cpu import cpu_info
 from jobs.testing.precision import agreement, window_scores_by_precision
 from jobs.testing.results import read_table
 
@@ -55,9 +56,7 @@ def test_demo_trains_scores_windows_and_finds_planted_lesions(tmp_path, monkeypa
     # --precision auto (the default): bfloat16 exactly where this CPU computes it natively, and the demo's model
     # holds to the documented bound (docs/explanation/performance.md): scan scores within 0.02 of float32
     # (measured: 0.0014), ranks kept, no decision at 0.5 changed.
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    auto = "mixed_bfloat16" if {"avx512_bf16", "amx_bf16"} & set(flags) else "float32"
+    auto = "mixed_bfloat16" if {"avx512_bf16", "amx_bf16"} & set(cpu_info()["simd"]) else "float32"
     assert set(read_table(str(run_dir / "output"), columns=["precision"])["precision"].to_pylist()) == {auto}
     _, info = vit3d.load_with_info(run_dir / "model.keras")
     with open(run_dir / "manifest.csv", newline="") as f:

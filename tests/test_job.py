@@ -19,6 +19,7 @@ from jobs.report import read_page_data
 from jobs.run.scorer import scores_from_logits
 from jobs.score import JobError, main, run
 from jobs.testing.archive import write_archive, write_csv
+from jobs.testing.cpu import cpu_info
 from jobs.testing.faults import hooks as fault_hooks
 from jobs.testing.results import read_table
 
@@ -385,13 +386,6 @@ def test_everything_on_object_storage(ray_cluster, s3_bucket, s3_env, tiny_model
     assert all(p.startswith(f"s3://{bucket}/nightly/archive/") for p in table["path"].to_pylist())
 
 
-def native_bfloat16_here():
-    """The oracle for --precision auto on this machine: the kernel's CPU flags, read here independently."""
-    with open("/proc/cpuinfo") as f:
-        flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
 def test_precision_auto_and_mixed_bfloat16_score_close_to_float32(ray_cluster, tiny_model, archive, tmp_path):
     """--precision mixed_bfloat16 scores within the bound of float32; the default (auto) takes bfloat16 exactly
     where this CPU computes it natively; every row, the report and the page say which (--xla:
@@ -399,7 +393,8 @@ def test_precision_auto_and_mixed_bfloat16_score_close_to_float32(ray_cluster, t
     model_path, _ = tiny_model
     folder, rows, manifest = archive
     expected = expected_outputs(model_path, folder, rows[:8], "score")
-    auto_precision = "mixed_bfloat16" if native_bfloat16_here() else "float32"
+    # The oracle: this machine's CPU flags as the benches read them (jobs.testing.cpu), not the job's own reading.
+    auto_precision = "mixed_bfloat16" if {"avx512_bf16", "amx_bf16"} & set(cpu_info()["simd"]) else "float32"
     for asked, used in (("mixed_bfloat16", "mixed_bfloat16"), ("auto", auto_precision)):
         output = str(tmp_path / asked)
         options = {} if asked == "auto" else {"precision": asked}  # auto is the default

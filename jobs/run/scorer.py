@@ -169,18 +169,15 @@ class Scorer:
 
     def outputs(self, volumes: np.ndarray) -> dict[str, np.ndarray]:
         """Mode-specific output columns for a stack of volumes; raises on non-finite output."""
-        starts = range(0, len(volumes), self.batch_size)
+        chunks = [volumes[i : i + self.batch_size] for i in range(0, len(volumes), self.batch_size)]
 
         def padded():
-            for i in starts:
+            for chunk in chunks:
                 batch = np.zeros((self.batch_size, *self.input_shape), np.float32)
-                batch[: len(volumes[i : i + self.batch_size])] = volumes[i : i + self.batch_size]
+                batch[: len(chunk)] = chunk
                 yield batch
 
-        outs = list(self._launched(padded()))
-        raw = np.concatenate(
-            [out[: len(volumes[i : i + self.batch_size])] for i, out in zip(starts, outs, strict=True)]
-        )
+        raw = np.concatenate([out[: len(c)] for c, out in zip(chunks, self._launched(padded()), strict=True)])
         if not np.all(np.isfinite(raw)):
             raise FloatingPointError("the model produced NaN or Inf")
         if self.mode == "embed":
