@@ -280,7 +280,8 @@ class MLPBlock(keras.layers.Layer):
     def call(self, inputs: Any, training: bool | None = None) -> Any:
         # Tokens flattened into rows: on a 2-D input Dense is one plain matrix product, which TensorFlow's oneDNN
         # path fuses with the bias add and the GELU; on a 3-D input Keras goes through tensordot (reshape, product,
-        # reshape) and each of them is a pass over memory of its own (bench.infer: 6-9 % faster in both precisions).
+        # reshape) and each of them is a pass over memory of its own (bench.infer, ViT-B in bfloat16: 0.65 -> 0.84 of
+        # the matrix-product ceiling).
         shape = ops.shape(inputs)
         x = ops.gelu(self.linear1(ops.reshape(inputs, (-1, self.hidden_size))), approximate=False)
         x = self.linear2(self.hidden_dropout(x, training=training))
