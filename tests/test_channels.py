@@ -17,6 +17,7 @@ from jobs.inputs.manifest import read_manifest
 from jobs.inputs.preprocess import prepare
 from jobs.run.pipeline import decode_batch
 from jobs.testing.archive import write_csv
+from jobs.testing.batches import manifest_batch
 from jobs.testing.dicom import write_series
 from jobs.testing.multichannel import prepared_inputs, train_case_classifier, write_case, write_cases
 from jobs.testing.nifti import write_nifti
@@ -26,14 +27,8 @@ from vit3d.preprocessing import normalize_spec
 SPEC = normalize_spec({"orientation": "RAS"}, size=(16, 16, 16))
 
 
-def batch_of(rows):
-    """A decode-stage input batch (what Ray Data hands decode_batch) from manifest-like row dicts."""
-    names = sorted({name for row in rows for name in row}, key=lambda n: (n != "scan_id", n != "path", n))
-    return {name: np.array([row.get(name, "") for row in rows], dtype=object) for name in names}
-
-
 def decoded(rows, channels=2, spec=SPEC):
-    out = decode_batch(batch_of(rows), spec, channels=channels)
+    out = decode_batch(manifest_batch(rows), spec, channels=channels)
     tensors = [
         np.frombuffer(v, np.float32).reshape(*shape, channels) if v else None
         for v, shape in zip(out["volume"], out["volume_shape"], strict=True)
@@ -306,7 +301,7 @@ def test_a_known_bad_row_with_an_empty_channel_column_stays_known_bad(tmp_path, 
 
     case = write_case(str(tmp_path), "c", rng, lesion=False)
     row = {"scan_id": "gap", "path": case.paths[0], "path_2": case.paths[1]}
-    out = decode(batch_of([row]), SPEC, channels=3)
+    out = decode(manifest_batch([row]), SPEC, channels=3)
     assert out["stage"][0] == "validate" and "path_1 is empty" in out["error"][0]
     recorded = {
         "path": case.paths[0],

@@ -1,10 +1,18 @@
-"""Decode-stage batches built by hand, for calling a scoring actor (``jobs.run.scorer.Scorer``) directly, without Ray:
-the columns ``jobs.run.pipeline.decode_batch`` hands it. Shared by the tests and ``bench.window_cost``."""
+"""Batches built by hand, for calling the pipeline's stages directly, without Ray: the manifest columns Ray Data
+hands ``jobs.run.pipeline.decode_batch``, and the columns that stage hands a scoring actor
+(``jobs.run.scorer.Scorer``). Shared by the tests, ``bench.window_cost`` and ``bench.precision``."""
 
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+
+def manifest_batch(rows: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+    """A decode-stage input batch from manifest-like row dicts: one object column per key (``scan_id`` and ``path``
+    first), ``""`` where a row lacks the key."""
+    names = sorted({name for row in rows for name in row}, key=lambda n: (n != "scan_id", n != "path", n))
+    return {name: np.array([row.get(name, "") for row in rows], dtype=object) for name in names}
 
 
 def decode_batch_of(

@@ -10,6 +10,8 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from jobs.testing.batches import manifest_batch
+
 
 def agreement(reference: np.ndarray, other: np.ndarray) -> dict[str, float]:
     """max and p99 |Δ|, Spearman's rank correlation, and the fraction of decisions at 0.5 that differ."""
@@ -37,9 +39,7 @@ def window_scores_by_precision(
     from jobs.run.pipeline import decode_batch
     from jobs.run.scorer import Scorer
 
-    rows = [{**r, "path": os.path.join(root, str(r["path"]))} for r in rows]
-    names = sorted({k for r in rows for k in r}, key=lambda n: (n != "scan_id", n != "path", n))
-    batch = {n: np.array([str(r.get(n, "")) for r in rows], dtype=object) for n in names}
+    batch = manifest_batch([{**r, "path": os.path.join(root, str(r["path"]))} for r in rows])
     decoded = decode_batch(batch, spec, at_spacing=True)
     ok = np.array([not e for e in decoded["error"]])
     out = {}
