@@ -12,6 +12,7 @@ import math
 import re
 from typing import Any
 
+from jobs import dicomweb
 from jobs.errors import JobError, JobFailed
 from jobs.inputs.formats.base import MAX_SCAN_BYTES
 from jobs.inputs.windows import AGGREGATES
@@ -84,6 +85,10 @@ class JobConfig:
             to ``"max"``.
         review: int. The report page's first section: the N highest-scoring scans of the run, with pictures
             (score mode); 0 leaves it out. Defaults to ``12``.
+        write_back: str or None. A DICOMweb service root (``dicomweb+https://host/dicom-web``): each scored series
+            that was read over DICOMweb gets a DICOM SR with its score stored there (``jobs.output.writeback``;
+            score mode). Defaults to ``None``.
+        write_back_min_score: float. With ``write_back``: only scans scoring this or more. Defaults to ``0.0``.
         progress: bool. Log progress while running. Defaults to ``True`` (``--quiet`` turns it off).
         progress_every_s: float. Off a terminal, seconds between two progress lines (on a terminal a live bar
             is drawn instead). Defaults to ``10.0``.
@@ -232,6 +237,20 @@ class JobConfig:
         "one's highest window (or its centre) with the window scores overlaid (score mode; default %(default)s; "
         "0: none)",
     )
+    write_back: str | None = option(
+        None,
+        metavar="URL",
+        help="store each scored series read over DICOMweb back into the PACS at URL (its DICOMweb service root, "
+        "dicomweb+https://host/dicom-web) as a DICOM Comprehensive 3D SR with its score (and, with --windows, a "
+        "parametric map of the window scores), once per series, model and source version; credentials from "
+        "VIT3D_DICOMWEB_TOKEN or VIT3D_DICOMWEB_USER/PASSWORD (score mode)",
+    )
+    write_back_min_score: float = option(
+        0.0,
+        type=float,
+        metavar="S",
+        help="with --write-back: only scans scoring S or more (default %(default)s: every scored series)",
+    )
     progress: bool = option(
         True, help="no progress lines; warnings and errors only", flag="--quiet", action="store_false"
     )
@@ -312,6 +331,19 @@ class JobConfig:
                 raise JobError(f"--{flag_of(name)} must be at least 0 (and finite), got {getattr(self, name)}")
         if not isinstance(self.max_scan_bytes, int) or self.max_scan_bytes < 1024**2:
             raise JobError(f"--max-scan-bytes must be at least 1MiB, got {self.max_scan_bytes!r}")
+        if self.write_back is not None:
+            try:
+                dicomweb.service_url(self.write_back)
+            except ValueError as e:
+                raise JobError(f"--write-back: {e}") from None
+            if not dicomweb.is_dicomweb(self.write_back):
+                raise JobError(
+                    f"--write-back takes a dicomweb+https:// (or dicomweb+http://) URL, got {self.write_back}"
+                )
+            if self.mode != "score":
+                raise JobError("--write-back stores scores: it needs --mode score")
+        if not 0.0 <= self.write_back_min_score <= 1.0:
+            raise JobError(f"--write-back-min-score must be between 0 and 1, got {self.write_back_min_score}")
         if self.run_id is not None and not RUN_ID.fullmatch(self.run_id):
             raise JobError(
                 f"--run-id {self.run_id!r} must be letters, digits, '.', '_' or '-' (and not start with '.')"

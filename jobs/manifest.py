@@ -62,8 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--root",
-        required=True,
-        help="folder or URI to list recursively (local path, file://, s3://bucket/prefix, ...); must exist",
+        help="folder or URI to list recursively (local path, file://, s3://bucket/prefix, ...); must exist. "
+        "Required unless a listing flag names the archive itself (--dicomweb URL)",
     )
     parser.add_argument(
         "--glob",
@@ -74,8 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     kinds = parser.add_mutually_exclusive_group()
     for flag, fmt in formats.listing_formats().items():
-        if flag is not None:
+        if flag is None:
+            continue
+        if fmt.listing_metavar:  # the flag names the archive (a server's URL), in place of --root
+            kinds.add_argument(flag, dest=f"list_{fmt.name}", metavar=fmt.listing_metavar, help=fmt.listing_help)
+        else:
             kinds.add_argument(flag, dest=f"list_{fmt.name}", action="store_true", help=fmt.listing_help)
+        for option, settings in fmt.listing_arguments:
+            parser.add_argument(option, **settings)
     kinds.add_argument(
         "--channels",
         type=_channel_count,
@@ -87,9 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--out",
-        required=True,
-        help="manifest to write, local path or URI; the format follows the extension: .parquet/.pq, .csv, "
-        ".jsonl/.ndjson. Written whole or not at all",
+        help="manifest to write (required), local path or URI; the format follows the extension: .parquet/.pq, "
+        ".csv, .jsonl/.ndjson. Written whole or not at all",
     )
     return parser
 
@@ -98,11 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()
     try:
         args = build_parser().parse_args(argv)
+        fmt, root, options = _listing(args)
         check_manifest_name(args.out)  # fail on a bad --out before listing a large archive
-        listers = formats.listing_formats()
-        chosen = [fmt for flag, fmt in listers.items() if flag and getattr(args, f"list_{fmt.name}")]
-        fmt = chosen[0] if chosen else listers[None]
-        table = fmt.list_archive(args.root, (args.glob,) if args.glob else None)
+        table = fmt.list_archive(root, (args.glob,) if args.glob else None, **options)
         listed, left_out = f"{table.num_rows} {fmt.listing_unit}", ""
         if args.channels is not None:
             table, left_out = _group_cases(table, args.channels, args.root)
@@ -119,10 +122,33 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("error: cannot write %s: %s", args.out, e)
         return 1
     if left_out:
-        print(f"{listed} listed from {args.root} into {args.out}; {left_out} left out (see above)")
+        print(f"{listed} listed from {root} into {args.out}; {left_out} left out (see above)")
         return 3
-    print(f"{listed} listed from {args.root} into {args.out}")
+    print(f"{listed} listed from {root} into {args.out}")
     return 0
+
+
+def _listing(args: argparse.Namespace) -> tuple[formats.Format, str, dict[str, object]]:
+    """(the format whose listing the flags chose, the archive it lists, its own options' values); a
+    ManifestError for an archive named twice or not at all, or an option of a listing not chosen."""
+    listers = formats.listing_formats()
+    chosen = [fmt for flag, fmt in listers.items() if flag and getattr(args, f"list_{fmt.name}")]
+    fmt = chosen[0] if chosen else listers[None]
+    options = {}
+    for other in listers.values():
+        for option, settings in other.listing_arguments:
+            dest = settings.get("dest") or option.lstrip("-").replace("-", "_")
+            value = getattr(args, dest)
+            if value is not None and other is not fmt:
+                raise ManifestError(f"usage: {option} goes with {other.listing_flag} (see --help)")
+            if other is fmt:
+                options[dest] = value
+    if fmt.listing_metavar and args.root is not None:
+        raise ManifestError(f"usage: {fmt.listing_flag} names the archive; --root is not used (see --help)")
+    missing = [flag for flag, value in (("--root", fmt.listing_metavar or args.root), ("--out", args.out)) if not value]
+    if missing:
+        raise ManifestError(f"usage: the following arguments are required: {', '.join(missing)} (see --help)")
+    return fmt, getattr(args, f"list_{fmt.name}") if fmt.listing_metavar else args.root, options
 
 
 def _group_cases(listing: pa.Table, channels: int, root: str) -> tuple[pa.Table, str]:

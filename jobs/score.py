@@ -35,6 +35,7 @@ from jobs.observe import metrics
 from jobs.observe.cost import add_stage_seconds, per_1k_scans
 from jobs.observe.logs import configure_logging, filter_native_stderr
 from jobs.observe.progress import Progress
+from jobs.output import writeback
 from jobs.output.schema import MANIFEST_SHARED_COLUMNS, OPTION_COLUMNS, RESERVED_COLUMNS
 from jobs.output.sink import ResultSink
 from jobs.redact import Redactor
@@ -293,6 +294,9 @@ def _run_planned(
                 failure = JobFailed(f"the pipeline failed: {type(e).__name__}: {e}")
                 failure.__cause__ = e
         files = sink.committed_files() if failure else sink.complete()  # (complete only lists them here)
+        returned = writeback.Outcome()
+        if config.write_back and failure is None:  # tonight's rows are committed: their reports, and any left
+            returned, failure = _write_back(config, sink, info)
         counts = {
             "manifest": plan.manifest_rows,
             "skipped_done": skipped_done,
@@ -301,6 +305,8 @@ def _run_planned(
             "rescored_changed": rescored_changed,
             **sink.counts,
         }
+        if config.write_back:  # reports stored in the PACS by this run, and those that failed (stage write-back)
+            counts.update(written_back=returned.stored, write_back_failed=returned.failed)
         stage_seconds = scored.pop("stage_seconds", {})
         left_out = scored.pop("series_left_out", {})
         review = scored.pop("review", [])
@@ -334,6 +340,35 @@ def _run_planned(
         return report
     finally:
         sink.release()
+
+
+def _write_back(config: JobConfig, sink: ResultSink, info: ArtifactInfo) -> tuple[writeback.Outcome, JobFailed | None]:
+    """--write-back's pass (:mod:`jobs.output.writeback`): (what it did, a JobFailed when the PACS stayed
+    unreachable, so the run exits 1 with its rows committed and the next run stores what is left)."""
+    try:
+        outcome = writeback.write_back(
+            sink.store,
+            sink.commit_table,
+            target=config.write_back or "",
+            model_sha256=info.sha256,
+            model_name=writeback.model_name_of(config.model),
+            run_id=config.run_id or "",
+            min_score=config.write_back_min_score,
+            retry_s=config.storage_retry_s,
+        )
+    except (OSError, ValueError) as e:  # reading results/ or committing the records
+        return writeback.Outcome(), JobFailed(f"write-back: {e}")
+    if outcome.stored or outcome.failed:
+        logger.info(
+            "write-back: %d report(s) stored in %s, %d failed (errors/ rows, stage write-back; the next run tries "
+            "again)",
+            outcome.stored,
+            config.write_back,
+            outcome.failed,
+        )
+    if outcome.unreachable:
+        return outcome, JobFailed(f"write-back: the PACS stayed unreachable: {outcome.unreachable}")
+    return outcome, None
 
 
 def _reported(failure: JobFailed, sink: ResultSink, report: dict[str, Any], redactor: Redactor | None) -> JobFailed:

@@ -7,7 +7,8 @@ A failed scan's error row names the stage it failed at. Whether a rerun tries it
   is unchanged (known bad);
 - *transient* stages are not the file's fault (storage unreachable): the run ends with exit 1 and the next run
   reads the scan again;
-- the others (read, infer) are retried by every rerun.
+- the others (read, infer) are retried by every rerun; so is write-back (``--write-back``: the scan's result row
+  is committed, its report did not reach the PACS; the next run stores it).
 
 *Timed* stages have a ``<name>_s`` result column; ``cost`` says which budget their seconds count towards in the
 run's cost per 1,000 scans (CPU, accelerator, or storage reads).
@@ -39,15 +40,16 @@ VALIDATE = Stage("validate", permanent=True)
 DECODE = Stage("decode", permanent=True, cost="cpu")
 PREPROCESS = Stage("preprocess", permanent=True, cost="cpu")
 INFER = Stage("infer", cost="accelerator")
+WRITE_BACK = Stage("write-back")
 
-ALL: tuple[Stage, ...] = (READ, READ_TRANSIENT, VALIDATE, DECODE, PREPROCESS, INFER)
+ALL: tuple[Stage, ...] = (READ, READ_TRANSIENT, VALIDATE, DECODE, PREPROCESS, INFER, WRITE_BACK)
 BY_NAME: dict[str, Stage] = {s.name: s for s in ALL}
 NAMES: tuple[str, ...] = tuple(BY_NAME)
 PERMANENT: frozenset[str] = frozenset(s.name for s in ALL if s.permanent)
 TRANSIENT: frozenset[str] = frozenset(s.name for s in ALL if s.transient)
 TIMED: tuple[str, ...] = tuple(s.name for s in ALL if s.cost)  # read, decode, preprocess, infer
 CPU_STAGE_TIMED: tuple[str, ...] = tuple(s.name for s in ALL if s.cost in ("read", "cpu"))  # measured by decode tasks
-SCAN_STAGES: tuple[str, ...] = tuple(s.name for s in ALL if s is not INFER)  # where a reader's ScanError can fail
+SCAN_STAGES: tuple[str, ...] = tuple(s.name for s in ALL if s not in (INFER, WRITE_BACK))  # a reader's ScanError
 
 
 def seconds_columns(cost: str) -> tuple[str, ...]:

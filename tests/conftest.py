@@ -140,6 +140,22 @@ def tiny_model(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def window_model(tmp_path_factory):
+    """A small perturbed 2-class ViT3D with a 16^3 window at 2 mm (windows runs): (path, ArtifactInfo)."""
+    import numpy as np
+
+    import vit3d
+
+    model = vit3d.ViT3D(16, 8, hidden_size=16, mlp_dim=16, num_layers=1, num_heads=2, classification=True)
+    model.build(model.volume_shape)
+    rng = np.random.default_rng(11)
+    for v in model.weights:
+        v.assign(np.asarray(v) + rng.normal(0, 0.3, v.shape).astype("float32"))
+    path = str(tmp_path_factory.mktemp("window_model") / "windows.keras")
+    return path, vit3d.save(model, path, preprocessing={"orientation": "RAS", "spacing": [2.0, 2.0, 2.0]})
+
+
+@pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory, s3_server):
     """One local Ray instance for the session: 4 logical CPUs and 2 logical GPUs (CPU machine).
 

@@ -35,20 +35,6 @@ def oblique_lps(spacing, origin):
 
 
 @pytest.fixture(scope="module")
-def window_model(tmp_path_factory):
-    """A small perturbed 2-class ViT3D with a 16^3 window at 2 mm: (path, ArtifactInfo)."""
-    import vit3d
-
-    model = vit3d.ViT3D(ROI, 8, hidden_size=16, mlp_dim=16, num_layers=1, num_heads=2, classification=True)
-    model.build(model.volume_shape)
-    rng = np.random.default_rng(11)
-    for v in model.weights:
-        v.assign(np.asarray(v) + rng.normal(0, 0.3, v.shape).astype("float32"))
-    path = str(tmp_path_factory.mktemp("window_model") / "windows.keras")
-    return path, vit3d.save(model, path, preprocessing={"orientation": "RAS", "spacing": SPACING})
-
-
-@pytest.fixture(scope="module")
 def window_archive(tmp_path_factory):
     """Scans whose windows differ: oblique LPS and anisotropic (int16), axis-aligned RAS (float32), one thinner than
     a window on one axis (padded as MONAI pads), and one that fits a single window. scan_id -> path."""

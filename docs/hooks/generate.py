@@ -90,6 +90,7 @@ SCHEMA_ORDER = [
     "NRRD_PROVENANCE",
     "SCORING_PROVENANCE",
     "ERROR_SCHEMA",
+    "WRITEBACK_SCHEMA",
 ]
 
 # Used only while the schema module's fields carry no b"doc" metadata. Keyed by column, or by (schema, column)
@@ -144,6 +145,8 @@ SCHEMA_INTROS = {
     "[Input formats](input-formats.md)); a row fills those of its own format, the others are null.",
     "SCORING_PROVENANCE": "Filled by the scoring actor.",
     "ERROR_SCHEMA": "Every row of `errors/`: one per failed attempt.",
+    "WRITEBACK_SCHEMA": "`--write-back`: every row of `writeback/`, one per report a run stored in the PACS "
+    "(see [Return results to the PACS](../how-to/pacs.md)).",
 }
 
 

@@ -170,6 +170,20 @@ ERROR_SCHEMA = pa.schema(
         ),
     ]
 )
+# --write-back: what each run stored in the PACS, one row per scan (writeback/, jobs.output.writeback).
+WRITEBACK_SCHEMA = pa.schema(
+    [
+        column("scan_id", pa.string(), "the manifest's scan_id"),
+        column("model_sha256", pa.string(), "the model whose score was stored"),
+        column("series_instance_uid", pa.string(), "the source series"),
+        column("target", pa.string(), "the DICOMweb service root it was stored in (no credentials)"),
+        column("sr_sop_instance_uid", pa.string(), "the SR's SOP Instance UID (derived: the same on every retry)"),
+        column("map_sop_instance_uid", pa.string(), "the parametric map's (--windows runs), else null"),
+        column("scored_run_id", pa.string(), "the run whose result row it reports"),
+        column("run_id", pa.string(), "the run that stored it"),
+        column("stored_at", UTC_TIME, "when the PACS accepted it (UTC)"),
+    ]
+)
 FINGERPRINT_COLUMNS = ("source_size", "source_mtime")
 # Manifest columns handed to the formats (series_instance_uid picks a DICOM folder's series): the manifest's word
 # stands over the value read.

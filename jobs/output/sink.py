@@ -317,6 +317,12 @@ class ResultSink:
         storage.write_bytes(uri, html.encode(), self.store.retry_s)
         return uri
 
+    def commit_table(self, kind: str, table: pa.Table) -> str:
+        """Commit ``table`` as one new file of this run under ``kind`` (``errors``, ``writeback``), under the lock:
+        for rows that do not come through the pipeline (``--write-back``'s records and failures)."""
+        self._ensure_held()
+        return self.store.commit(kind, table, part_name(self.run_id))
+
     def _ensure_held(self):
         """Before each commit: renew the lock, or raise LockLost (another run took the output over)."""
         if self._lock is not None:

@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 REGISTERED = (
+    "jobs.inputs.formats.dicomweb:DicomWebFormat",
     "jobs.inputs.formats.dicom:DicomFormat",
     "jobs.inputs.formats.nrrd:NrrdFormat",
     "jobs.inputs.formats.nifti:NiftiFormat",

@@ -141,6 +141,11 @@ class Format(abc.ABC):
     listing_flag: ClassVar[str | None] = None  # jobs.manifest's flag that lists this format (None: the default)
     listing_help: ClassVar[str] = ""
     listing_unit: ClassVar[str] = "scans"  # what one listed row is, for jobs.manifest's last line
+    # The listing flag takes the archive as its value (e.g. a server's URL; --root is then not used): its metavar.
+    listing_metavar: ClassVar[str | None] = None
+    # jobs.manifest flags that only this format's listing takes: (flag, argparse keyword arguments); their values
+    # reach list_archive() by their dest.
+    listing_arguments: ClassVar[tuple[tuple[str, dict[str, Any]], ...]] = ()
     default_globs: ClassVar[tuple[str, ...]] = ()  # what a file listing matches when --glob is not given
 
     def claims(self, path: str) -> bool:
@@ -172,9 +177,10 @@ class Format(abc.ABC):
         """The source's fingerprint for known-bad skipping; a file's size and mtime by default."""
         return file_fingerprint(uri)
 
-    def list_archive(self, root: str, globs: tuple[str, ...] | None = None) -> pa.Table:
+    def list_archive(self, root: str, globs: tuple[str, ...] | None = None, **options: Any) -> pa.Table:
         """A manifest of this format's scans under ``root`` (``jobs.manifest``): one row per file matching
-        ``globs`` (default :attr:`default_globs`) unless the format overrides it."""
+        ``globs`` (default :attr:`default_globs`) unless the format overrides it. ``options``: the values of
+        :attr:`listing_arguments`."""
         from jobs.inputs.listing import list_files
 
         return list_files(root, globs or self.default_globs)

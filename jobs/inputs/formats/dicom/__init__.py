@@ -170,5 +170,5 @@ class DicomFormat(Format):
     def fingerprint(self, uri: str) -> Fingerprint | None:
         return folder_fingerprint(uri)
 
-    def list_archive(self, root: str, globs: tuple[str, ...] | None = None) -> pa.Table:
+    def list_archive(self, root: str, globs: tuple[str, ...] | None = None, **options: Any) -> pa.Table:
         return list_dicom_archive(root)

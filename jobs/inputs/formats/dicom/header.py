@@ -39,8 +39,15 @@ _NOT_IMAGES = (
     "1.2.840.10008.5.1.4.1.1.104",  # encapsulated PDF/CDA
     "1.2.840.10008.5.1.4.1.1.9",  # waveforms
     "1.2.840.10008.1.3.10",  # DICOMDIR
+    "1.2.840.10008.5.1.4.1.1.30",  # parametric maps (derived values, e.g. --write-back's window-score maps)
 )
 _IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1."  # storage SOP classes; the non-images among them are in _NOT_IMAGES
+
+
+def not_image(sop_class: str) -> bool:
+    """Whether the SOP class is one whose pixels (if any) are not an anatomical image of a series (SR, SEG, RT,
+    presentation states, parametric maps, ...): such files are left out of a series and of a listing."""
+    return any(sop_class == c or sop_class.startswith(c + ".") for c in _NOT_IMAGES)
 
 
 @dataclasses.dataclass
@@ -337,7 +344,7 @@ def read_header(source: Source, fast: bool = True) -> Header:
         meta = ds.file_meta
         sop_class = _text(ds, 0x00080016) or str(meta.get("MediaStorageSOPClassUID", ""))
         ts = str(meta.get("TransferSyntaxUID", ""))
-    if any(sop_class == c or sop_class.startswith(c + ".") for c in _NOT_IMAGES):
+    if not_image(sop_class):
         raise NotImage(f"not an image (SOP class {sop_class})", sop_class_name(sop_class), sop_class)
     little = ts != dcm_uid.ExplicitVRBigEndian
     series = _text(ds, 0x0020000E) or None
