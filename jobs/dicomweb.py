@@ -4,9 +4,11 @@ and STOW-RS with ``dicomweb-client``, under the same retry rules as object stora
 A series is named by a manifest path ``dicomweb+https://host/dicom-web/studies/<StudyUID>/series/<SeriesUID>``
 (``dicomweb+http`` too): the service root is what precedes ``/studies/``.
 
-Credentials come from the environment of the process that makes the request, never from a path or a flag:
-``VIT3D_DICOMWEB_TOKEN`` (sent as ``Authorization: Bearer …``), else ``VIT3D_DICOMWEB_USER`` and
-``VIT3D_DICOMWEB_PASSWORD`` (HTTP basic). A path with user info is refused. No request's headers are ever logged.
+Credentials come from the environment, never from a path or a flag: ``VIT3D_DICOMWEB_TOKEN`` (sent as
+``Authorization: Bearer …``), else ``VIT3D_DICOMWEB_USER`` and ``VIT3D_DICOMWEB_PASSWORD`` (HTTP basic). The
+driver reads its own and hands them to the decode tasks in memory (:class:`Credentials`, :func:`grant`), so that
+they need to be set where the job is started only; a worker without them falls back to its own environment. A
+path with user info is refused. No request's headers are ever logged.
 
 Errors: connection refused or reset, timeouts, 429 and 5xx are transient (:class:`Unreachable`, an OSError that
 :func:`jobs.storage.retrying` retries within ``--storage-retry-s``); 401/403/404 and other 4xx are
@@ -21,7 +23,7 @@ import datetime
 import os
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
 import pydicom
@@ -36,10 +38,12 @@ __all__ = [
     "SCHEMES",
     "TOKEN_ENV",
     "USER_ENV",
+    "Credentials",
     "Refused",
     "SeriesRef",
     "Unreachable",
     "client",
+    "grant",
     "instance_time_us",
     "is_dicomweb",
     "iter_pages",
@@ -124,16 +128,53 @@ class _TimeoutAdapter(HTTPAdapter):
         return super().send(request, **kwargs)
 
 
-def _session() -> requests.Session:
-    """A session carrying the environment's credentials (see the module), with timeouts and no retries of its own."""
+@dataclasses.dataclass(frozen=True)
+class Credentials:
+    """A bearer token, or a user and password: what the driver's environment holds, as it travels to the decode
+    tasks (pickled with their arguments, never in a runtime environment, which Ray's dashboard shows). Its repr
+    shows neither value."""
+
+    token: str | None = dataclasses.field(default=None, repr=False)
+    user: str | None = dataclasses.field(default=None, repr=False)
+    password: str | None = dataclasses.field(default=None, repr=False)
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Credentials | None:
+        """Those of ``environ`` (default: this process's environment); None when it holds none."""
+        env = os.environ if environ is None else environ
+        if env.get(TOKEN_ENV):
+            return cls(token=env[TOKEN_ENV])
+        if env.get(USER_ENV):
+            return cls(user=env[USER_ENV], password=env.get(PASSWORD_ENV, ""))
+        return None
+
+    def apply(self, session: requests.Session) -> None:
+        if self.token:
+            session.headers["Authorization"] = f"Bearer {self.token}"
+        elif self.user:
+            session.auth = (self.user, self.password or "")
+
+
+_granted: list[Credentials | None] = [None]
+
+
+def grant(credentials: Credentials | None) -> None:
+    """Use ``credentials`` in this process from now on (a decode task: the driver's); None: this process's own
+    environment again."""
+    _granted[0] = credentials
+
+
+def _credentials() -> Credentials | None:
+    return _granted[0] or Credentials.from_env()
+
+
+def _session(credentials: Credentials | None) -> requests.Session:
+    """A session carrying ``credentials``, with timeouts and no retries of its own."""
     session = requests.Session()
     session.mount("http://", _TimeoutAdapter(max_retries=0))
     session.mount("https://", _TimeoutAdapter(max_retries=0))
-    token = os.environ.get(TOKEN_ENV)
-    if token:
-        session.headers["Authorization"] = f"Bearer {token}"
-    elif os.environ.get(USER_ENV):
-        session.auth = (os.environ[USER_ENV], os.environ.get(PASSWORD_ENV, ""))
+    if credentials is not None:
+        credentials.apply(session)
     return session
 
 
@@ -141,14 +182,15 @@ _local = threading.local()
 
 
 def client(root: str) -> Any:
-    """A ``dicomweb_client.DICOMwebClient`` for the service root ``root`` (http(s)://…/dicom-web), one per thread
-    and root and credentials (a decode task's threads each keep theirs), with its own retries off."""
+    """A ``dicomweb_client.DICOMwebClient`` for the service root ``root`` (http(s)://…/dicom-web), one per thread,
+    root and credentials (a decode task's threads each keep theirs), with its own retries off."""
     from dicomweb_client import DICOMwebClient  # imported where used: its import pulls in PIL and retrying
 
-    key = (root, os.environ.get(TOKEN_ENV), os.environ.get(USER_ENV), os.environ.get(PASSWORD_ENV))
+    credentials = _credentials()
+    key = (root, credentials)
     clients = _local.__dict__.setdefault("clients", {})
     if key not in clients:
-        web = DICOMwebClient(url=root, session=_session())
+        web = DICOMwebClient(url=root, session=_session(credentials))
         web.set_http_retry_params(retry=False)
         clients[key] = web
     return clients[key]

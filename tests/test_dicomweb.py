@@ -4,6 +4,8 @@ with WADO-RS and read them with the DICOM reader, so a series scores as its fold
 
 import datetime
 import json
+import os
+from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -36,8 +38,8 @@ STUDY_DATES = {"explicit": "20260115", "implicit": "20251201"}  # the others: 20
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """A PACS holding one series per transfer syntax (and an MR), each also kept as a local folder:
-    (server, {name: folder}, {name: series uid})."""
+    """A PACS that asks for credentials, holding one series per transfer syntax (and an MR), each also kept as a
+    local folder: (server, {name: folder}, {name: series uid})."""
     testing_pacs.require(testing_pacs.missing())
     root = tmp_path_factory.mktemp("pacs")
     folders, series = {}, {}
@@ -55,9 +57,17 @@ def archive(tmp_path_factory):
     for file in mr.iterdir():
         edit(file, StudyDate="20260110")
     folders["mr"] = mr
-    with testing_pacs.running(root / "orthanc") as server:
+    with testing_pacs.running(root / "orthanc", auth=True) as server:
         server.store(sorted(p for f in folders.values() for p in f.iterdir()))
         yield server, folders, series
+
+
+@pytest.fixture(autouse=True)
+def credentials(monkeypatch):
+    """The test PACS's user in this process's environment, where the job reads it (no token)."""
+    monkeypatch.delenv(dicomweb.TOKEN_ENV, raising=False)
+    monkeypatch.setenv(dicomweb.USER_ENV, testing_pacs.USER)
+    monkeypatch.setenv(dicomweb.PASSWORD_ENV, testing_pacs.PASSWORD)
 
 
 def listed(tmp_path, *argv):
@@ -136,35 +146,36 @@ def rows_study(server, series_uid):
     return found[0]["0020000D"]["Value"][0]
 
 
-def test_credentials_come_from_the_environment_and_never_appear(tmp_path, monkeypatch):
-    testing_pacs.require(testing_pacs.missing())
-    folder = tmp_path / "series"
-    series = write_series(folder, smooth_volume(np.random.default_rng(7), SHAPE), AFFINE)
-    with testing_pacs.running(tmp_path / "orthanc", auth=True) as server:
-        server.store(sorted(folder.iterdir()))
-        study = rows_study(server, series)
-        path = f"dicomweb+{server.dicomweb}/studies/{study}/series/{series}"
-        fmt = formats.format_for(path)[0]
-        for name in (dicomweb.TOKEN_ENV, dicomweb.USER_ENV, dicomweb.PASSWORD_ENV):
-            monkeypatch.delenv(name, raising=False)
-        with pytest.raises(ScanError) as e:
-            fmt.fetch(path, 0.0)
-        assert e.value.stage == "read" and "HTTP 401" in e.value.reason and dicomweb.USER_ENV in e.value.reason
-        monkeypatch.setenv(dicomweb.USER_ENV, testing_pacs.USER)
-        monkeypatch.setenv(dicomweb.PASSWORD_ENV, "a-wrong-password-1234")
-        with pytest.raises(ScanError) as e:
-            fmt.fetch(path, 0.0)
-        assert "HTTP 401" in str(e.value) and "a-wrong-password-1234" not in str(e.value)
-        monkeypatch.setenv(dicomweb.PASSWORD_ENV, testing_pacs.PASSWORD)
+def test_credentials_come_from_the_environment_only(archive, tmp_path, monkeypatch):
+    server, _, series = archive
+    path = f"dicomweb+{server.dicomweb}/studies/{rows_study(server, series['explicit'])}/series/{series['explicit']}"
+    fmt = formats.format_for(path)[0]
+    for name in (dicomweb.TOKEN_ENV, dicomweb.USER_ENV, dicomweb.PASSWORD_ENV):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ScanError) as e:
+        fmt.fetch(path, 0.0)
+    assert e.value.stage == "read" and "HTTP 401" in e.value.reason and dicomweb.USER_ENV in e.value.reason
+    assert formats.fingerprint(path) is None  # not searchable: unknown, never a wrong fingerprint
+    assert M.main(["--dicomweb", f"dicomweb+{server.dicomweb}", "--out", str(tmp_path / "m.parquet")]) == 2
+    monkeypatch.setenv(dicomweb.USER_ENV, testing_pacs.USER)
+    monkeypatch.setenv(dicomweb.PASSWORD_ENV, "a-wrong-password-1234")
+    with pytest.raises(ScanError) as e:
+        fmt.fetch(path, 0.0)
+    assert "HTTP 401" in str(e.value) and "a-wrong-password-1234" not in str(e.value)
+    monkeypatch.delenv(dicomweb.USER_ENV)
+    dicomweb.grant(dicomweb.Credentials(user=testing_pacs.USER, password=testing_pacs.PASSWORD))  # a decode task's
+    try:
         assert len(fmt.fetch(path, 0.0)) == SHAPE[2]
-        assert formats.fingerprint(path)[0] == SHAPE[2]
-        rows = listed(tmp_path, "--dicomweb", f"dicomweb+{server.dicomweb}")
-        assert set(rows) == {series}
+        assert testing_pacs.PASSWORD not in repr(dicomweb.Credentials.from_env({dicomweb.TOKEN_ENV: "t" * 20}))
+    finally:
+        dicomweb.grant(None)
 
 
-def test_score_a_manifest_of_dicomweb_series_equal_to_their_folders(archive, ray_cluster, tiny_model, tmp_path):
+def test_score_a_manifest_of_dicomweb_series_equal_to_their_folders(archive, ray_cluster, tiny_model, tmp_path, capfd):
     """One jobs.score run over the server's listing beside the same series as local folders: equal scores and
-    provenance; a series missing from the server is a read error row naming it; a rerun scores nothing again."""
+    provenance; a series missing from the server is a read error row naming it; the credentials of the driver's
+    environment reach the decode tasks (the session's Ray workers do not have them) and no output or log line;
+    a rerun scores nothing again."""
     server, folders, series = archive
     model_path, _ = tiny_model
     manifest = tmp_path / "manifest.parquet"
@@ -191,6 +202,14 @@ def test_score_a_manifest_of_dicomweb_series_equal_to_their_folders(archive, ray
             assert row[key] == twin[key], (name, key)
         assert row["original_shape"] == twin["original_shape"] and row["orientation"] == twin["orientation"]
         assert row["source_size"] == SHAPE[2]  # the instance count
+    # The credentials reached the decode tasks from this (the driver's) environment only, and no output holds them.
+    for folder, _, files in os.walk(output):
+        for name in files:
+            path = Path(folder, name)
+            text = str(pq.read_table(path).to_pylist()) if name.endswith(".parquet") else path.read_text("latin-1")
+            assert testing_pacs.PASSWORD not in text, path
+    captured = capfd.readouterr()
+    assert testing_pacs.PASSWORD not in captured.out + captured.err
     again = run(str(jsonl), model_path, output, **kwargs)  # the fingerprints stand: only the read error is retried
     assert again["counts"]["skipped_done"] == len(results) and again["counts"]["rescored_changed"] == 0
     assert again["counts"]["ok"] == 0 and len(rows_by_scan_id(output, "results")) == len(results)

@@ -57,6 +57,14 @@ def valid(ds, folder):
     return [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
 
 
+def all_valid(objects, tmp_path):
+    """Whether ``dciodvfy`` finds no error in any of ``objects`` (where it is installed: CI requires it)."""
+    testing_pacs.require(testing_pacs.tool("dciodvfy"))
+    folder = tmp_path / "dciodvfy"
+    folder.mkdir(exist_ok=True)
+    return objects and all(valid(ds, folder) == [] for ds in objects)
+
+
 def listing(server, tmp_path):
     manifest = tmp_path / f"manifest{len(list(tmp_path.glob('manifest*')))}.parquet"
     assert M.main(["--dicomweb", f"dicomweb+{server.dicomweb}", "--out", str(manifest)]) == 0
@@ -167,7 +175,9 @@ def test_a_pacs_stopped_mid_run_then_started_leaves_everything_exactly_once(
         assert sorted(ids) == sorted(first + later)  # each exactly once
         from jobs.output.pacs import read_score_report
 
-        assert sorted(read_score_report(sr)["source_series_uid"] for sr in reports(server)) == sorted(first + later)
+        srs = reports(server)
+        assert sorted(read_score_report(sr)["source_series_uid"] for sr in srs) == sorted(first + later)
+        assert all_valid([*srs, *reports(server, PM_CLASS)], tmp_path)
     finally:
         server.stop()
 
@@ -199,3 +209,4 @@ def test_an_unreachable_write_back_target_loses_no_row_and_the_next_run_stores(
         assert len(reports(server)) == 2
         rerun = run(manifest, window_model[0], output, write_back=target, **kw)
         assert rerun["counts"]["written_back"] == 0 and len(reports(server)) == 2
+        assert all_valid([*reports(server), *reports(server, PM_CLASS)], tmp_path)

@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from jobs import stages
+from jobs import dicomweb, stages
 from jobs.errors import JobError, ScanError
 from jobs.inputs import formats
 from jobs.inputs.channels import channel_columns, channel_options, check_count, named_paths
@@ -138,6 +138,7 @@ def decode_batch(
     at_spacing: bool = False,
     channels: int = 1,
     settled_before_us: int | None = None,
+    dicomweb_credentials: dicomweb.Credentials | None = None,
 ) -> dict[str, np.ndarray]:
     """CPU stage: read, validate, decode and preprocess each scan; failures become error rows.
 
@@ -162,7 +163,10 @@ def decode_batch(
     A read that fails transiently is retried for up to ``read_retry_s`` seconds (None: jobs.storage's
     default). Once one has spent that budget, the batch's later reads get a single attempt each: storage is
     down, and waiting the whole budget per scan would only delay the run's end.
+
+    ``dicomweb_credentials``: the driver's, for series read from a PACS (:func:`jobs.dicomweb.grant`).
     """
+    dicomweb.grant(dicomweb_credentials)
     count = len(batch["scan_id"])
     out = {
         "scan_id": batch["scan_id"],
@@ -386,6 +390,8 @@ def build_dataset(
                 "at_spacing": config.windows,
                 "channels": channels,
                 "settled_before_us": settled_before_us,
+                # The driver's DICOMweb credentials, in memory: a worker's environment need not hold them.
+                "dicomweb_credentials": dicomweb.Credentials.from_env(),
             },
             batch_size=rows_per_block,
             batch_format="numpy",
