@@ -3,8 +3,10 @@ series uploaded with STOW-RS; ``jobs.manifest --dicomweb`` lists them with QIDO-
 with WADO-RS and read them with the DICOM reader, so a series scores as its folder of the same files does."""
 
 import datetime
+import http.server
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -213,3 +215,54 @@ def test_score_a_manifest_of_dicomweb_series_equal_to_their_folders(archive, ray
     again = run(str(jsonl), model_path, output, **kwargs)  # the fingerprints stand: only the read error is retried
     assert again["counts"]["skipped_done"] == len(results) and again["counts"]["rescored_changed"] == 0
     assert again["counts"]["ok"] == 0 and len(rows_by_scan_id(output, "results")) == len(results)
+
+
+class _Answers(http.server.BaseHTTPRequestHandler):
+    """A DICOMweb server's failures on demand (Orthanc gives no 429 or 503 at will): each GET takes the next
+    status of ``statuses``; the last one stands. A token other than ``token`` is answered 401."""
+
+    statuses: list[int] = []
+    token = ""
+    seen: list[int] = []
+
+    def do_GET(self):  # noqa: N802  (http.server's name)
+        if self.headers.get("Authorization") != f"Bearer {self.token}":
+            status = 401
+        else:
+            status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
+        self.seen.append(status)
+        self.send_response(status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_429_and_5xx_are_retried_within_the_budget_and_a_bearer_token_is_sent(tmp_path, monkeypatch):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Answers)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.delenv(dicomweb.USER_ENV)
+        monkeypatch.setenv(dicomweb.TOKEN_ENV, "a-bearer-token-for-the-test")
+        _Answers.token = "a-bearer-token-for-the-test"
+        path = f"dicomweb+http://127.0.0.1:{server.server_port}/dicom-web/studies/1.2/series/1.3"
+        fmt = formats.format_for(path)[0]
+        for transient in (503, 429, 502):
+            _Answers.statuses, _Answers.seen = [transient, transient, 404], []
+            with pytest.raises(ScanError) as e:
+                fmt.fetch(path, 30.0)
+            assert e.value.stage == "read" and "HTTP 404" in e.value.reason  # the 404 once the server recovered
+            assert _Answers.seen == [transient, transient, 404]
+        _Answers.statuses, _Answers.seen = [503], []
+        with pytest.raises(ScanError) as e:
+            fmt.fetch(path, 1.0)
+        assert e.value.stage == "read-transient" and "HTTP 503" in e.value.reason and len(_Answers.seen) > 1
+        monkeypatch.setenv(dicomweb.TOKEN_ENV, "another-token-entirely")
+        _Answers.statuses = [404]
+        with pytest.raises(ScanError) as e:
+            fmt.fetch(path, 0.0)
+        assert "HTTP 401" in e.value.reason and "another-token-entirely" not in str(e.value)
+    finally:
+        server.shutdown()
+        server.server_close()
