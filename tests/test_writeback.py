@@ -85,8 +85,9 @@ def test_each_scored_series_gets_one_sr_and_one_map_read_back_and_valid(
     for n in range(3):
         folder = tmp_path / f"series{n}"
         sources[new_series(folder, 70 + n)] = folder
+    late = sorted(next(iter(sources.values())).iterdir())[-1]  # the first series' last slice, sent later
     with testing_pacs.running(tmp_path_factory.mktemp("orthanc")) as server:
-        server.store(sorted(p for f in sources.values() for p in f.iterdir()))
+        server.store(sorted(p for f in sources.values() for p in f.iterdir() if p != late))
         manifest = listing(server, tmp_path)
         output = str(tmp_path / "out")
         target = f"dicomweb+{server.dicomweb}"
@@ -106,7 +107,7 @@ def test_each_scored_series_gets_one_sr_and_one_map_read_back_and_valid(
             assert got["probabilities"] == pytest.approx(row["probabilities"], abs=1e-6)
             assert got["model_sha256"] == row["model_sha256"] and got["run_id"] == "night1"
             assert got["study_instance_uid"] == row["study_instance_uid"]
-            files = sorted(sources[row["scan_id"]].iterdir())
+            files = [f for f in sorted(sources[row["scan_id"]].iterdir()) if f != late]
             assert sorted(got["source_sop_instance_uids"]) == sorted(pydicom.dcmread(f).SOPInstanceUID for f in files)
             ras = row["max_window_ras"]
             assert got["max_window_lps"] == pytest.approx([-ras[0], -ras[1], ras[2]], abs=1e-3)
@@ -128,6 +129,15 @@ def test_each_scored_series_gets_one_sr_and_one_map_read_back_and_valid(
         other = str(tmp_path / "other")
         some = run(manifest, window_model[0], other, write_back=target, write_back_min_score=highest, **KW)
         assert some["counts"]["written_back"] == 1 and len(reports(server)) == 3
+
+        # The first series gains its last slice: rescored, and a new report beside the old one (history).
+        server.store([late])
+        grown = run(listing(server, tmp_path), window_model[0], output, write_back=target, run_id="night3", **KW)
+        assert grown["counts"]["rescored_changed"] == 1 and grown["counts"]["written_back"] == 1
+        now = {str(sr.SOPInstanceUID): read_score_report(sr) for sr in reports(server)}
+        assert len(now) == 4 and len(reports(server, PM_CLASS)) == 4
+        newest = [r for r in now.values() if r["run_id"] == "night3"]
+        assert len(newest) == 1 and len(newest[0]["source_sop_instance_uids"]) == SHAPE[2]
 
 
 def test_a_pacs_stopped_mid_run_then_started_leaves_everything_exactly_once(

@@ -179,6 +179,8 @@ WRITEBACK_SCHEMA = pa.schema(
         column("target", pa.string(), "the DICOMweb service root it was stored in (no credentials)"),
         column("sr_sop_instance_uid", pa.string(), "the SR's SOP Instance UID (derived: the same on every retry)"),
         column("map_sop_instance_uid", pa.string(), "the parametric map's (--windows runs), else null"),
+        column("source_size", pa.int64(), "the reported row's source_size (a DICOMweb series: its instance count)"),
+        column("source_mtime", UTC_TIME, "the reported row's source_mtime (its latest instance time)"),
         column("scored_run_id", pa.string(), "the run whose result row it reports"),
         column("run_id", pa.string(), "the run that stored it"),
         column("stored_at", UTC_TIME, "when the PACS accepted it (UTC)"),

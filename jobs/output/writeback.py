@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pydicom
+from pyarrow import fs as pafs
 
 from jobs import dicomweb, redact, stages
 from jobs.errors import StorageUnreachable
@@ -83,44 +84,63 @@ def fingerprint_text(row: dict[str, Any]) -> str:
     return f"{row['source_size'] if row['source_size'] is not None else -1}:{stamp}"
 
 
+KEY_COLUMNS = ["scan_id", "scored_at", "score", "series_instance_uid", "source_size", "source_mtime"]
+FINGERPRINT = ["source_size", "source_mtime"]
+
+
 def pending(store: OutputStore, model_sha256: str, target: str, min_score: float) -> tuple[list[dict[str, Any]], int]:
     """(each DICOMweb scan's latest result row by this model whose report is not yet in ``target``, the count of
-    such rows left out as scoring below ``min_score``)."""
-    from jobs.output.pacs import report_uid
+    such rows left out as scoring below ``min_score``).
 
+    Columnar throughout, for an archive of millions of rows: the latest row per scan from a few key columns, an
+    anti-join on (scan_id, fingerprint) with the records of ``writeback/``, and only then the pending rows whole
+    (window scores included) as Python values."""
     dataset = store.results_dataset(READ_COLUMNS)
     if dataset is None:
         return [], 0
-    rows = dataset.to_table(
-        filter=(pads.field("model_sha256") == model_sha256) & pc.starts_with(pads.field("path"), "dicomweb+")
-    )
-    if not rows.num_rows:
-        return [], 0
+    ours = (pads.field("model_sha256") == model_sha256) & pc.starts_with(pads.field("path"), "dicomweb+")
+    keys = _latest(dataset.to_table(columns=KEY_COLUMNS, filter=ours))
+    keep = pc.greater_equal(keys.column("score"), pa.scalar(min_score, pa.float32())).fill_null(False)
+    below = keys.num_rows - (pc.sum(keep).as_py() or 0)
+    keys = keys.filter(pc.and_(keep, pc.greater(pc.utf8_length(keys.column("series_instance_uid")), 0)))
+    keys = _fingerprinted(keys.select(["scan_id", "scored_at", *FINGERPRINT]))
+    stored = _stored(store, target, model_sha256)
+    if stored is not None:
+        keys = keys.join(stored, keys=["scan_id", *FINGERPRINT], join_type="left anti")
+    if not keys.num_rows:
+        return [], int(below)
+    rows = _latest(dataset.to_table(filter=ours & pads.field("scan_id").isin(keys.column("scan_id").combine_chunks())))
+    return rows.to_pylist(), int(below)
+
+
+def _latest(rows: pa.Table) -> pa.Table:
+    """Each scan's latest row (by scored_at) of ``rows``."""
+    if rows.num_rows < 2:
+        return rows
     rows = rows.sort_by([("scan_id", "ascending"), ("scored_at", "ascending")])
     ids = rows.column("scan_id").combine_chunks()
-    last = pc.not_equal(ids[:-1], ids[1:]).fill_null(True) if len(ids) > 1 else pa.array([], pa.bool_())
-    rows = rows.filter(pa.concat_arrays([last, pa.array([True])]))  # each scan's latest row
-    keep = pc.greater_equal(rows.column("score"), pa.scalar(min_score, pa.float32())).fill_null(False)
-    below = rows.num_rows - pc.sum(keep).as_py() if rows.num_rows else 0
-    rows = rows.filter(keep)
-    stored = _stored_uids(store, target)
-    todo = []
-    for row in rows.to_pylist():
-        if not row["series_instance_uid"]:
-            continue
-        uid = report_uid(row["series_instance_uid"], model_sha256, fingerprint_text(row), "sr")
-        if uid not in stored:
-            todo.append(row)
-    return todo, int(below)
+    last = pc.not_equal(ids[:-1], ids[1:]).fill_null(True)
+    return rows.filter(pa.concat_arrays([last, pa.array([True])]))
 
 
-def _stored_uids(store: OutputStore, target: str) -> set[str]:
+def _fingerprinted(table: pa.Table) -> pa.Table:
+    """``table`` with its fingerprint as join keys: int64 µs and bytes, -1 for unknown (a null never joins)."""
+    size = table.column("source_size").cast(pa.int64()).fill_null(-1)
+    mtime = table.column("source_mtime").cast(pa.int64()).fill_null(-1)
+    return table.set_column(table.schema.get_field_index("source_size"), "source_size", size).set_column(
+        table.schema.get_field_index("source_mtime"), "source_mtime", mtime
+    )
+
+
+def _stored(store: OutputStore, target: str, model_sha256: str) -> pa.Table | None:
+    """(scan_id, fingerprint) of every report recorded as stored in ``target`` for this model, or None."""
     folder = f"{store.root}/{KIND}"
-    if store.filesystem.get_file_info(folder).type.name == "NotFound":
-        return set()
+    if store.filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
+        return None
     dataset = pads.dataset(folder, schema=WRITEBACK_SCHEMA, format="parquet", filesystem=store.filesystem)
-    table = dataset.to_table(columns=["sr_sop_instance_uid"], filter=pads.field("target") == target)
-    return set(table.column("sr_sop_instance_uid").to_pylist())
+    condition = (pads.field("target") == target) & (pads.field("model_sha256") == model_sha256)
+    table = _fingerprinted(dataset.to_table(columns=["scan_id", *FINGERPRINT], filter=condition))
+    return table
 
 
 def write_back(
@@ -219,6 +239,8 @@ def _store_one(root: str, row: dict[str, Any], model_name: str, run_id: str, ret
         "target": root,
         "sr_sop_instance_uid": str(report.SOPInstanceUID),
         "map_sop_instance_uid": str(heat.SOPInstanceUID) if heat is not None else None,
+        "source_size": row["source_size"],
+        "source_mtime": row["source_mtime"],
         "scored_run_id": row["run_id"],
         "run_id": run_id,
         "stored_at": dt.datetime.now(dt.UTC),
