@@ -647,6 +647,14 @@ def summary(report: dict[str, Any]) -> str:
             f"  {len(report['cluster']['nodes'])} node(s), {report['cluster']['actor_restarts']} scoring actor "
             "restart(s)",
             _cost_line(report.get("cost_per_1k_scans") or {}),
+            *(
+                [
+                    f"  write-back: {c['written_back']} report(s) stored in the PACS, {c['write_back_failed']} failed "
+                    "(errors/ rows, stage write-back; the next run stores them)"
+                ]
+                if "written_back" in c
+                else []
+            ),
             *_left_out_lines(report.get("series_left_out") or {}),
             f"  progress: {Progress.line(_final_figures(report['progress']), final=True)}",
             f"  results: {out}/results/   errors: {out}/errors/   report: {report.get('report_path') or 'not written'}",

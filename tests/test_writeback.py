@@ -13,7 +13,7 @@ import pytest
 from jobs import manifest as M
 from jobs.errors import JobFailed
 from jobs.heatmap import heatmap_image
-from jobs.score import run
+from jobs.score import run, summary
 from jobs.testing import pacs as testing_pacs
 from jobs.testing.dicom import edit, write_series
 from jobs.testing.faults import hooks
@@ -94,6 +94,8 @@ def test_each_scored_series_gets_one_sr_and_one_map_read_back_and_valid(
         report = run(manifest, window_model[0], output, write_back=target, run_id="night1", **KW)
         assert report["counts"]["ok"] == 3 and report["counts"]["written_back"] == 3
         assert report["counts"]["write_back_failed"] == 0
+        lines = summary(report).splitlines()
+        assert any(line.startswith("  write-back: 3 report(s) stored in the PACS, 0 failed") for line in lines)
         results = rows_by_scan_id(output, "results")
         srs, maps = reports(server), reports(server, PM_CLASS)
         assert len(srs) == 3 and len(maps) == 3
