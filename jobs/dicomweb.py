@@ -29,6 +29,7 @@ from typing import Any, TypeVar
 import pydicom
 import pydicom.uid
 import requests
+from pydicom.valuerep import DA, TM
 from requests.adapters import HTTPAdapter
 
 from jobs import storage
@@ -252,13 +253,13 @@ def instance_time_us(item: pydicom.Dataset) -> int | None:
 
 
 def _parse_time(date: str, clock: str) -> datetime.datetime | None:
-    whole, _, fraction = clock.partition(".")
-    whole = (whole + "000000")[:6] if whole.isdigit() else "000000"
-    micros = int((fraction + "000000")[:6]) if fraction.isdigit() else 0
+    """A DICOM date and time (DA, TM: pydicom's parsers; a missing time is midnight), or None when either does
+    not conform."""
     try:
-        return datetime.datetime.strptime(date + whole, "%Y%m%d%H%M%S").replace(microsecond=micros)
+        day, moment = DA(date), TM(clock) if clock else datetime.time()
     except ValueError:
         return None
+    return datetime.datetime.combine(day, moment or datetime.time()) if day is not None else None
 
 
 def _utc_offset(text: str) -> datetime.timedelta:

@@ -123,36 +123,34 @@ def rng():
     return np.random.default_rng(1234)
 
 
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory):
-    """A small perturbed classifier saved as a verified artifact: (path, ArtifactInfo)."""
+def _perturbed_classifier(path, seed, **save_kwargs):
+    """A small 2-class ViT3D (16^3 input, patch 8), every weight perturbed, saved as a verified artifact at
+    ``path``: (path, ArtifactInfo)."""
     import numpy as np
 
     import vit3d
 
     model = vit3d.ViT3D(16, 8, hidden_size=16, mlp_dim=16, num_layers=1, num_heads=2, classification=True)
     model.build(model.volume_shape)
-    rng = np.random.default_rng(3)
+    rng = np.random.default_rng(seed)
     for v in model.weights:
         v.assign(np.asarray(v) + rng.normal(0, 0.3, v.shape).astype("float32"))
-    path = str(tmp_path_factory.mktemp("model") / "tiny.keras")
-    return path, vit3d.save(model, path)
+    return str(path), vit3d.save(model, str(path), **save_kwargs)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A small perturbed classifier saved as a verified artifact: (path, ArtifactInfo)."""
+    return _perturbed_classifier(tmp_path_factory.mktemp("model") / "tiny.keras", 3)
 
 
 @pytest.fixture(scope="session")
 def window_model(tmp_path_factory):
     """A small perturbed 2-class ViT3D with a 16^3 window at 2 mm (windows runs): (path, ArtifactInfo)."""
-    import numpy as np
-
-    import vit3d
-
-    model = vit3d.ViT3D(16, 8, hidden_size=16, mlp_dim=16, num_layers=1, num_heads=2, classification=True)
-    model.build(model.volume_shape)
-    rng = np.random.default_rng(11)
-    for v in model.weights:
-        v.assign(np.asarray(v) + rng.normal(0, 0.3, v.shape).astype("float32"))
-    path = str(tmp_path_factory.mktemp("window_model") / "windows.keras")
-    return path, vit3d.save(model, path, preprocessing={"orientation": "RAS", "spacing": [2.0, 2.0, 2.0]})
+    preprocessing = {"orientation": "RAS", "spacing": [2.0, 2.0, 2.0]}
+    return _perturbed_classifier(
+        tmp_path_factory.mktemp("window_model") / "windows.keras", 11, preprocessing=preprocessing
+    )
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,6 @@ class Outcome:
 
     stored: int = 0
     failed: int = 0
-    below_min_score: int = 0
     unreachable: str | None = None
 
 
@@ -88,29 +87,28 @@ KEY_COLUMNS = ["scan_id", "scored_at", "score", "series_instance_uid", "source_s
 FINGERPRINT = ["source_size", "source_mtime"]
 
 
-def pending(store: OutputStore, model_sha256: str, target: str, min_score: float) -> tuple[list[dict[str, Any]], int]:
-    """(each DICOMweb scan's latest result row by this model whose report is not yet in ``target``, the count of
-    such rows left out as scoring below ``min_score``).
+def pending(store: OutputStore, model_sha256: str, target: str, min_score: float) -> list[dict[str, Any]]:
+    """Each DICOMweb scan's latest result row by this model, scoring ``min_score`` or more, whose report is not yet
+    in ``target``.
 
     Columnar throughout, for an archive of millions of rows: the latest row per scan from a few key columns, an
     anti-join on (scan_id, fingerprint) with the records of ``writeback/``, and only then the pending rows whole
     (window scores included) as Python values."""
     dataset = store.results_dataset(READ_COLUMNS)
     if dataset is None:
-        return [], 0
+        return []
     ours = (pads.field("model_sha256") == model_sha256) & pc.starts_with(pads.field("path"), "dicomweb+")
     keys = _latest(dataset.to_table(columns=KEY_COLUMNS, filter=ours))
     keep = pc.greater_equal(keys.column("score"), pa.scalar(min_score, pa.float32())).fill_null(False)
-    below = keys.num_rows - (pc.sum(keep).as_py() or 0)
     keys = keys.filter(pc.and_(keep, pc.greater(pc.utf8_length(keys.column("series_instance_uid")), 0)))
     keys = _fingerprinted(keys.select(["scan_id", "scored_at", *FINGERPRINT]))
     stored = _stored(store, target, model_sha256)
     if stored is not None:
         keys = keys.join(stored, keys=["scan_id", *FINGERPRINT], join_type="left anti")
     if not keys.num_rows:
-        return [], int(below)
+        return []
     rows = _latest(dataset.to_table(filter=ours & pads.field("scan_id").isin(keys.column("scan_id").combine_chunks())))
-    return rows.to_pylist(), int(below)
+    return rows.to_pylist()
 
 
 def _latest(rows: pa.Table) -> pa.Table:
@@ -158,8 +156,8 @@ def write_back(
     stored in ``writeback/`` and each failure in ``errors/``, with ``commit(kind, table)`` (the sink's, under the
     output lock)."""
     root = dicomweb.service_url(target)
-    todo, below = pending(store, model_sha256, root, min_score)
-    outcome = Outcome(below_min_score=below)
+    todo = pending(store, model_sha256, root, min_score)
+    outcome = Outcome()
     if not todo:
         return outcome
     logger.debug("writing back %d reports to %s", len(todo), root)
