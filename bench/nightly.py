@@ -21,6 +21,7 @@ a night is not exactly once or a target is missed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
 import os
@@ -114,10 +115,22 @@ def run_night(manifest: str, model: str, output: str) -> dict:
     env.pop("RAY_ADDRESS", None)
     command = [sys.executable, "-m", "jobs.score", "--manifest", manifest, "--model", model, "--output", output]
     command += ["--device", "cpu", "--batch-size", "32", "--quiet", "--run-id", f"bench-{time.time_ns()}"]
-    proc = subprocess.run(command, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        print(proc.stdout[-3000:], proc.stderr[-3000:])
-        raise SystemExit(f"jobs.score exited {proc.returncode}")
+    samples: list[float] = []  # the driver's resident set (MiB), every second: is it growing, or peaking?
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(command, env=env, stdout=out, stderr=err, text=True)
+        while proc.poll() is None:
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                status = open(f"/proc/{proc.pid}/status").read()  # noqa: SIM115 (read at once)
+                samples.append(int(status.split("VmRSS:")[1].split()[0]) / 1024)
+            time.sleep(1.0)
+        if proc.returncode != 0:
+            out.seek(0), err.seek(0)
+            print(out.read()[-3000:], err.read()[-3000:])
+            raise SystemExit(f"jobs.score exited {proc.returncode}")
+    if len(samples) >= 8:
+        quarters = [samples[min(len(samples) - 1, len(samples) * q // 4)] for q in (1, 2, 3, 4)]
+        shown = ", ".join(f"{m:,.0f}" for m in quarters)
+        print(f"  driver resident set at 1/4, 1/2, 3/4 and the end of the run: {shown} MiB")
     reports = sorted(os.listdir(os.path.join(output, "runs")))
     latest = max(
         (r for r in reports if r.endswith(".json")), key=lambda r: os.stat(os.path.join(output, "runs", r)).st_mtime
@@ -184,7 +197,9 @@ def main() -> int:
                 peak = report["driver"]["peak_rss_mb"]
                 rows.append((count, peak))
                 print(
-                    f"first night of {count:,d} scans: driver peak {peak:,.0f} MiB, wall {report['wall_s']:.0f} s "
+                    f"first night of {count:,d} scans: driver peak {peak:,.0f} MiB "
+                    f"({report['driver'].get('peak_rss_before_page_mb', 0):,.0f} before the page), "
+                    f"wall {report['wall_s']:.0f} s "
                     f"({report['throughput_scans_per_s']:.0f} scans/s), exactly once: {once}"
                 )
                 shutil.rmtree(folder)

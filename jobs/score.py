@@ -335,6 +335,7 @@ def _run_planned(
             raise _reported(failure, sink, report, redactor)
         page = write_page(sink, report, redactor)  # jobs.report; None (and a warning) if it failed
         report["report_page"] = redact.scrub(page) if page else page
+        report["driver"]["peak_rss_before_page_mb"] = report["driver"]["peak_rss_mb"]
         report["driver"]["peak_rss_mb"] = round(_peak_rss_mb(), 1)  # drawing the page included
         report["report_path"] = redact.scrub(sink.write_report(report))
         return report

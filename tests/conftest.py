@@ -26,6 +26,17 @@ def fresh_python(args, timeout=600, **kwargs):
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 
+def pytest_configure(config):
+    """jobs/ and vit3d/ compiled to bytecode once for the session. Under PYTHONDONTWRITEBYTECODE (set on the CI
+    machines) Python never writes it, and each of the few hundred processes a run of the suite starts (scoring
+    actors, task workers, drivers) compiled the modules it imports from source again."""
+    if sys.dont_write_bytecode:
+        import compileall
+
+        for package in ("jobs", "vit3d"):
+            compileall.compile_dir(os.path.join(REPO_ROOT, package), quiet=2)
+
+
 # --- S3 server on 127.0.0.1 --------------------------------------------------
 
 

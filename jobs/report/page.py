@@ -42,7 +42,7 @@ import pyarrow as pa
 
 from jobs import redact, storage
 from jobs.report.figures import charts
-from jobs.report.read import previous_runs, read_rows
+from jobs.report.read import previous_runs, read_rows, row_batches, rows_at
 from jobs.report.stats import STAGES, summarize
 
 if TYPE_CHECKING:
@@ -316,15 +316,24 @@ def build_page(store: OutputStore, report: dict[str, Any], redactor: Redactor | 
     sha = report["model"]["sha256"]
     mode = report["config"]["mode"]
     outputs = ["score"] if mode == "score" else ["embedding"]
-    columns = ["scan_id", "path", "scored_at", *outputs, *(f"{s}_s" for s in STAGES)]
-    results = read_rows(store, "results", columns, [report["run_id"]], sha)
-    errors = read_rows(store, "errors", ["scan_id", "path", "stage", "error", "failed_at"], [report["run_id"]], sha)
-    if redactor is not None and results is not None:
-        redactor.learn(results.column("scan_id").to_pylist(), results.column("path").to_pylist())
+    run_ids = [report["run_id"]]
+    # A first night has a row per scan of the archive: its rows are read without their scan_ids and paths (the
+    # projection of embeddings names every point), and the slowest few are looked up by position.
+    ids = ["scan_id"] if mode == "embed" else []
+    columns = [*ids, "scored_at", *outputs, *(f"{s}_s" for s in STAGES)]
+    results = read_rows(store, "results", columns, run_ids, sha)
+    errors = read_rows(store, "errors", ["scan_id", "path", "stage", "error", "failed_at"], run_ids, sha)
+    if redactor is not None:
+        for batch in row_batches(store, "results", ["scan_id", "path"], run_ids, sha) or []:
+            redactor.learn(batch.column("scan_id").to_pylist(), batch.column("path").to_pylist())
     (errors,) = _redacted([errors], redactor)
     previous = previous_runs(store, report)
     previous_results = read_rows(store, "results", ["run_id", *outputs], [r["run_id"] for r in previous], sha)
-    data = summarize(report, results, errors, previous, previous_results)
+
+    def identify(positions: list[int]) -> pa.Table:
+        return rows_at(store, "results", ["scan_id", "path", *(f"{s}_s" for s in STAGES)], run_ids, sha, positions)
+
+    data = summarize(report, results, errors, previous, previous_results, identify)
     # The results' scan_ids and paths are cleaned where the page shows them only (a first night has millions).
     for row in data["slowest"]:
         row["scan_id"], row["path"] = _shown("scan_id", row["scan_id"], redactor), _shown("path", row["path"], redactor)

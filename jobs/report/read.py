@@ -4,7 +4,7 @@ and its rows of ``results/`` and ``errors/``. Everything else in the package wor
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
@@ -18,6 +18,8 @@ if TYPE_CHECKING:
     from jobs.output.store import OutputStore
 
 PREVIOUS_RUNS = 7
+# Rows a batch when a run's rows are read (row_batches).
+READ_BATCH_ROWS = 65_536
 
 
 def _report_files(store: OutputStore) -> list[pafs.FileInfo]:
@@ -70,14 +72,62 @@ def previous_runs(store: OutputStore, report: dict[str, Any]) -> list[dict[str, 
     return sorted(found, key=lambda r: r["finished_at"])
 
 
-def read_rows(
+def row_batches(
     store: OutputStore, kind: str, columns: Sequence[str], run_ids: Sequence[str], model_sha256: str
-) -> pa.Table | None:
-    """``columns`` of ``kind`` (results or errors) rows of ``run_ids`` for this model, as a table (maybe empty);
-    None when there is nothing to read (no runs asked for, or no such folder yet)."""
+) -> Iterator[pa.RecordBatch] | None:
+    """``columns`` of ``kind`` (results or errors) rows of ``run_ids`` for this model, a batch at a time; None when
+    there is nothing to read (no runs asked for, or no such folder yet).
+
+    A first night has a row per scan of the archive: the files are read one at a time, a batch ahead, and only the
+    columns asked for are kept (the filter's own columns are dropped batch by batch), so what the reader holds does
+    not grow with the run (pyarrow's default of 4 files and 16 batches ahead held about 500 bytes a row more)."""
     folder = f"{store.root}/{kind}"
     if not run_ids or store.filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
         return None
     dataset = pads.dataset(folder, format="parquet", filesystem=store.filesystem)
     wanted = (pads.field("run_id").isin(list(run_ids))) & (pads.field("model_sha256") == model_sha256)
-    return dataset.to_table(columns=[c for c in columns if c in dataset.schema.names], filter=wanted)
+    scanner = dataset.scanner(
+        columns=[c for c in columns if c in dataset.schema.names],
+        filter=wanted,
+        batch_size=READ_BATCH_ROWS,
+        batch_readahead=1,
+        fragment_readahead=1,
+        use_threads=False,
+    )
+    return scanner.to_batches()
+
+
+def read_rows(
+    store: OutputStore, kind: str, columns: Sequence[str], run_ids: Sequence[str], model_sha256: str
+) -> pa.Table | None:
+    """:func:`row_batches` as one table (maybe empty); None when there is nothing to read."""
+    folder = f"{store.root}/{kind}"
+    if not run_ids or store.filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
+        return None
+    dataset = pads.dataset(folder, format="parquet", filesystem=store.filesystem)
+    names = [c for c in columns if c in dataset.schema.names]
+    batches = row_batches(store, kind, names, run_ids, model_sha256)
+    return pa.Table.from_batches(batches or [], schema=pa.schema([dataset.schema.field(c) for c in names]))
+
+
+def rows_at(
+    store: OutputStore,
+    kind: str,
+    columns: Sequence[str],
+    run_ids: Sequence[str],
+    model_sha256: str,
+    positions: Sequence[int],
+) -> pa.Table:
+    """``columns`` of the rows at ``positions`` (in :func:`read_rows`' order) of ``kind``, in the order given: the
+    page names its slowest scans without holding every scan_id and path of a first night."""
+    dataset = pads.dataset(f"{store.root}/{kind}", format="parquet", filesystem=store.filesystem)
+    wanted = (pads.field("run_id").isin(list(run_ids))) & (pads.field("model_sha256") == model_sha256)
+    return dataset.take(
+        pa.array(positions, pa.int64()),
+        columns=list(columns),
+        filter=wanted,
+        batch_size=READ_BATCH_ROWS,
+        batch_readahead=1,
+        fragment_readahead=1,
+        use_threads=False,
+    )

@@ -12,7 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -128,8 +128,13 @@ def summarize(
     errors: pa.Table | None,
     previous: Sequence[dict[str, Any]],
     previous_results: pa.Table | None,
+    identify: Callable[[list[int]], pa.Table] | None = None,
 ) -> dict[str, Any]:
-    """Every number on the page (a JSON-ready dict), from the report and this run's (and earlier runs') rows."""
+    """Every number on the page (a JSON-ready dict), from the report and this run's (and earlier runs') rows.
+
+    ``identify`` gives the scan_id, path and stage seconds of the ``results`` rows at some positions, for a
+    ``results`` read without scan_ids and paths (:func:`jobs.report.page.build_page`: a first night's are never all
+    in memory); by default they are taken from ``results``."""
     counts = report["counts"]
     attempted = counts["ok"] + counts["error"]
     budget = report["config"]["max_error_rate"]
@@ -159,16 +164,24 @@ def summarize(
     def numbers(name: str) -> np.ndarray:
         if name not in names:
             return np.zeros(0)
-        return table.column(name).to_numpy(zero_copy_only=False).astype(np.float64)
+        return np.asarray(table.column(name).to_numpy(zero_copy_only=False), np.float64)
 
     error_rows = errors.to_pylist() if errors is not None else []
-    data["stages"] = {s: percentiles(numbers(f"{s}_s")) for s in STAGES}
     timed = [s for s in STAGES if f"{s}_s" in names]
     totals = np.zeros(data["results_rows"])
-    for s in timed:
-        totals += numbers(f"{s}_s")
-    order = np.argsort(-totals, kind="stable")[:SLOWEST]
-    slowest = table.take(pa.array(order, pa.int64())).to_pylist()
+    data["stages"] = {}
+    for s in STAGES:  # a stage's column at a time: a first night has a row per scan
+        values = numbers(f"{s}_s")
+        data["stages"][s] = percentiles(values)
+        if s in timed:
+            totals += values
+    order = [int(i) for i in np.argsort(-totals, kind="stable")[:SLOWEST]]
+    if not order:
+        who: list[dict[str, Any]] = []
+    elif identify is None:
+        who = table.take(pa.array(order, pa.int64())).to_pylist()
+    else:
+        who = identify(order).to_pylist()
     data["slowest"] = [
         {
             "scan_id": row["scan_id"],
@@ -176,7 +189,7 @@ def summarize(
             "total_s": float(totals[i]),
             **{f"{s}_s": float(row[f"{s}_s"]) for s in timed},
         }
-        for i, row in zip(order, slowest, strict=True)
+        for i, row in zip(order, who, strict=True)
     ]
     data["errors_by_stage"] = {}
     for row in error_rows:
