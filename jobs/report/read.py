@@ -72,42 +72,45 @@ def previous_runs(store: OutputStore, report: dict[str, Any]) -> list[dict[str, 
     return sorted(found, key=lambda r: r["finished_at"])
 
 
-def row_batches(
+def _scanner(
     store: OutputStore, kind: str, columns: Sequence[str], run_ids: Sequence[str], model_sha256: str
-) -> Iterator[pa.RecordBatch] | None:
-    """``columns`` of ``kind`` (results or errors) rows of ``run_ids`` for this model, a batch at a time; None when
-    there is nothing to read (no runs asked for, or no such folder yet).
+) -> pads.Scanner | None:
+    """A scanner of ``columns`` of ``kind`` (results or errors) rows of ``run_ids`` for this model; None when there
+    is nothing to read (no runs asked for, or no such folder yet).
 
-    A first night has a row per scan of the archive: the files are read one at a time, a batch ahead, and only the
-    columns asked for are kept (the filter's own columns are dropped batch by batch), so what the reader holds does
-    not grow with the run (pyarrow's default of 4 files and 16 batches ahead held about 500 bytes a row more)."""
+    A first night has a row per scan of the archive: the files are read one at a time, a batch ahead, on one thread,
+    and only the columns asked for are kept (the filter's own columns are dropped batch by batch), so what the
+    reader holds does not grow with the run (pyarrow's default of 4 files and 16 batches ahead held about 500 bytes
+    a row more)."""
     folder = f"{store.root}/{kind}"
     if not run_ids or store.filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
         return None
     dataset = pads.dataset(folder, format="parquet", filesystem=store.filesystem)
-    wanted = (pads.field("run_id").isin(list(run_ids))) & (pads.field("model_sha256") == model_sha256)
-    scanner = dataset.scanner(
+    return dataset.scanner(
         columns=[c for c in columns if c in dataset.schema.names],
-        filter=wanted,
+        filter=(pads.field("run_id").isin(list(run_ids))) & (pads.field("model_sha256") == model_sha256),
         batch_size=READ_BATCH_ROWS,
         batch_readahead=1,
         fragment_readahead=1,
         use_threads=False,
     )
-    return scanner.to_batches()
+
+
+def row_batches(
+    store: OutputStore, kind: str, columns: Sequence[str], run_ids: Sequence[str], model_sha256: str
+) -> Iterator[pa.RecordBatch] | None:
+    """The rows of :func:`read_rows` a batch at a time; None when there is nothing to read."""
+    scanner = _scanner(store, kind, columns, run_ids, model_sha256)
+    return scanner.to_batches() if scanner is not None else None
 
 
 def read_rows(
     store: OutputStore, kind: str, columns: Sequence[str], run_ids: Sequence[str], model_sha256: str
 ) -> pa.Table | None:
-    """:func:`row_batches` as one table (maybe empty); None when there is nothing to read."""
-    folder = f"{store.root}/{kind}"
-    if not run_ids or store.filesystem.get_file_info(folder).type == pafs.FileType.NotFound:
-        return None
-    dataset = pads.dataset(folder, format="parquet", filesystem=store.filesystem)
-    names = [c for c in columns if c in dataset.schema.names]
-    batches = row_batches(store, kind, names, run_ids, model_sha256)
-    return pa.Table.from_batches(batches or [], schema=pa.schema([dataset.schema.field(c) for c in names]))
+    """``columns`` of ``kind`` (results or errors) rows of ``run_ids`` for this model, as a table (maybe empty);
+    None when there is nothing to read (no runs asked for, or no such folder yet)."""
+    scanner = _scanner(store, kind, columns, run_ids, model_sha256)
+    return scanner.to_table() if scanner is not None else None
 
 
 def rows_at(
@@ -120,14 +123,6 @@ def rows_at(
 ) -> pa.Table:
     """``columns`` of the rows at ``positions`` (in :func:`read_rows`' order) of ``kind``, in the order given: the
     page names its slowest scans without holding every scan_id and path of a first night."""
-    dataset = pads.dataset(f"{store.root}/{kind}", format="parquet", filesystem=store.filesystem)
-    wanted = (pads.field("run_id").isin(list(run_ids))) & (pads.field("model_sha256") == model_sha256)
-    return dataset.take(
-        pa.array(positions, pa.int64()),
-        columns=list(columns),
-        filter=wanted,
-        batch_size=READ_BATCH_ROWS,
-        batch_readahead=1,
-        fragment_readahead=1,
-        use_threads=False,
-    )
+    scanner = _scanner(store, kind, columns, run_ids, model_sha256)
+    assert scanner is not None, "rows_at after read_rows found rows"
+    return scanner.take(pa.array(positions, pa.int64()))
