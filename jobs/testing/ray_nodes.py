@@ -159,8 +159,10 @@ class RayNode:
             command, self.ports = self._command(free_port_block(count))
             log_path = Path(self.temp_dir, f"node-{self.ports['node-manager-port']}.log")
             with open(log_path, "w") as log:  # a file, not a pipe nobody reads
+                # Ray fails a head whose dashboard is not up in 60 s; a busy 2-core machine can take longer.
+                env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **self.env}
                 self.proc = subprocess.Popen(
-                    command, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
             state = wait_until(self._state, "a Ray node to start", timeout=600, every=0.5)
             if state == "up":
