@@ -35,7 +35,7 @@ from jobs.output.tonight import POSITION
 from jobs.run.block_stats import bound_block_stats
 from jobs.run.ledger import CrashLedger, process_guarded, retry_budget
 from jobs.run.scorer import Scorer, node_id
-from jobs.run.watchdog import watch_for_stall
+from jobs.run.watchdog import StallWatch
 
 if TYPE_CHECKING:
     from ray.data import Dataset
@@ -247,6 +247,20 @@ def decode_batch(
 # --- placement ------------------------------------------------------------------------------------------------
 
 
+def stop_execution(dataset: Any) -> None:
+    """Stop ``dataset``'s streaming executor and its tasks now (a no-op once it has finished).
+
+    Ray Data stops an execution only when its iterator is exhausted or garbage-collected; a run that broke off
+    (a stall, a storage outage) would leave its scheduling thread running into interpreter shutdown.
+    ``_current_executor`` is Ray Data's own handle for this (what ``Dataset.__del__`` shuts down); a Ray that
+    lacks it is caught by tests/test_watchdog.py.
+    """
+    executor = getattr(dataset, "_current_executor", None)
+    if executor is not None:
+        with contextlib.suppress(Exception):
+            executor.shutdown(force=True)
+
+
 def connect_ray(ray_address: str | None, scoring_workers: int) -> int | None:
     """Join the given cluster, or start a local Ray instance. Returns the local core count when it started one.
 
@@ -456,7 +470,9 @@ def scoring_pipeline(
 
     local_cores = connect_ray(config.ray_address, config.workers or 1)
     ledger = None
+    dataset: Any = None
     batches: Any = None  # Ray Data's batch generator (typed Iterable there)
+    watch: StallWatch | None = None
     try:
         plan = plan_workers(config.device, config.workers, config.wait_for_gpus, local_cores)
         logger.debug("worker plan: %s", plan)
@@ -479,9 +495,15 @@ def scoring_pipeline(
             settled_before_us=settled_before_us,
         )
         batches = dataset.iter_batches(batch_size=None, batch_format="numpy")
-        yield PipelineRun(plan, watch_for_stall(batches, config.stall_timeout_s), ledger)
+        watch = StallWatch(batches, config.stall_timeout_s)
+        yield PipelineRun(plan, watch, ledger)
     finally:
-        if batches is not None:  # a run that broke off: stop Ray Data's executor now, not in interpreter shutdown
+        # A run that broke off: stop Ray Data's executor now, and end the thread that pulls its batches, not in
+        # interpreter shutdown (a thread left inside Ray then can crash the process: exit 1 became a segfault).
+        stop_execution(dataset)
+        if watch is not None and not watch.close():
+            logger.warning("the thread reading the pipeline's batches did not stop within 10 s")
+        if batches is not None:
             with contextlib.suppress(Exception):
                 batches.close()
         if ledger is not None:

@@ -27,40 +27,71 @@ def cluster_capacity() -> str:
         return f"cluster state unknown ({type(e).__name__}: {e})"
 
 
-def watch_for_stall(batches: Iterable[T], stall_s: float) -> Iterator[T]:
-    """Yield ``batches``; raise :class:`PipelineStalled` when none arrives for ``stall_s`` seconds (0: never).
+class StallWatch(Iterator[T]):
+    """Iterate ``batches``; raise :class:`PipelineStalled` when none arrives for ``stall_s`` seconds (0: never).
 
     A pipeline can wait forever without failing: a lost node whose replacement actor leaves no CPU for decode
     tasks, a read that hangs on a dead mount. The batches are pulled in a thread and handed over through a
     one-slot queue (the same back-pressure as iterating directly); the caller waits on the queue with a timeout.
+    :meth:`close` ends that thread once its source has been stopped: a thread still inside Ray when the
+    interpreter shuts down can crash the process and turn exit 1 into a segfault.
     """
-    if not stall_s:
-        yield from batches
-        return
-    handoff: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
-    end = object()
 
-    def pull():
+    def __init__(self, batches: Iterable[T], stall_s: float) -> None:
+        self._stall_s = stall_s
+        self._handoff: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(maxsize=1)
+        self._stop = threading.Event()
+        self._end = object()
+        self._direct: Iterator[T] | None = iter(batches) if not stall_s else None
+        self._thread: threading.Thread | None = None
+        if not stall_s:
+            return
+        self._thread = threading.Thread(target=self._pull, args=(batches,), name="vit3d-batches", daemon=True)
+        self._thread.start()
+
+    def _hand(self, item: tuple[Any, BaseException | None]) -> bool:
+        """Put ``item`` in the slot; False once the watch is closed (nobody will take it)."""
+        while not self._stop.is_set():
+            try:
+                self._handoff.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _pull(self, batches: Iterable[T]) -> None:
         try:
             for batch in batches:
-                handoff.put((batch, None))
-            handoff.put((end, None))
+                if not self._hand((batch, None)):
+                    return
+            self._hand((self._end, None))
         except BaseException as e:  # re-raised in the caller's thread
-            handoff.put((end, e))
+            self._hand((self._end, e))
 
-    threading.Thread(target=pull, name="vit3d-batches", daemon=True).start()
-    while True:
+    def __next__(self) -> T:
+        if self._direct is not None:
+            return next(self._direct)
         try:
-            batch, error = handoff.get(timeout=stall_s)
+            batch, error = self._handoff.get(timeout=self._stall_s)
         except queue.Empty:
             raise PipelineStalled(
-                f"no scan was scored for {stall_s:g} s (--stall-timeout-s): the pipeline is stuck. "
+                f"no scan was scored for {self._stall_s:g} s (--stall-timeout-s): the pipeline is stuck. "
                 f"{cluster_capacity()}. "
                 "A scoring actor holds its CPUs while waiting for input, so a cluster that lost a node may have no "
                 "CPU left for decoding: add capacity (or lower --workers) and rerun to resume"
             ) from None
         if error is not None:
             raise error
-        if batch is end:
-            return
-        yield batch
+        if batch is self._end:
+            self._stop.set()
+            raise StopIteration
+        return batch
+
+    def close(self, timeout_s: float = 10.0) -> bool:
+        """Stop handing batches over and wait up to ``timeout_s`` for the pulling thread to end (call it after
+        the source is stopped, or the thread may be blocked inside it). True when no thread is left running."""
+        self._stop.set()
+        if self._thread is None:
+            return True
+        self._thread.join(timeout_s)
+        return not self._thread.is_alive()
