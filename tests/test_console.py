@@ -85,3 +85,21 @@ def test_quiet_console_does_not_hide_python_errors(tmp_path):
     )
     proc = fresh_python(["-c", script], cwd=REPO_ROOT)
     assert proc.returncode == 1 and "boom: a real error" in proc.stderr, proc.stderr
+
+
+def test_tensorflow_start_up_skips_only_keras_optional_plotting_import():
+    """The job's first TensorFlow import (jobs.run.scorer.configure_tensorflow) leaves Keras without pyplot, which
+    it never calls, and matplotlib imports as usual afterwards (the review pictures use its colormaps)."""
+    code = (
+        "import sys\n"
+        "from jobs.run.scorer import configure_tensorflow\n"
+        "configure_tensorflow()\n"
+        "from keras.src.visualization import plot_image_gallery\n"
+        "assert plot_image_gallery.plt is None, 'Keras imported pyplot'\n"
+        "assert 'matplotlib' not in sys.modules, sorted(m for m in sys.modules if 'matplotlib' in m)\n"
+        "from matplotlib import colormaps\n"
+        "import matplotlib.pyplot\n"
+        "print(colormaps['viridis'].name)\n"
+    )
+    proc = fresh_python(["-c", code], cwd=REPO_ROOT)
+    assert proc.returncode == 0 and proc.stdout.split() == ["viridis"], proc.stderr[-3000:]

@@ -49,15 +49,40 @@ def scores_from_logits(logits: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
     return score.astype(np.float32), probabilities.astype(np.float32)
 
 
+# Keras imports matplotlib.pyplot, where it is installed, for plotting helpers (keras.visualization) that the job
+# never calls: about a quarter of TensorFlow's first import in a scoring actor (4.4 s → 3.4 s, docs/explanation/
+# performance.md). jobs.report.review still imports matplotlib's colormaps itself, later, when it draws.
+UNUSED_BY_KERAS = ("matplotlib",)
+
+
+@contextlib.contextmanager
+def unimportable(names: tuple[str, ...]) -> Iterator[None]:
+    """Inside the block, importing one of ``names`` (top-level packages not imported yet) raises ImportError, so
+    that a library's optional import of it is skipped; afterwards they import as usual."""
+    hidden = [name for name in names if name not in sys.modules]
+    for name in hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # Python's documented import block
+    try:
+        yield
+    finally:
+        for name in hidden:
+            if sys.modules.get(name, False) is None:
+                del sys.modules[name]
+
+
 def configure_tensorflow(threads: int | None = None) -> ModuleType:
     """Memory growth on every visible GPU and a thread budget, before TF builds anything.
 
     TensorFlow's first import and device listing in a process print start-up lines that TF_CPP_MIN_LOG_LEVEL
     does not reach (see :func:`jobs.observe.logs.tensorflow_startup_noise`); those are hidden, unless verbose.
+    That first import skips Keras's optional plotting import (:data:`UNUSED_BY_KERAS`).
     """
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     first = "tensorflow" not in sys.modules
-    with hide_native_stderr_lines(tensorflow_startup_noise, enabled=first and not is_verbose()):
+    with (
+        hide_native_stderr_lines(tensorflow_startup_noise, enabled=first and not is_verbose()),
+        unimportable(UNUSED_BY_KERAS if first else ()),
+    ):
         import tensorflow as tf
 
         gpus = tf.config.list_physical_devices("GPU")  # cuInit: its error, where no GPU can be, is start-up noise
