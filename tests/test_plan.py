@@ -331,3 +331,19 @@ def test_ray_datas_block_statistics_stay_bounded_on_the_driver(ray_cluster, monk
     assert sum(len(b["id"]) for b in ds.iter_batches(batch_size=None)) == 40
     produced = [int(n) for n in re.findall(r"(\d+) blocks produced", ds.stats())]
     assert produced and max(produced) <= 2 * block_stats.KEEP, ds.stats()
+
+
+@pytest.mark.parametrize(("rows_per_block", "sizes"), [(4, [4, 4, 2, 4, 3]), (None, [10, 7])])
+def test_tonights_rows_are_read_in_decode_sized_blocks_in_file_order(tmp_path, rows_per_block, sizes):
+    """The read task itself splits each row group into blocks of rows_per_block (no repartition operator)."""
+    from jobs.run.source import TonightSource
+
+    path = str(tmp_path / "tonight.parquet")
+    table = pa.table({"scan_id": [f"s{i:02d}" for i in range(17)], "_position": np.arange(17), "path": ["p"] * 17})
+    with pq.ParquetWriter(path, table.schema) as writer:
+        writer.write_table(table.slice(0, 10))
+        writer.write_table(table.slice(10))
+    tasks = TonightSource(path, ["scan_id", "_position"], rows_per_block).get_read_tasks(2)
+    blocks = [block for task in tasks for block in task()]
+    assert [block.num_rows for block in blocks] == sizes
+    assert pa.concat_tables(blocks) == table.select(["scan_id", "_position"])

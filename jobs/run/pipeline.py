@@ -378,15 +378,16 @@ def build_dataset(
         from jobs.run.source import TonightSource  # imports ray.data
 
         # Read on the driver's node, which has the file (jobs.run.source); no CPU asked: a head node may have none.
+        # Split into decode-sized blocks by the read task itself: a repartition operator between read and decode
+        # ran a task of its own per few blocks, and a first night took twice as long (bench.nightly).
         ds: Dataset = ray.data.read_datasource(
-            TonightSource(items, ["scan_id", "path", *carried, POSITION]),
+            TonightSource(items, ["scan_id", "path", *carried, POSITION], rows_per_block),
             num_cpus=0,
             label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()},
         )
     else:
         blocks = [items.slice(start, HANDOVER_ROWS) for start in range(0, items.num_rows, HANDOVER_ROWS)]
-        ds = ray.data.from_arrow(blocks)
-    ds = ds.repartition(target_num_rows_per_block=rows_per_block)
+        ds = ray.data.from_arrow(blocks).repartition(target_num_rows_per_block=rows_per_block)
     worker_env = {VERBOSE_ENV: "1"} if is_verbose() else {}  # -v reaches the workers' TensorFlow start-up too
     with warnings.catch_warnings():
         # max_retries has no named parameter in Ray 2.60: only **ray_remote_args, which warns that it goes away in
