@@ -26,7 +26,7 @@ from jobs.testing.cpu import header
 
 ARMS = {
     "job": "from jobs.run.scorer import configure_tensorflow as load\n",
-    "plain": ("def load():\n    import tensorflow as tf\n    tf.config.list_physical_devices('GPU')\n"),
+    "plain": "def load():\n    import tensorflow as tf\n    tf.config.list_physical_devices('GPU')\n",
 }
 TIMED = (
     "import time\n"

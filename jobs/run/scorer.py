@@ -50,8 +50,8 @@ def scores_from_logits(logits: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
 
 
 # Keras imports matplotlib.pyplot, where it is installed, for plotting helpers (keras.visualization) that the job
-# never calls: about a quarter of TensorFlow's first import in a scoring actor (4.4 s → 3.4 s, docs/explanation/
-# performance.md). jobs.report.review still imports matplotlib's colormaps itself, later, when it draws.
+# never calls: about 0.5 s of TensorFlow's first import in a scoring actor (bench.startup: 3.72 s → 3.20 s on 2 cores
+# of an Intel Xeon). jobs.report.review still imports matplotlib's colormaps itself, later, when it draws.
 UNUSED_BY_KERAS = ("matplotlib",)
 
 
