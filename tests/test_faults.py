@@ -389,6 +389,9 @@ def test_driver_killed_then_rerun_and_concurrent_runs(ray_cluster, tiny_model, a
         run(manifest, model_path, output, device="cpu", run_id="nightly", progress=False)
 
 
+STALL_S = 40  # the stalled-pipeline test's --stall-timeout-s
+
+
 def test_stalled_pipeline_exits_1_and_rerun_completes(ray_cluster, tiny_model, archive16, tmp_path):
     """A pipeline that stops producing (here: one scan's read hangs) ends with exit 1 after --stall-timeout-s,
     what was scored committed, instead of waiting forever; the rerun scores the rest exactly once."""
@@ -396,12 +399,13 @@ def test_stalled_pipeline_exits_1_and_rerun_completes(ray_cluster, tiny_model, a
     rows, manifest = archive16
     output, release, log_path = str(tmp_path / "out"), tmp_path / "release", tmp_path / "driver.log"
     held = rows[-1]["scan_id"]
-    # 15 s: the timeout also covers the wait for the first result (a new scoring actor loading the model), which
-    # took more than 8 s on a loaded 2-core machine; a shorter one would stall before anything is scored.
+    # STALL_S: the timeout also covers the wait for the first result (a new scoring actor loading the model), which
+    # took more than 8 s on a loaded 2-core machine, and more than 15 s there beside another pytest-xdist worker; a
+    # shorter one would stall before anything is scored.
     with open(log_path, "w") as log:
         driver = start_driver(
             manifest, model_path, output, ray_cluster.get_runtime_context().gcs_address,
-            {"decode": hold_hook(held, release)}, log, run_id="stalled", extra=["--stall-timeout-s", "15"],
+            {"decode": hold_hook(held, release)}, log, run_id="stalled", extra=["--stall-timeout-s", str(STALL_S)],
         )  # fmt: skip
         try:
             code = driver.wait(timeout=600)
@@ -412,7 +416,8 @@ def test_stalled_pipeline_exits_1_and_rerun_completes(ray_cluster, tiny_model, a
                 driver.wait()
     text = log_path.read_text()
     assert code == 1, text[-4000:]
-    assert "no scan was scored for 15 s (--stall-timeout-s)" in text and "node(s) alive; total CPU" in text, text
+    stalled = f"no scan was scored for {STALL_S} s (--stall-timeout-s)"
+    assert stalled in text and "node(s) alive; total CPU" in text, text
     done = read_table(output, columns=["scan_id"])["scan_id"].to_pylist()
     assert held not in done and len(set(done)) == len(done)
     assert not os.path.exists(os.path.join(output, "_lock.json")), "the stalled run released its lock"
@@ -421,7 +426,7 @@ def test_stalled_pipeline_exits_1_and_rerun_completes(ray_cluster, tiny_model, a
     with open(os.path.join(output, "runs", "stalled.json")) as f:
         failed = json.load(f)
     assert failed["status"] == "failed" and failed["exit_code"] == 1
-    assert "no scan was scored for 15 s (--stall-timeout-s)" in failed["failure"]
+    assert stalled in failed["failure"]
     assert failed["counts"]["ok"] == len(done) and failed["counts"]["manifest"] == 16
     assert len(failed["output"]["results_files"]) >= 1, "the files committed before the failure"
     assert failed["report_page"].endswith("runs/stalled.html") and os.path.exists(failed["report_page"])
