@@ -213,39 +213,15 @@ SLOW_MODULES = {
 }
 
 
-# The suite runs in pytest-xdist workers, a module to a worker (pyproject.toml: `-n auto --dist loadfile`), the
-# slowest modules handed out first so that no long one is left for the end (serial seconds each, measured on
-# 2026-12-04 on 2 cores of an Intel Xeon: docs/explanation/testing.md). Every other module follows, in file order.
-SLOWEST_FIRST = (
-    "test_faults",  # 129 s
-    "test_job",  # 116 s
-    "test_storage_outage",  # 98 s
-    "test_output_lock",  # 91 s
-    "test_writeback",  # 65 s
-    "test_demo",  # 62 s
-    "test_redact",  # 57 s
-    "test_node_loss",  # 55 s
-    "test_known_bad",  # 46 s
-    "test_channels",  # 44 s
-    "test_kuberay",  # 40 s
-    "test_ray_job_submit",  # 39 s
-    "test_windows_job",  # 37 s
-    "test_rescore",  # 36 s
-    "test_report",  # 36 s
-    "test_metrics",  # 28 s
-    "test_vit3d_artifact",  # 27 s
-    "test_dicom",  # 27 s
-    "test_dicomweb",  # 26 s
-    "test_convert",  # 24 s
-    "test_nrrd",  # 24 s
-)
-# Workers for `-n auto`: one a core, at most two. Two is what the suite is measured with; a worker runs its own Ray
-# instance, and each test beside another runs 1.6-1.9 times slower (docs/explanation/testing.md).
+# Workers for `-n auto` (pyproject.toml: `-n auto --dist loadfile`, a module to a worker): one a core, at most two,
+# what the suite is measured with. Each worker runs its own session Ray instance, and a test beside another worker
+# runs 1.6-1.9 times slower (docs/explanation/testing.md).
 MAX_WORKERS = 2
 
 
 def pytest_xdist_auto_num_workers(config):
-    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_WORKERS, cores))
 
 
 def pytest_collection_modifyitems(config, items):
@@ -253,5 +229,3 @@ def pytest_collection_modifyitems(config, items):
         module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
         if module in SLOW_MODULES or "ray_cluster" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
-    rank = {module: i for i, module in enumerate(SLOWEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.module.__name__.rsplit(".", 1)[-1] if item.module else "", len(rank)))
