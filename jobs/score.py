@@ -247,6 +247,7 @@ def _run_planned(
             to_score, bad_changed = plan.write(tonight, skip=known_bad)
         except OSError as e:
             raise JobError(f"planning problem: writing tonight's rows to local disk ({planner.workdir}): {e}") from e
+        planner.release_memory()  # planned: DuckDB's memory is not held through the scoring
         sink.accept(tonight)
         skipped_done = plan.skipped_done
         rescored_changed = plan.rescored_changed

@@ -19,7 +19,7 @@ import pytest
 from jobs.errors import ManifestError
 from jobs.inputs.manifest import read_manifest
 from jobs.output.store import OutputStore, part_name
-from jobs.run.plan import plan_night
+from jobs.run.plan import NightPlanner, plan_night
 from jobs.testing.archive import write_csv
 
 SHA = "ab" * 32
@@ -209,7 +209,7 @@ PLAN_ONLY = textwrap.dedent(
     """
     import json, sys, time
     from jobs.output.store import OutputStore
-    from jobs.run.plan import plan_night
+    from jobs.run.plan import NightPlanner, plan_night
 
     folder, done, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     started = time.perf_counter()
@@ -315,6 +315,29 @@ def test_tonights_file_leaves_out_the_known_bad_and_numbers_its_rows(tmp_path):
         {"scan_id": "a", "site": "A", "manifest_row": 0},
         {"scan_id": "c", "site": "C", "manifest_row": 1},
     ]
+
+
+def test_planning_memory_is_released_before_scoring_and_tonights_rows_stay(tmp_path):
+    """NightPlanner.release_memory, called once the night is planned: DuckDB ends (a further query is refused),
+    while tonight's file in the planner's folder and the plan's lookups stay usable for the sink and the pipeline."""
+    import duckdb
+
+    ids = ["a", "b", "c"]
+    for name in ids:
+        (tmp_path / name).write_bytes(b"x" * 10)
+    manifest = write_listing(tmp_path, ids, [stamp(tmp_path / i) for i in ids], ["S"] * 3, US)
+    with NightPlanner(str(manifest)) as planner:
+        planner.read_manifest()
+        plan = planner.plan(output_with(tmp_path, []), SHA)
+        tonight = os.path.join(planner.workdir, "tonight.parquet")
+        assert plan.write(tonight, skip={"b"}) == (2, 0)
+        planner.release_memory()
+        with pytest.raises(duckdb.ConnectionException):
+            planner.plan(output_with(tmp_path, []), SHA)
+        assert pq.read_table(tonight).column("scan_id").to_pylist() == ["a", "c"]
+        assert plan.rows_of(pa.array(["c"])).column("scan_id").to_pylist() == ["c"]
+        planner.release_memory()  # again, as close() does: a no-op
+    assert not os.path.exists(tonight), "the folder goes on close"
 
 
 def test_ray_datas_block_statistics_stay_bounded_on_the_driver(ray_cluster, monkeypatch):
