@@ -209,7 +209,7 @@ PLAN_ONLY = textwrap.dedent(
     """
     import json, sys, time
     from jobs.output.store import OutputStore
-    from jobs.run.plan import NightPlanner, plan_night
+    from jobs.run.plan import plan_night
 
     folder, done, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     started = time.perf_counter()
