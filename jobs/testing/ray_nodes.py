@@ -39,6 +39,10 @@ NODE_PORTS = (
 HEAD_PORTS = ("port", "dashboard-port", "ray-client-server-port")
 WORKER_PORTS = 61
 START_TRIES = 3
+STARTED = "Ray runtime started."
+# Why a node's start is tried again: a port taken meanwhile, or a raylet that gave up on its dashboard agent (which
+# `ray start` reports as the node timing out during startup).
+RETRIED_START_FAILURES = r"\bports?\b|already in use|bind|timed out during startup"
 
 
 def ray_env() -> dict[str, str]:
@@ -132,6 +136,7 @@ class RayNode:
         self.gcs_address, self.resources = gcs_address, resources
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
+        self.log_path = Path(temp_dir, "node.log")
 
     def _command(self, ports):
         named = HEAD_PORTS + NODE_PORTS if self.is_head else NODE_PORTS
@@ -164,13 +169,14 @@ class RayNode:
                 self.proc = subprocess.Popen(
                     command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
+            self.log_path = log_path
             state = wait_until(self._state, "a Ray node to start", timeout=600, every=0.5)
             if state == "up":
                 return self
             text = log_path.read_text()
             self.stop()
-            assert re.search(r"\bports?\b|already in use|bind", text, re.IGNORECASE), text[-3000:]
-        raise AssertionError(f"a Ray node hit a port clash {START_TRIES} times")
+            assert re.search(RETRIED_START_FAILURES, text, re.IGNORECASE), text[-3000:]
+        raise AssertionError(f"a Ray node failed to start {START_TRIES} times")
 
     @property
     def gcs(self) -> str | None:
@@ -183,6 +189,10 @@ class RayNode:
     def _state(self):
         if self.proc.poll() is not None:
             return "exited"
+        # `ray start` says so once the GCS lists the node. Its raylet listens on its port before that, and can still
+        # abort: it waits at most 15 s for its dashboard agent's port file, which a busy machine can miss.
+        if STARTED not in self.log_path.read_text():
+            return None
         if self.is_head:
             try:
                 urllib.request.urlopen(f"{self.dashboard}/api/version", timeout=5)
@@ -190,11 +200,7 @@ class RayNode:
                 return "up"
             except OSError:
                 return None
-            return "up"
-        # A worker node is up once its raylet listens on its node-manager port.
-        with socket.socket() as s:
-            s.settimeout(2)
-            return "up" if s.connect_ex(("127.0.0.1", self.ports["node-manager-port"])) == 0 else None
+        return "up"
 
     def stop(self, sig: int = signal.SIGINT) -> None:
         if self.proc is not None:
@@ -240,7 +246,13 @@ def ray_cluster_of(
         for i, n in enumerate(cpus[1:]):  # one at a time: two nodes starting at once in one temp dir time out
             extra = (resources or {}).get(i + 1)
             nodes.append(RayNode(env, temp_dir, n, gcs_address=nodes[0].gcs, resources=extra).start())
-        wait_until(lambda: len(active_nodes(nodes[0])) == len(cpus), "every node to join", timeout=600, every=1)
+        wait_until(
+            lambda: len(active_nodes(nodes[0])) == len(cpus),
+            "every node to join",
+            timeout=600,
+            alive=lambda: all(node.proc is not None and node.proc.poll() is None for node in nodes),
+            every=1,
+        )
         yield nodes
     finally:
         with concurrent.futures.ThreadPoolExecutor(max(1, len(nodes) - 1)) as pool:  # worker nodes stop together,
