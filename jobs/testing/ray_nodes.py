@@ -158,7 +158,7 @@ class RayNode:
         return command, dict(zip(named, ports, strict=False))
 
     def start(self) -> "RayNode":
-        """Start and wait until the node is up; retried on a port clash. Returns self."""
+        """Start and wait until the node is up; started again after a port clash or an aborted raylet. Returns self."""
         for _ in range(START_TRIES):
             count = len(HEAD_PORTS + NODE_PORTS if self.is_head else NODE_PORTS) + WORKER_PORTS
             command, self.ports = self._command(free_port_block(count))
