@@ -19,10 +19,15 @@ REPO_ROOT = os.path.dirname(TESTS_DIR)
 SESSION_WORKERS_SOFT_LIMIT = 32
 
 
+def importable_pythonpath():
+    """A PYTHONPATH under which a new process imports the repo and the tests' helper modules."""
+    return os.pathsep.join([REPO_ROOT, TESTS_DIR, os.environ.get("PYTHONPATH", "")])
+
+
 def fresh_python(args, timeout=600, **kwargs):
     """Run ``python args...`` in a new process with the repo and tests importable."""
     env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT, TESTS_DIR, env.get("PYTHONPATH", "")])
+    env["PYTHONPATH"] = importable_pythonpath()
     return subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, timeout=timeout, **kwargs)
 
 

@@ -14,7 +14,7 @@ import socket
 import time
 
 import pytest
-from conftest import REPO_ROOT, TESTS_DIR
+from conftest import importable_pythonpath
 from lock_contender import contend
 from test_faults import hold_hook, start_driver
 
@@ -71,7 +71,7 @@ def test_one_of_eight_processes_takes_the_lock(output, stale, monkeypatch):
     # The forkserver imports the lock's modules once for all its children only if it can find them: Python 3.11's
     # forkserver does not take this process's sys.path, and a preload it cannot import is skipped in silence (each
     # child then imported them itself: 4-5 s before the barrier, about a CPU-second each).
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([REPO_ROOT, TESTS_DIR, os.environ.get("PYTHONPATH", "")]))
+    monkeypatch.setenv("PYTHONPATH", importable_pythonpath())
     if stale:  # a dead run's lock: another host, no heartbeat for an hour
         dead = {"run_id": "dead", "token": "0" * 32, "host": "gone.example", "pid": 1, "heartbeat": time.time() - 3600}
         storage.write_bytes(storage.join(output, OutputLock.NAME), json.dumps(dead).encode())

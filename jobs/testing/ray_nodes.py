@@ -136,7 +136,6 @@ class RayNode:
         self.gcs_address, self.resources = gcs_address, resources
         self.proc: subprocess.Popen | None = None
         self.ports: dict[str, int] = {}
-        self.log_path = Path(temp_dir, "node.log")
 
     def _command(self, ports):
         named = HEAD_PORTS + NODE_PORTS if self.is_head else NODE_PORTS
@@ -162,21 +161,24 @@ class RayNode:
         for _ in range(START_TRIES):
             count = len(HEAD_PORTS + NODE_PORTS if self.is_head else NODE_PORTS) + WORKER_PORTS
             command, self.ports = self._command(free_port_block(count))
-            log_path = Path(self.temp_dir, f"node-{self.ports['node-manager-port']}.log")
-            with open(log_path, "w") as log:  # a file, not a pipe nobody reads
+            with open(self.log_path, "w") as log:  # a file, not a pipe nobody reads
                 # Ray fails a head whose dashboard is not up in 60 s; a busy 2-core machine can take longer.
                 env = {"RAY_DASHBOARD_STARTUP_TIMEOUT_S": "300", **self.env}
                 self.proc = subprocess.Popen(
                     command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
                 )
-            self.log_path = log_path
             state = wait_until(self._state, "a Ray node to start", timeout=600, every=0.5)
             if state == "up":
                 return self
-            text = log_path.read_text()
+            text = self.log_path.read_text()
             self.stop()
             assert re.search(RETRIED_START_FAILURES, text, re.IGNORECASE), text[-3000:]
         raise AssertionError(f"a Ray node failed to start {START_TRIES} times")
+
+    @property
+    def log_path(self) -> Path:
+        """What this try's `ray start` prints (a file, not a pipe nobody reads)."""
+        return Path(self.temp_dir, f"node-{self.ports['node-manager-port']}.log")
 
     @property
     def gcs(self) -> str | None:
