@@ -12,6 +12,7 @@ from pathlib import Path
 import duckdb
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from scipy import stats
 
@@ -301,3 +302,87 @@ def test_previous_runs_are_the_last_seven_of_the_same_model(tmp_path):
         os.utime(path, (when, when))  # written when the run finished, as the job does
     got = [r["run_id"] for r in previous_runs(OutputStore(str(tmp_path)), tonight)]
     assert got == ["a-2", "a-3", "a-4", "a-5", "a-6", "a-7", "a-9"]
+
+
+def test_a_first_nights_numbers_read_a_chunk_at_a_time_match_duckdb(tmp_path):
+    """A night of 150,001 scans in results files of two runs, read as the page reads them (columns in their own
+    float32, statistics and the slowest scans a chunk or a read batch at a time): every number is DuckDB's, over
+    chunk and batch boundaries, with ties among the slowest."""
+    import datetime as dt
+
+    from jobs.output.store import OutputStore
+    from jobs.report.read import read_rows, rows_at
+
+    rng = np.random.default_rng(7)
+    start = dt.datetime(2026, 12, 1, 2, tzinfo=dt.timezone.utc)
+    sha = "cd" * 32
+    (tmp_path / "results").mkdir()
+    n = 150_001
+    tied = (5, 70_000, 100_000, 140_000)
+    for part, (run_id, rows) in enumerate((("night-1", 1_000), ("night-2", 90_000), ("night-2", n - 90_000))):
+        first = 0 if run_id == "night-1" else 90_000 * (part - 1)
+        seconds = {f"{s}_s": (rng.integers(0, 4, rows) * 0.25).astype(np.float32) for s in ("read", "decode")}
+        seconds |= {f"{s}_s": rng.gamma(2, 0.05, rows).astype(np.float32) for s in ("preprocess", "infer")}
+        for i in tied:  # the slowest four tie, across a chunk's, a read batch's and a file's boundaries
+            if run_id == "night-2" and first <= i < first + rows:
+                for column in seconds.values():
+                    column[i - first] = 9.0
+        table = pa.table({
+            "scan_id": [f"{run_id}/s{first + i:07d}" for i in range(rows)],
+            "path": [f"/archive/{run_id}/s{first + i:07d}.nii.gz" for i in range(rows)],
+            "model_sha256": [sha] * rows, "run_id": [run_id] * rows,
+            "scored_at": pa.array(int(start.timestamp() * 1e6) + rng.integers(0, 7_200_000_000, rows), pa.int64())
+            .cast(pa.timestamp("us", "UTC")),
+            "score": rng.beta(2, 5 if run_id == "night-1" else 4, rows).astype(np.float32), **seconds,
+        })  # fmt: skip
+        pq.write_table(table, tmp_path / "results" / f"part-{part}.parquet", row_group_size=40_000)
+    store = OutputStore(str(tmp_path))
+    timed = ("read", "decode", "preprocess", "infer")
+    results = read_rows(store, "results", ["scored_at", "score", *(f"{s}_s" for s in timed)], ["night-2"], sha)
+    previous = read_rows(store, "results", ["run_id", "score"], ["night-1"], sha)
+    assert results.column("score").type == pa.float32() and results.num_rows == n
+
+    def identify(positions):
+        return rows_at(store, "results", ["scan_id", "path", *(f"{s}_s" for s in timed)], ["night-2"], sha, positions)
+
+    report = {
+        "run_id": "night-2", "status": "ok", "exit_code": 0, "error_rate": 0.0, "wall_s": 7_200.0,
+        "throughput_scans_per_s": n / 7_200, "startup_s": 10.0, "started_at": start.isoformat(),
+        "counts": {"ok": n, "error": 0}, "config": {"mode": "score", "max_error_rate": 0.01},
+        "model": {"sha256": sha},
+    }  # fmt: skip
+    data = report_module.summarize(report, results, None, [{"run_id": "night-1"}], previous, identify)
+
+    sql = duckdb.connect().sql
+    files = f"read_parquet('{tmp_path}/results/*.parquet')"
+    for stage in timed:
+        column = f"{stage}_s"
+        ((p50, p90, p99, top, mean, count),) = sql(
+            f"SELECT quantile_cont({column}, 0.5), quantile_cont({column}, 0.9), quantile_cont({column}, 0.99), "
+            f"max({column}), avg({column}), count(*) FROM {files} WHERE run_id = 'night-2'"
+        ).fetchall()
+        got = data["stages"][stage]
+        assert got["count"] == count == n
+        for key, expected in (("p50", p50), ("p90", p90), ("p99", p99), ("max", top), ("mean", mean)):
+            assert got[key] == pytest.approx(expected, rel=1e-6, abs=1e-9), (stage, key)
+    # The slowest ten: DuckDB's ranking, ties broken by the row's place in the files (the page's order).
+    slowest = sql(
+        "SELECT scan_id, path, read_s::DOUBLE + decode_s + preprocess_s + infer_s AS t FROM read_parquet("
+        f"'{tmp_path}/results/*.parquet', filename = true, file_row_number = true) WHERE run_id = 'night-2' "
+        "ORDER BY t DESC, filename, file_row_number LIMIT 10"
+    ).fetchall()
+    assert [s for s, _, _ in slowest[:4]] == [f"night-2/s{i:07d}" for i in tied], "the tie is at the top"
+    assert [(r["scan_id"], r["path"]) for r in data["slowest"]] == [(s, p) for s, p, _ in slowest]
+    assert [r["total_s"] for r in data["slowest"]] == pytest.approx([t for _, _, t in slowest], rel=1e-12)
+    # Scores: DuckDB's 20 bins; the drift statistic SciPy's.
+    bins = dict(
+        sql(
+            f"SELECT least(floor(score * 20), 19)::INT, count(*) FROM {files} WHERE run_id = 'night-2' GROUP BY 1"
+        ).fetchall()
+    )
+    assert data["scores"]["counts"] == [bins.get(i, 0) for i in range(20)]
+    tonight = np.asarray(results.column("score"))
+    first_night = np.asarray(previous.column("score"))
+    assert data["drift"]["ks_d"] == pytest.approx(stats.ks_2samp(tonight, first_night).statistic, abs=1e-12)
+    # Throughput: every scan in a bin of the two hours.
+    assert sum(data["throughput"]["counts"]) == n and data["throughput"]["edges_s"][-1] >= 7_199
