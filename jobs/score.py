@@ -11,6 +11,7 @@ message says which); 1 the pipeline broke mid-run (what was scored is committed;
 from __future__ import annotations
 
 import base64
+import ctypes
 import dataclasses
 import datetime as dt
 import heapq
@@ -506,6 +507,28 @@ def _score(tonight, count, config, spec, info, sink, hooks, started_at):
     }
 
 
+# glibc's mallopt parameters (malloc.h), and the size from which a block gets a mapping of its own.
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+LARGE_BLOCK_BYTES = 128 * 1024
+
+
+def return_large_blocks() -> bool:
+    """Have glibc give every block of :data:`LARGE_BLOCK_BYTES` or more a mapping of its own, handed back to the
+    system when it is freed, and trim its heap's top above twice that. The job's command line does this for its own
+    process (the driver); False where the C library is not glibc.
+
+    Left to itself, glibc raises that threshold to the size of each such block freed (up to 32 MiB), after which a
+    night's transient buffers (Arrow batches, the sink's row groups, the page's reads) came from its heaps and stayed
+    resident: a first night's driver grew with the night (bench.nightly)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mapped = libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
+        trimmed = libc.mallopt(M_TRIM_THRESHOLD, 2 * LARGE_BLOCK_BYTES)
+    except (OSError, AttributeError):
+        return False
+    return bool(mapped and trimmed)
+
+
 def _peak_rss_mb() -> float:
     """This process's peak resident set so far, MiB: Linux's VmHWM (ru_maxrss there keeps the parent's resident
     set at fork through exec, so a driver started by a large process would report the parent's), else ru_maxrss
@@ -713,6 +736,7 @@ def main(argv: list[str] | None = None, hooks: AttemptHooks | None = None) -> in
     """The command line; returns the exit code. ``hooks`` is for tests only (see jobs.testing)."""
     args = build_parser().parse_args(argv)
     configure_logging(args.progress, args.log_format, args.verbose)
+    return_large_blocks()  # this process is the driver: its memory stays flat over a long night
     try:
         config = JobConfig.from_args(args)
         redactor = Redactor.from_env() if config.redact_paths else None  # refused before anything starts

@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from conftest import fresh_python
 
 from jobs.errors import ManifestError
 from jobs.inputs.manifest import read_manifest
@@ -370,3 +371,37 @@ def test_tonights_rows_are_read_in_decode_sized_blocks_in_file_order(tmp_path, r
     blocks = [block for task in tasks for block in task()]
     assert [block.num_rows for block in blocks] == sizes
     assert pa.concat_tables(blocks) == table.select(["scan_id", "_position"])
+
+
+LARGE_BLOCK_PROBE = """
+import ctypes, sys
+from jobs.score import return_large_blocks
+
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
+                                                "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+libc.mallinfo2.restype = Info
+if sys.argv[1] == "tuned":
+    assert return_large_blocks()
+libc.free(libc.malloc(8 << 20))  # a large block freed: glibc's own rule raises its threshold to 8 MiB
+before = libc.mallinfo2().hblkhd
+block = libc.malloc(1 << 20)
+print(libc.mallinfo2().hblkhd - before >= 1 << 20)  # the 1 MiB block has a mapping of its own
+libc.free(block)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
+def test_the_drivers_large_blocks_are_mapped_and_handed_back():
+    """The command line's driver sets glibc's threshold for blocks that get a mapping of their own (returned to the
+    system when freed). Left to glibc, the threshold follows the largest block freed, and a 1 MiB buffer after an
+    8 MiB one comes from the heap, where a long night's buffers stayed resident. Fresh processes: the setting is
+    process-wide."""
+    assert [fresh_python(["-c", LARGE_BLOCK_PROBE, how]).stdout.strip() for how in ("tuned", "glibc")] == [
+        "True",
+        "False",
+    ]

@@ -94,6 +94,9 @@ def _scanner(
         batch_readahead=1,
         fragment_readahead=1,
         use_threads=False,
+        # The C library's allocator, not pyarrow's default (mimalloc): each file's decoded batch is freed back to the
+        # system, where mimalloc kept it, and a first night's page grew with its files (bench.nightly).
+        memory_pool=pa.system_memory_pool(),
     )
 
 
