@@ -405,3 +405,100 @@ def test_the_drivers_large_blocks_are_mapped_and_handed_back():
         "True",
         "False",
     ]
+
+
+ARROW_POOL_PROBE = """
+import sys
+import pyarrow as pa
+from jobs.score import main
+
+before = pa.default_memory_pool().backend_name
+code = main(["--manifest", "m.parquet", "--model", "m.keras", "--output", "out", "--workers", "0"])  # refused: exit 2
+print(before, code, pa.default_memory_pool().backend_name)
+"""
+
+
+def test_the_drivers_arrow_buffers_come_from_the_c_allocator():
+    """The command line's driver has Arrow allocate with the C library's allocator, from its first step (a run it
+    refuses still set it), not pyarrow's default, which kept what planning and the page freed. A fresh process: the
+    default pool is process-wide, and this one starts with pyarrow's own default."""
+    before, code, after = fresh_python(["-c", ARROW_POOL_PROBE]).stdout.split()
+    assert before != "system", "pyarrow's default is another allocator here: the test shows nothing"
+    assert (code, after) == ("2", "system")
+
+
+@pytest.mark.parametrize("bounded", [True, False])
+def test_tonights_read_waits_for_decoding_to_take_its_rows(ray_cluster, tmp_path, monkeypatch, request, bounded):
+    """Ray Data reads tonight's rows far faster than they are decoded, and the driver owns every block read (small
+    ones inline, in its own memory). With the pipeline's bound (jobs.run.read_ahead's policy, one read task at a
+    time), a row group is read only while few rows wait; with Ray Data's defaults, the whole file is read while
+    decoding stalls. The read tasks and the decode tasks note when they run, in a file. (At this size one read task
+    at a time is held back by Ray Data's own policies too; at a night's size it is not: design decisions.)"""
+    import functools
+    import time
+
+    import ray
+    from ray.data._internal.execution.backpressure_policy import ENABLED_BACKPRESSURE_POLICIES
+    from ray.data._internal.execution.backpressure_policy import ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY as KEY
+
+    from jobs.run import read_ahead, source
+
+    log = tmp_path / "log"
+
+    def noted(read, group_rows):
+        with open(log, "a") as f:
+            f.write(f"read {group_rows} {time.monotonic()}\n")
+        yield from read()
+
+    class TonightSourceLogged(source.TonightSource):  # Ray Data names its operator ReadTonightSourceLogged
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            tasks = super().get_read_tasks(parallelism, per_task_row_limit, data_context)
+            for task in tasks:
+                task._read_fn = functools.partial(noted, task._read_fn, task.metadata.num_rows)
+            return tasks
+
+    stalled_until = time.monotonic() + 6  # decoding stalls for its first seconds: the read alone goes on
+
+    def decode(batch):
+        time.sleep(max(0.0, stalled_until - time.monotonic()))
+        with open(log, "a") as f:
+            f.write(f"decoded {len(batch['manifest_row'])} {time.monotonic()}\n")
+        return batch
+
+    path = str(tmp_path / "tonight.parquet")
+    rows, group = 2048, 64
+    pq.write_table(
+        pa.table({"scan_id": [f"s{i:05d}" for i in range(rows)], "manifest_row": np.arange(rows)}),
+        path,
+        row_group_size=group,
+    )
+    monkeypatch.setattr(read_ahead, "WAITING_BYTES", 4096)  # about 4 row groups of these rows
+    context = ray.data.DataContext.get_current()
+    before = context.get_config(KEY, ENABLED_BACKPRESSURE_POLICIES)
+    context.set_config(KEY, [p for p in before if p.__name__ != "TonightReadAhead"])  # as if never installed
+    request.addfinalizer(lambda: context.set_config(KEY, before))
+    if bounded:
+        assert read_ahead.bound_read_ahead(), "this Ray Data has no backpressure policies to extend"
+        assert read_ahead.bound_read_ahead(), "installed once, idempotent"
+        assert [p.__name__ for p in context.get_config(KEY)].count("TonightReadAhead") == 1
+    ds = ray.data.read_datasource(
+        TonightSourceLogged(path, ["scan_id", "manifest_row"], 8),
+        num_cpus=0,
+        override_num_blocks=rows // group,
+        **({"concurrency": 1} if bounded else {}),
+    ).map_batches(decode, batch_size=8, num_cpus=1)
+    seen = [row for batch in ds.iter_batches(batch_size=None) for row in batch["manifest_row"].tolist()]
+    assert sorted(seen) == list(range(rows))
+    events = sorted((float(t), kind, int(n)) for kind, n, t in (line.split() for line in log.read_text().splitlines()))
+    read = decoded = ahead = 0
+    for _, kind, n in events:  # rows read (a row group as its task starts) but not yet decoded, at each read
+        if kind == "read":
+            read += n
+            ahead = max(ahead, read - decoded)
+        else:
+            decoded += n
+    assert read == decoded == rows
+    if bounded:
+        assert ahead <= 8 * group, ahead
+    else:
+        assert ahead >= rows // 2, ahead

@@ -34,6 +34,7 @@ from jobs.observe.logs import VERBOSE_ENV, adopt_ray_logging, is_verbose
 from jobs.output.tonight import POSITION
 from jobs.run.block_stats import bound_block_stats
 from jobs.run.ledger import CrashLedger, process_guarded, retry_budget
+from jobs.run.read_ahead import bound_read_ahead
 from jobs.run.scorer import Scorer, node_id
 from jobs.run.watchdog import StallWatch
 
@@ -350,9 +351,10 @@ def build_dataset(
     settled_before_us: int | None = None,
 ) -> Dataset:
     """A lazy Ray Dataset of scored rows for ``items``: a local Parquet file on the driver's node (tonight's rows:
-    :meth:`jobs.run.plan.Plan.write`; read by a task pinned there, so the rows never pass through the driver's
-    memory), or an Arrow table (scan_id, path, manifest_row and the columns the formats read; handed over as Arrow
-    blocks). Never a Python object per scan.
+    :meth:`jobs.run.plan.Plan.write`; read by a task pinned there, so the driver never reads them as a table, and
+    only about 1 MiB of them waits for decoding at a time: :mod:`jobs.run.read_ahead`), or an Arrow table (scan_id,
+    path, manifest_row and the columns the formats read; handed over as Arrow blocks). Never a Python object per
+    scan.
 
     ``config`` is the run's :class:`jobs.config.JobConfig`, ``plan`` its :class:`WorkerPlan`, ``spec`` the
     model's preprocessing spec, ``model_sha256`` the verified artifact's hash (workers load exactly it),
@@ -361,6 +363,7 @@ def build_dataset(
     import ray
 
     bound_block_stats()  # the driver's memory a scan (jobs.run.block_stats)
+    bound_read_ahead()  # and tonight's rows waiting for decoding (jobs.run.read_ahead)
     hooks = hooks or AttemptHooks()
     total_cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     # Small blocks keep every decode slot busy; capped so huge manifests stay cheap to schedule.
@@ -384,6 +387,7 @@ def build_dataset(
             TonightSource(items, ["scan_id", "path", *carried, POSITION], rows_per_block),
             num_cpus=0,
             label_selector={"ray.io/node-id": ray.get_runtime_context().get_node_id()},
+            concurrency=1,  # a task at a time, started as decoding takes its rows (jobs.run.read_ahead)
         )
     else:
         blocks = [items.slice(start, HANDOVER_ROWS) for start in range(0, items.num_rows, HANDOVER_ROWS)]
