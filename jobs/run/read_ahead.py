@@ -30,7 +30,7 @@ def _policy_class() -> type | None:
     except ImportError:
         return None
 
-    class TonightReadAhead(BackpressurePolicy):  # type: ignore[misc, valid-type]
+    class TonightReadAhead(BackpressurePolicy):
         """No new read task while :data:`WAITING_BYTES` of its blocks wait, in its output queue or the next
         operator's input queues."""
 
