@@ -6,8 +6,8 @@ task asks for no CPU, and reading is much faster than decoding: left alone, Ray 
 and a first night's whole manifest waited in the driver's memory (heaptrack: 10 MB in 800 objects at 80,000 scans,
 about 125 bytes a scan). :class:`TonightReadAhead` starts the next read task only while less than
 :data:`WAITING_BYTES` of tonight's rows wait between the read and the decode tasks; the pipeline also runs one read
-task at a time (``concurrency=1``), so a task's own output (one row group, :data:`jobs.run.plan.ROW_GROUP` rows) is
-all that can come on top.
+task at a time (``concurrency=1``), so a task's own output is all that can come on top: one row group
+(:data:`jobs.run.plan.ROW_GROUP` rows), or a few from about 800,000 scans on (Ray Data makes at most 200 read tasks).
 
 A Ray Data backpressure policy is Ray's private interface: :func:`bound_read_ahead` changes nothing where it is
 missing (another Ray Data), and ``tests/test_plan.py`` checks, against the pinned Ray, that the bound holds.
