@@ -15,6 +15,7 @@ missing (another Ray Data), and ``tests/test_plan.py`` checks, against the pinne
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 # Tonight's rows (scan_id, path, position and the option columns: about 120 bytes a row) waiting for decoding before
@@ -24,7 +25,9 @@ WAITING_BYTES = 2**20
 READ_NAME = "ReadTonightSource"  # Ray Data names the read operator after the datasource's class (jobs.run.source)
 
 
+@functools.cache
 def _policy_class() -> type | None:
+    """The policy class, made once (its base is Ray Data's, imported late); None where this Ray Data has none."""
     try:
         from ray.data._internal.execution.backpressure_policy import BackpressurePolicy
     except ImportError:
@@ -69,6 +72,6 @@ def bound_read_ahead() -> bool:
 
     context = ray.data.DataContext.get_current()
     policies = list(context.get_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, ENABLED_BACKPRESSURE_POLICIES))
-    if not any(getattr(p, "__name__", "") == policy.__name__ for p in policies):
+    if policy not in policies:
         context.set_config(ENABLED_BACKPRESSURE_POLICIES_CONFIG_KEY, [*policies, policy])
     return True
