@@ -10,8 +10,12 @@ message says which); 1 the pipeline broke mid-run (what was scored is committed;
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # the driver's process: before anything imports pyarrow (jobs.run.allocators)
+    from jobs.run.allocators import arrow_on_the_c_allocator
+
+    arrow_on_the_c_allocator()
+
 import base64
-import ctypes
 import dataclasses
 import datetime as dt
 import heapq
@@ -41,6 +45,7 @@ from jobs.output.schema import MANIFEST_SHARED_COLUMNS, OPTION_COLUMNS, RESERVED
 from jobs.output.sink import ResultSink
 from jobs.redact import Redactor
 from jobs.report import write_page
+from jobs.run.allocators import arrow_on_the_c_allocator, return_large_blocks
 from jobs.run.pipeline import scoring_pipeline
 from jobs.run.plan import NightPlanner, Plan
 from jobs.run.scorer import configure_tensorflow
@@ -505,39 +510,6 @@ def _score(tonight, count, config, spec, info, sink, hooks, started_at):
         "progress": final_progress,
         "review": review.entries(),
     }
-
-
-# glibc's mallopt parameters (malloc.h), and the size from which a block gets a mapping of its own.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-LARGE_BLOCK_BYTES = 128 * 1024
-
-
-def return_large_blocks() -> bool:
-    """Have glibc give every block of :data:`LARGE_BLOCK_BYTES` or more a mapping of its own, handed back to the
-    system when it is freed, and trim its heap's top above twice that. The job's command line does this for its own
-    process (the driver); False where the C library is not glibc.
-
-    Left to itself, glibc raises that threshold to the size of each such block freed (up to 32 MiB), after which a
-    night's transient buffers (Arrow batches, the sink's row groups, the page's reads) came from its heaps and stayed
-    resident: a first night's driver grew with the night (bench.nightly)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mapped = libc.mallopt(M_MMAP_THRESHOLD, LARGE_BLOCK_BYTES)
-        trimmed = libc.mallopt(M_TRIM_THRESHOLD, 2 * LARGE_BLOCK_BYTES)
-    except (OSError, AttributeError):
-        return False
-    return bool(mapped and trimmed)
-
-
-def arrow_on_the_c_allocator() -> None:
-    """Have Arrow allocate this process's buffers with the C library's allocator (glibc, under
-    :func:`return_large_blocks`'s thresholds) instead of pyarrow's default, mimalloc. The job's command line does this
-    for its own process (the driver), next to :func:`return_large_blocks`.
-
-    mimalloc kept what it freed for reuse, and what the driver frees grows with the night: the manifest's batches
-    while planning (planning a first night of 80,000 scans peaked 46 MiB above one of 20,000 with mimalloc, 27 MiB
-    with the C library's allocator; docs/explanation/performance.md), the sink's row groups, the page's reads."""
-    pa.set_memory_pool(pa.system_memory_pool())
 
 
 def _peak_rss_mb() -> float:
