@@ -11,9 +11,9 @@ message says which); 1 the pipeline broke mid-run (what was scored is committed;
 from __future__ import annotations
 
 if __name__ == "__main__":  # the driver's process: before anything imports pyarrow (jobs.run.allocators)
-    from jobs.run.allocators import arrow_on_the_c_allocator
+    from jobs.run.allocators import arrow_on_the_drivers_pool
 
-    arrow_on_the_c_allocator()
+    arrow_on_the_drivers_pool()
 
 import base64
 import dataclasses
@@ -45,7 +45,7 @@ from jobs.output.schema import MANIFEST_SHARED_COLUMNS, OPTION_COLUMNS, RESERVED
 from jobs.output.sink import ResultSink
 from jobs.redact import Redactor
 from jobs.report import write_page
-from jobs.run.allocators import arrow_on_the_c_allocator, return_large_blocks
+from jobs.run.allocators import arrow_on_the_drivers_pool, return_large_blocks
 from jobs.run.pipeline import scoring_pipeline
 from jobs.run.plan import NightPlanner, Plan
 from jobs.run.scorer import configure_tensorflow
@@ -720,7 +720,7 @@ def main(argv: list[str] | None = None, hooks: AttemptHooks | None = None) -> in
     args = build_parser().parse_args(argv)
     configure_logging(args.progress, args.log_format, args.verbose)
     return_large_blocks()  # this process is the driver: its memory stays flat over a long night
-    arrow_on_the_c_allocator()
+    arrow_on_the_drivers_pool()
     try:
         config = JobConfig.from_args(args)
         redactor = Redactor.from_env() if config.redact_paths else None  # refused before anything starts

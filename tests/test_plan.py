@@ -418,13 +418,16 @@ print(before, code, pa.default_memory_pool().backend_name)
 """
 
 
-def test_the_drivers_arrow_buffers_come_from_the_c_allocator():
-    """The command line's driver has Arrow allocate with the C library's allocator, from its first step (a run it
-    refuses still set it), not pyarrow's default, which kept what planning and the page freed. A fresh process: the
-    default pool is process-wide, and this one starts with pyarrow's own default."""
+def test_the_drivers_arrow_buffers_come_from_the_drivers_pool(monkeypatch):
+    """The command line's driver has pyarrow allocate from its own pool (jobs.run.allocators) from its first step (a
+    run it refuses still set it), not pyarrow's default, mimalloc, which kept what planning and the page freed. A
+    fresh process that imported pyarrow first: there, only pyarrow's own default can change."""
+    from jobs.run.allocators import DRIVER_ARROW_POOL
+
+    monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
     before, code, after = fresh_python(["-c", ARROW_POOL_PROBE]).stdout.split()
-    assert before != "system", "pyarrow's default is another allocator here: the test shows nothing"
-    assert (code, after) == ("2", "system")
+    assert before == "mimalloc", "pyarrow's default is another allocator here: the test shows nothing"
+    assert (code, after) == ("2", DRIVER_ARROW_POOL)
 
 
 COMMAND_LINE_PROBE = """
@@ -437,30 +440,37 @@ except SystemExit as e:
     code = e.code
 import pyarrow as pa
 import pyarrow.parquet as pq
+pool = pa.default_memory_pool().backend_name
+pa.set_memory_pool(pa.mimalloc_memory_pool())  # pyarrow's own default off the driver's: what C++ uses shows
 pq.write_table(pa.table({{"scan_id": [f"2025/03/s{{i:010d}}.nii.gz" for i in range(100_000)]}}), "t.parquet")
 pq.ParquetFile("t.parquet").read_row_group(0)  # as planning reads the manifest's copy
-pq.read_table("t.parquet")  # a dataset scan, as the page reads the night's results
-print(code, pa.mimalloc_memory_pool().max_memory(), os.environ.get("ARROW_DEFAULT_MEMORY_POOL"))
+pq.read_table("t.parquet")  # a dataset scan, as the page reads the results
+print(code, pool, pa.jemalloc_memory_pool().max_memory(), os.environ.get("ARROW_DEFAULT_MEMORY_POOL"))
 """
 
 
 @pytest.mark.parametrize("pyarrow_first", [False, True], ids=["command-line", "pyarrow-imported-first"])
-def test_the_command_lines_parquet_reads_use_the_c_allocator(tmp_path, monkeypatch, pyarrow_first):
+def test_the_command_lines_parquet_reads_use_the_drivers_pool(tmp_path, monkeypatch, pyarrow_first):
     """What Arrow allocates inside a call (Parquet decoding, dataset scans) comes from its C++ default pool, chosen
-    when pyarrow is imported, not from the pool pyarrow's Python calls use. ``python -m jobs.score`` chooses the C
-    library's before its first import of pyarrow, and takes the variable away again (Ray's workers keep Arrow's own
-    default). mimalloc, left as that default, kept what planning's reads freed: 10 MiB more after planning 80,000
-    rows than 20,000. In a process that imported pyarrow first, the job leaves the choice as it was (and then
-    mimalloc serves the reads: the control)."""
+    when pyarrow is imported, not from the pool a Python call names. ``python -m jobs.score`` chooses the driver's
+    (jemalloc on Linux x86_64) before its first import of pyarrow, and takes the variable away again (Ray's workers
+    keep Arrow's own default). mimalloc, left as that default, kept what planning's reads freed: 10 MiB more after
+    planning 80,000 rows than 20,000. In a process that imported pyarrow first, the job leaves the C++ default as
+    it was (the control: the reads then allocate nothing from jemalloc)."""
+    from jobs.run.allocators import DRIVER_ARROW_POOL
+
+    if DRIVER_ARROW_POOL != "jemalloc":
+        pytest.skip("the driver's pool here is the C library's, which keeps no count of its own")
     monkeypatch.delenv("ARROW_DEFAULT_MEMORY_POOL", raising=False)
     probe = COMMAND_LINE_PROBE.format(first="import pyarrow" if pyarrow_first else "")
     run = fresh_python(["-c", probe], cwd=tmp_path)
-    code, mimalloc_peak, variable = run.stdout.split()
-    assert (code, variable) == ("2", "None"), run.stderr[-2000:]
+    code, pool, jemalloc_peak, variable = run.stdout.split()
+    assert (code, pool, variable) == ("2", "jemalloc", "None"), run.stderr[-2000:]
+    # The reads decode 100,000 scan_ids (3 MB); a few bytes the refused run allocated on jemalloc are no read.
     if pyarrow_first:
-        assert int(mimalloc_peak) > 1 << 20  # the reads do go through the C++ default: the case above shows something
+        assert int(jemalloc_peak) < 1 << 20  # mimalloc served the reads, as Arrow's C++ default there
     else:
-        assert int(mimalloc_peak) == 0
+        assert int(jemalloc_peak) > 1 << 20, jemalloc_peak
 
 
 @pytest.mark.parametrize("bounded", [True, False])
