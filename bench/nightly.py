@@ -1,13 +1,16 @@
 """Nightly scale: the driver's planning time and memory per manifest row, and per scan on a first night.
 
-python -m bench.nightly [--done 1000000] [--new 10000] [--first 50000] [--skip-first-night]
+python -m bench.nightly [--done 1000000] [--new 10000] [--repeats 3] [--first 50000] [--skip-first-night]
+    [--skip-planning]
 
 Part 1, planning: results/ already holds N rows of the model (and the manifest lists those N plus K new scans), then
 10·N (and the same K). Each night is a real ``python -m jobs.score`` process with its own local Ray instance; its
 run report gives ``driver.planning_s`` (from the start until the pending scans are handed to Ray Data: manifest
 read and checked, model verified, done set read, anti-joins) and ``driver.peak_rss_mb`` (the driver process's own
-peak resident set, ``ru_maxrss``: Ray's and TensorFlow's fixed costs are in both sizes, so the slope is what grows
-with the archive). Slopes: (figure(10·N) − figure(N)) / (9·N).
+peak resident set, ``VmHWM``: Ray's and TensorFlow's fixed costs are in both sizes, so the slope is what grows
+with the archive). Each size is planned ``--repeats`` times (the night's own new rows removed from results/ after
+each): its planning time is the best of them (the machine's load only adds time) and its peak the median. Slopes:
+(figure(10·N) − figure(N)) / (9·N).
 
 Part 2, a first night: M and 4·M new tiny scans (the same few NIfTI files under distinct scan_ids), nothing done;
 the driver's peak resident set slope per scan scored.
@@ -26,6 +29,7 @@ import datetime as dt
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -144,6 +148,7 @@ def main() -> int:
     parser.add_argument("--done", type=int, default=1_000_000, help="N: rows already scored (and 10·N)")
     parser.add_argument("--new", type=int, default=10_000, help="K: new scans in each planning night")
     parser.add_argument("--first", type=int, default=50_000, help="M: scans of a first night (and 4·M)")
+    parser.add_argument("--repeats", type=int, default=3, help="nights planned at each size (best time, median peak)")
     parser.add_argument("--skip-first-night", action="store_true")
     parser.add_argument("--skip-planning", action="store_true")
     args = parser.parse_args()
@@ -168,16 +173,29 @@ def main() -> int:
                 started = time.monotonic()
                 manifest = write_night(folder, done, args.new, templates, sha)
                 written = time.monotonic() - started
-                report = run_night(manifest, model_path, os.path.join(folder, "out"))
-                counts = report["counts"]
-                once = counts["skipped_done"] == done and counts["ok"] == args.new
-                ok &= once
-                driver = report["driver"]
-                rows.append((done + args.new, driver["planning_s"], driver["peak_rss_mb"], counts, once))
+                results = os.path.join(folder, "out", "results")
+                planning, peaks = [], []
+                for attempt in range(args.repeats):
+                    before = set(os.listdir(results))
+                    report = run_night(manifest, model_path, os.path.join(folder, "out"))
+                    for name in set(os.listdir(results)) - before:  # the night's own rows: the next one plans alike
+                        os.remove(os.path.join(results, name))
+                    counts = report["counts"]
+                    once = counts["skipped_done"] == done and counts["ok"] == args.new
+                    ok &= once
+                    driver = report["driver"]
+                    planning.append(driver["planning_s"])
+                    peaks.append(driver["peak_rss_mb"])
+                    print(
+                        f"manifest {done + args.new:>10,d} rows ({done:,d} done, written in {written:.0f} s), night "
+                        f"{attempt + 1}: planning {driver['planning_s']:.2f} s, driver peak "
+                        f"{driver['peak_rss_mb']:,.0f} MiB, wall {report['wall_s']:.0f} s, counts {counts}"
+                    )
+                rows.append((done + args.new, min(planning), statistics.median(peaks), counts, once))
                 print(
-                    f"manifest {done + args.new:>10,d} rows ({done:,d} done, written in {written:.0f} s): planning "
-                    f"{driver['planning_s']:.2f} s, driver peak {driver['peak_rss_mb']:,.0f} MiB, wall "
-                    f"{report['wall_s']:.0f} s, counts {counts}"
+                    f"manifest {done + args.new:>10,d} rows: planning {min(planning):.2f} s (best of "
+                    f"{args.repeats}: the machine's load only adds), driver peak {statistics.median(peaks):,.0f} MiB "
+                    "(median)"
                 )
                 shutil.rmtree(folder)
             (n1, t1, m1, _, _), (n2, t2, m2, _, _) = rows

@@ -16,6 +16,7 @@ if __name__ == "__main__":  # the driver's process: before anything imports pyar
     arrow_on_the_drivers_pool()
 
 import base64
+import concurrent.futures
 import dataclasses
 import datetime as dt
 import heapq
@@ -213,14 +214,25 @@ def _run_planned(
     """:func:`_run_job` with the manifest's planner open: check it, verify the model, claim the output, plan."""
     import duckdb
 
-    try:
-        names = planner.read_manifest()
-    except ManifestError as e:
-        raise manifest_problem(e, redactor) from e
-    except duckdb.Error as e:  # its local disk full while spilling, or out of memory
-        raise JobError(f"planning problem: checking the manifest on local disk ({planner.workdir}): {e}") from e
+    # The manifest is streamed and checked in a thread while this one loads and verifies the model (TensorFlow's
+    # import is most of that, and holds one core): on two cores, most of a large manifest's read hides behind it.
+    # The manifest's problems still come first, and nothing is claimed before both are checked.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vit3d-manifest") as pool:
+        reading = pool.submit(planner.read_manifest)
+        model_problem: JobError | None = None
+        try:
+            info, spec = check_model(config.model, config.model_sha256, config.mode, config.windows)
+        except JobError as e:
+            model_problem = e
+        try:
+            names = reading.result()
+        except ManifestError as e:
+            raise manifest_problem(e, redactor) from e
+        except duckdb.Error as e:  # its local disk full while spilling, or out of memory
+            raise JobError(f"planning problem: checking the manifest on local disk ({planner.workdir}): {e}") from e
     check_column_names(config.manifest, names)
-    info, spec = check_model(config.model, config.model_sha256, config.mode, config.windows)
+    if model_problem is not None:
+        raise model_problem
     sink = ResultSink(
         config.output,
         mode=config.mode,
