@@ -263,6 +263,21 @@ def test_model_problems_stop_before_anything_is_written(ray_cluster, tiny_model,
     assert not (tmp_path / "o").exists()
 
 
+def test_a_manifest_problem_is_told_before_a_model_problem(tmp_path):
+    """The manifest is read in a thread while the model is checked; when both are wrong, the manifest's problem is
+    the one told (as when they ran one after the other), and nothing is written."""
+    manifest = tmp_path / "m.csv"
+    manifest.write_text("scan_id,path\na,x.nii.gz\nb,y.nii.gz\nb,z.nii.gz\n")  # a duplicate: found while reading
+    missing_model = str(tmp_path / "missing.keras")
+    with pytest.raises(JobError, match="1 duplicate scan_id") as refused:
+        run(str(manifest), missing_model, str(tmp_path / "o"), progress=False)
+    assert "model problem" not in str(refused.value)
+    manifest.write_text("scan_id,path\na,x.nii.gz\nb,y.nii.gz\n")
+    with pytest.raises(JobError, match="model problem: .*no such file"):
+        run(str(manifest), missing_model, str(tmp_path / "o"), progress=False)
+    assert not (tmp_path / "o").exists()
+
+
 def test_foreign_or_mismatched_output_is_refused(ray_cluster, tiny_model, archive, tmp_path):
     model_path, _ = tiny_model
     _, _, manifest = archive
